@@ -1,0 +1,1 @@
+"""The ``compress`` console script (Typer)."""

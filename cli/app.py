@@ -1,0 +1,107 @@
+"""The ``compress`` command line: a thin Typer layer over `compress`.
+
+Every command exits 0 on success; on a user error it prints one line to stderr and exits
+2 (``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune image classifiers (DPF, magnitude, ...) and report what it cost.")
+out = Console()
+err = Console(stderr=True)
+STATE = {"debug": False}
+EXIT_USER_ERROR = 2
+
+
+@app.callback()
+def main_options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    STATE["debug"] = debug
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn errors into one line and an exit code, unless --debug."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        from compress.errors import CompressError
+
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except CompressError as exc:
+            if STATE["debug"]:
+                traceback.print_exc()
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; the last completed epoch's checkpoint is kept")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug: one line by default, the traceback on --debug
+            if STATE["debug"]:
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            err.print(f"[red]error:[/red] internal error {type(exc).__name__}: {first[:300]} "
+                      "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def parse_shape(text: str | None) -> list[int] | None:
+    from compress.errors import CompressError
+
+    if text is None:
+        return None
+    try:
+        shape = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CompressError(f"--input-shape must be C,H,W integers, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise CompressError(f"--input-shape must be three positive integers C,H,W, got {text!r}")
+    return shape
+
+
+def print_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(show_header=False, box=None)
+    rows = [("run directory", summary["run"]), ("model", summary["model"]),
+            ("data", summary["data"]), ("method", summary["method"]),
+            ("validation top-1", f"{summary['val_top1']:.4f}"),
+            ("test top-1", f"{summary['test_top1']:.4f} ({summary['test_samples']} samples)"),
+            ("prunable sparsity", f"{summary['sparsity']:.4f} "
+                                  f"(target {summary['target_sparsity']:.4f})")]
+    if summary.get("prunable_params"):
+        zeros = round(summary["sparsity"] * summary["prunable_params"])
+        rows.append(("pruned weights", f"{zeros} of {summary['prunable_params']} prunable"))
+    if summary.get("coverage"):
+        rows.append(("coverage", summary["coverage"]))
+    if "val_top1_before_finetune" in summary:
+        rows.append(("val top-1 before fine-tune", f"{summary['val_top1_before_finetune']:.4f}"))
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", str(value))
+    return table
+
+
+from cli import commands  # noqa: E402,F401  (registers the subcommands)
+
+
+def main() -> None:
+    app()

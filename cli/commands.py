@@ -1,0 +1,188 @@
+"""Subcommands; each one parses flags, calls the library and prints the result."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cli.app import app, err, friendly_errors, out, parse_shape, print_json, summary_table
+
+Opt = typer.Option
+
+
+@app.command("train-prune")
+@friendly_errors
+def train_prune(
+    model: Annotated[str | None, Opt(help="Registered name or module:callable.")] = None,
+    data: Annotated[str | None, Opt(help="fashion-mnist, mnist, cifar10, cifar100, "
+                                         "imagefolder or synthetic.")] = None,
+    data_dir: Annotated[str | None, Opt(help="Where the data set lies.")] = None,
+    method: Annotated[str | None, Opt(help="dpf, gmp or none (dense).")] = None,
+    sparsity: Annotated[float | None, Opt(help="Fraction of prunable weights removed.")] = None,
+    epochs: Annotated[int | None, Opt()] = None,
+    batch_size: Annotated[int | None, Opt()] = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate.")] = None,
+    recipe: Annotated[str | None, Opt(help="YAML recipe; flags override it.")] = None,
+    weights: Annotated[str | None, Opt(help="Start from these weights.")] = None,
+    out_dir: Annotated[str, Opt("--out", help="Run directory to create.")] = "runs/latest",
+    seed: Annotated[int | None, Opt()] = None,
+    device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
+    resume: Annotated[bool, Opt(help="Continue the run in --out.")] = False,
+    scope: Annotated[str | None, Opt(help="global (one threshold) or layer.")] = None,
+    refresh_every: Annotated[int | None, Opt(help="Mask refresh period in steps.")] = None,
+    prune_start: Annotated[float | None, Opt(help="Fraction of training when pruning "
+                                                  "starts.")] = None,
+    prune_end: Annotated[float | None, Opt(help="Fraction of training when the target "
+                                                "is reached.")] = None,
+    freeze_at: Annotated[float | None, Opt(help="Fraction of training after which the "
+                                                "mask is fixed.")] = None,
+    skip_first: Annotated[bool | None, Opt("--skip-first/--prune-first",
+                                           help="Leave the first layer dense.")] = None,
+    skip_classifier: Annotated[bool | None, Opt("--skip-classifier/--prune-classifier",
+                                                help="Leave the classifier dense.")] = None,
+    weight_decay: Annotated[float | None, Opt()] = None,
+    momentum: Annotated[float | None, Opt()] = None,
+    lr_schedule: Annotated[str | None, Opt(help="cosine, step or constant.")] = None,
+    warmup_epochs: Annotated[float | None, Opt()] = None,
+    input_shape: Annotated[str | None, Opt(help="C,H,W for synthetic data.")] = None,
+    num_classes: Annotated[int | None, Opt(help="Classes of synthetic data.")] = None,
+    val_fraction: Annotated[float | None, Opt()] = None,
+    max_train_samples: Annotated[int | None, Opt(help="Use a slice of the training set.")]
+    = None,
+    max_test_samples: Annotated[int | None, Opt(help="Use a slice of the test set.")] = None,
+    json_out: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
+    quiet: Annotated[bool, Opt(help="No progress display.")] = False,
+) -> None:
+    """Train a model, pruning it during training (DPF, GMP) or not at all."""
+    from compress.errors import CompressError
+    from compress.pipeline import resolve_recipe
+    from compress.pipeline import train_prune as run_train_prune
+    from compress.recipe import Recipe
+
+    overrides = dict(model=model, data=data, data_dir=data_dir, method=method,
+                     sparsity=sparsity, epochs=epochs, batch_size=batch_size, lr=lr,
+                     weights=weights, seed=seed, device=device, scope=scope,
+                     refresh_every=refresh_every, prune_start=prune_start,
+                     prune_end=prune_end, freeze_at=freeze_at, skip_first=skip_first,
+                     skip_classifier=skip_classifier, weight_decay=weight_decay,
+                     momentum=momentum, lr_schedule=lr_schedule, warmup_epochs=warmup_epochs,
+                     input_shape=parse_shape(input_shape), num_classes=num_classes,
+                     val_fraction=val_fraction, max_train_samples=max_train_samples,
+                     max_test_samples=max_test_samples)
+    if resume:
+        given = sorted(k for k, v in overrides.items() if v is not None)
+        if given or recipe:
+            raise CompressError("--resume continues the saved recipe; drop "
+                                + ", ".join(f"--{k.replace('_', '-')}" for k in given or ["recipe"]))
+        resolved = Recipe()
+    else:
+        resolved = resolve_recipe(recipe, overrides)
+    if not json_out and not resume:
+        err.print(f"[bold]compress train-prune[/bold]: {resolved.model} on {resolved.data}, "
+                  f"method {resolved.method}"
+                  + (f", sparsity {resolved.sparsity}" if resolved.method != "none" else "")
+                  + f", {resolved.epochs} epochs, seed {resolved.seed} -> {out_dir}",
+                  highlight=False)
+
+    def on_epoch(result) -> None:
+        if not json_out and not quiet:
+            err.print(f"epoch {result.epoch}: loss {result.train_loss:.4f}  "
+                      f"val top-1 {result.val_acc:.4f}  sparsity {result.sparsity:.4f}  "
+                      f"({result.seconds:.1f} s)", highlight=False)
+
+    summary = run_train_prune(resolved, out_dir, resume=resume, console=err,
+                              show_progress=not quiet and not json_out, on_epoch=on_epoch)
+    if json_out:
+        print_json(summary)
+    else:
+        out.print(summary_table(summary))
+
+
+@app.command()
+@friendly_errors
+def prune(
+    checkpoint: Annotated[str, typer.Argument(help="Run directory or checkpoint file.")],
+    method: Annotated[str, Opt(help="magnitude (one-shot global magnitude).")] = "magnitude",
+    sparsity: Annotated[float, Opt(help="Fraction of prunable weights removed.")] = 0.9,
+    finetune_epochs: Annotated[int, Opt(help="Epochs of fine-tuning under the fixed "
+                                              "mask.")] = 0,
+    out_dir: Annotated[str, Opt("--out", help="Run directory to create.")] = "runs/pruned",
+    scope: Annotated[str, Opt(help="global or layer.")] = "global",
+    lr: Annotated[float | None, Opt(help="Fine-tune learning rate (default: the run's "
+                                         "lr / 10).")] = None,
+    batch_size: Annotated[int | None, Opt()] = None,
+    data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
+    data_dir: Annotated[str | None, Opt()] = None,
+    skip_first: Annotated[bool, Opt("--skip-first/--prune-first")] = False,
+    skip_classifier: Annotated[bool, Opt("--skip-classifier/--prune-classifier")] = False,
+    seed: Annotated[int, Opt()] = 0,
+    json_out: Annotated[bool, Opt("--json")] = False,
+    quiet: Annotated[bool, Opt()] = False,
+) -> None:
+    """Prune a trained checkpoint in one shot, then optionally fine-tune it."""
+    from compress.masks import Coverage
+    from compress.pipeline import prune_oneshot
+
+    summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
+                            finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
+                            seed=seed, coverage=Coverage(skip_first, skip_classifier),
+                            data_overrides={"data": data, "data_dir": data_dir},
+                            console=err, show_progress=not quiet and not json_out)
+    if json_out:
+        print_json(summary)
+    else:
+        out.print(summary_table(summary))
+
+
+@app.command()
+@friendly_errors
+def inspect(
+    path: Annotated[str, typer.Argument(help="Run directory or checkpoint.")],
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Per-layer shapes, parameters, non-zeros and sparsity, with totals and MACs."""
+    from compress.inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(path)
+    if json_out:
+        print_json(report)
+        return
+    table = Table(title=f"{path}: {report['metadata']['model']} ({report['metadata']['method']})")
+    for col in ("layer", "shape", "params", "non-zero", "sparsity"):
+        table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for row in report["layers"]:
+        mark = "" if row["prunable"] else " [dim](not pruned)[/dim]"
+        table.add_row(row["name"] + mark, "x".join(map(str, row["shape"])), str(row["params"]),
+                      str(row["nonzero"]), f"{row['sparsity']:.4f}")
+    t = report["total"]
+    table.add_section()
+    table.add_row("[bold]total[/bold]", "", str(t["params"]), str(t["nonzero"]),
+                  f"{t['sparsity']:.4f}")
+    table.add_row("[bold]prunable[/bold]", "", str(t["prunable_params"]),
+                  str(t["prunable_nonzero"]), f"{t['prunable_sparsity']:.4f}")
+    out.print(table)
+    out.print(f"MACs per sample: {t['macs']:,} dense kernels, {t['nonzero_macs']:,} with "
+              "non-zero weights (dense CPU kernels do the first number of operations)",
+              highlight=False)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    path: Annotated[str, typer.Argument(help="Run directory or checkpoint.")],
+    data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
+    data_dir: Annotated[str | None, Opt()] = None,
+    batch_size: Annotated[int, Opt()] = 512,
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Top-1 accuracy on the test split."""
+    from compress.inspection import evaluate_checkpoint
+
+    result = evaluate_checkpoint(path, data, data_dir, batch_size)
+    if json_out:
+        print_json(result)
+    else:
+        out.print(f"test top-1 {result['top1']:.4f} on {result['samples']} samples of "
+                  f"{result['data']}", highlight=False)

@@ -1,0 +1,148 @@
+"""The compress checkpoint: weights with masks applied, masks, recipe, data, versions.
+
+Saved with ``torch.save`` to a temporary file and renamed; loaded with
+``weights_only=True`` so that a checkpoint can never run code. Every field is a tensor,
+a number, a string, a list or a dict.
+"""
+
+from __future__ import annotations
+
+import pickle
+import platform
+import zipfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.data import DataConfig
+from compress.errors import CompressError
+from compress.fileio import atomic_write
+from compress.masks import canonical_zeros
+from compress.models import build_model
+
+FORMAT = "compress.checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("compress", "torch", "torchvision", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+@dataclass
+class Checkpoint:
+    model_spec: str
+    data: DataConfig
+    state_dict: dict[str, torch.Tensor]
+    method: str = "none"
+    masks: dict[str, torch.Tensor] | None = None
+    recipe: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=library_versions)
+    training_state: dict | None = None
+
+    def to_payload(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": {"spec": self.model_spec},
+            "data": self.data.to_dict(),
+            "method": self.method,
+            "state_dict": {k: canonical_zeros(v) if v.is_floating_point() else v
+                           for k, v in self.state_dict.items()},
+            "masks": self.masks,
+            "recipe": self.recipe,
+            "metrics": self.metrics,
+            "versions": self.versions,
+            "training_state": self.training_state,
+        }
+
+    def build_model(self) -> nn.Module:
+        """Rebuild the network and load the (pruned) weights into it."""
+        model = build_model(self.model_spec, self.data.num_classes, self.data.input_shape)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise CompressError(f"checkpoint weights do not fit model {self.model_spec!r}: "
+                                f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+        return model
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(ckpt.to_payload(), tmp))
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise CompressError(f"no checkpoint at {path}")
+    return path
+
+
+def read_torch_file(path: Path) -> object:
+    """``torch.load(weights_only=True)`` with every failure turned into one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"{path} is not a loadable checkpoint ({reason[:160]})") from None
+    except (RuntimeError, OSError, ValueError) as exc:
+        text = str(exc).lower()
+        if "zip" in text or "stream" in text or "archive" in text or "central directory" in text:
+            raise CompressError(f"{path} is truncated or corrupted") from None
+        raise CompressError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") \
+            from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a compress checkpoint (a file, or a run directory holding ``checkpoint.pt``)."""
+    path = resolve_checkpoint_path(path)
+    payload = read_torch_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CompressError(f"{path} is not a compress checkpoint (no {FORMAT!r} header); "
+                            "a plain state_dict can be given to train-prune --weights with --model")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CompressError(f"{path} was written by a newer compress (format "
+                            f"{payload['format_version']}); upgrade compress to read it")
+    try:
+        return Checkpoint(
+            model_spec=payload["model"]["spec"],
+            data=DataConfig.from_dict(payload["data"]),
+            state_dict=payload["state_dict"],
+            method=payload.get("method", "none"),
+            masks=payload.get("masks"),
+            recipe=payload.get("recipe") or {},
+            metrics=payload.get("metrics") or {},
+            versions=payload.get("versions") or {},
+            training_state=payload.get("training_state"),
+        )
+    except (KeyError, TypeError) as exc:
+        raise CompressError(f"{path} is a damaged compress checkpoint (missing {exc})") from None
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    """Initialise ``model`` from a compress checkpoint or a plain state_dict file."""
+    path = resolve_checkpoint_path(path)
+    payload = read_torch_file(path)
+    state = payload.get("state_dict") if isinstance(payload, dict) and \
+        payload.get("format") == FORMAT else payload
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CompressError(f"{path} holds neither a compress checkpoint nor a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CompressError(f"weights in {path} do not fit the model: {detail[:200]}") from None

@@ -1,0 +1,62 @@
+"""What ``compress inspect`` and ``compress evaluate`` report for a run or checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.checkpoint import load_checkpoint
+from compress.data import DATASETS, load_splits
+from compress.errors import CompressError
+from compress.stats import count_macs, layer_stats, rows_as_dicts, summarise
+from compress.training import evaluate
+
+
+def _not_onnx(path: Path) -> None:
+    if path.suffix.lower() == ".onnx":
+        raise CompressError(f"{path}: ONNX files cannot be read by this version of compress; "
+                            "give a run directory or checkpoint")
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    """Per-layer shapes, counts and sparsity, totals with MACs, and the run's metadata."""
+    path = Path(path)
+    _not_onnx(path)
+    ckpt = load_checkpoint(path)
+    prunable = set(ckpt.masks) if ckpt.masks else {
+        k for k, v in ckpt.state_dict.items() if k.endswith(".weight") and v.dim() > 1}
+    rows = layer_stats(ckpt.state_dict, prunable)
+    model = ckpt.build_model()
+    macs = count_macs(model, ckpt.data.input_shape)
+    return {
+        "total": summarise(rows, macs),
+        "layers": rows_as_dicts(rows),
+        "metadata": {
+            "model": ckpt.model_spec,
+            "method": ckpt.method,
+            "data": ckpt.data.to_dict(),
+            "metrics": ckpt.metrics,
+            "recipe": ckpt.recipe,
+            "versions": ckpt.versions,
+        },
+    }
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None,
+                        data_dir: str | None = None, batch_size: int = 512) -> dict:
+    """Top-1 on the test split of the data set recorded in the run (or the one given)."""
+    path = Path(path)
+    _not_onnx(path)
+    ckpt = load_checkpoint(path)
+    config = ckpt.data
+    if data is not None:
+        if data not in DATASETS:
+            raise CompressError(f"unknown data set {data!r}: use one of {', '.join(DATASETS)}")
+        config.name = data
+        config.data_dir = data_dir
+    elif data_dir is not None:
+        config.data_dir = data_dir
+    splits = load_splits(config)
+    model = ckpt.build_model()
+    top1, loss = evaluate(model, splits.test, batch_size)
+    return {"top1": top1, "loss": loss, "samples": len(splits.test), "split": "test",
+            "data": config.name}

@@ -1,0 +1,112 @@
+"""Which weights may be pruned, and magnitude masks with exact counts.
+
+Rules, stated once and used by every method:
+
+* Prunable tensors are the ``weight`` of ``Conv1d/2d/3d`` and ``Linear`` modules.
+* Biases and normalisation layers are never pruned.
+* The first conv/linear layer (the one that sees the input) and the classifier (the last
+  linear or conv layer in module order) are prunable by default; either can be left dense
+  with ``skip_first`` / ``skip_classifier``.
+* "Sparsity" is always the fraction of zeros among the prunable weights; the count of
+  pruned weights is ``round(sparsity * n)`` exactly, with ``torch.topk`` breaking ties.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+SCOPES = ("global", "layer")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which layers a pruner touches."""
+
+    skip_first: bool = False
+    skip_classifier: bool = False
+
+    def describe(self) -> str:
+        first = "dense" if self.skip_first else "pruned"
+        last = "dense" if self.skip_classifier else "pruned"
+        return (f"prunable = conv/linear weights; first layer {first}, classifier {last}; "
+                "biases and norm layers never pruned")
+
+
+def prunable_layers(model: nn.Module, coverage: Coverage = Coverage()) -> dict[str, nn.Module]:
+    """Conv and linear modules whose weights may be pruned, by qualified name."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    if not layers:
+        return {}
+    chosen = dict(layers)
+    if coverage.skip_first:
+        chosen.pop(layers[0][0], None)
+    if coverage.skip_classifier:
+        chosen.pop(layers[-1][0], None)
+    return chosen
+
+
+def prunable_weights(model: nn.Module, coverage: Coverage = Coverage()) -> dict[str, nn.Parameter]:
+    """The weight parameters of `prunable_layers`, keyed ``"<module>.weight"``."""
+    return {f"{name}.weight": m.weight for name, m in prunable_layers(model, coverage).items()}
+
+
+def pruned_count(sparsity: float, total: int) -> int:
+    """Exact number of weights to remove out of ``total`` at ``sparsity``."""
+    return min(total, int(round(sparsity * total)))
+
+
+def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        mask[torch.topk(scores.flatten(), keep, sorted=False).indices] = True
+    return mask
+
+
+def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
+                    scope: str = "global") -> dict[str, torch.Tensor]:
+    """Boolean keep-masks that remove the smallest ``|w|`` at exactly ``sparsity``.
+
+    ``scope="global"`` ranks all tensors together (one threshold); ``"layer"`` removes the
+    same fraction from each tensor.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    with torch.no_grad():
+        if scope == "layer":
+            return {
+                name: _keep_top(w.abs(), w.numel() - pruned_count(sparsity, w.numel()))
+                .view_as(w)
+                for name, w in weights.items()
+            }
+        flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
+        keep_flat = _keep_top(flat, flat.numel() - pruned_count(sparsity, flat.numel()))
+        masks, offset = {}, 0
+        for name, w in weights.items():
+            masks[name] = keep_flat[offset:offset + w.numel()].view_as(w)
+            offset += w.numel()
+        return masks
+
+
+def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of pruned entries over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total if total else 0.0
+
+
+def flip_fraction(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
+    """Fraction of mask entries that changed between two refreshes."""
+    total = sum(m.numel() for m in new.values())
+    flips = sum(int((old[k] != new[k]).sum()) for k in new)
+    return flips / total if total else 0.0
+
+
+def canonical_zeros(tensor: torch.Tensor) -> torch.Tensor:
+    """Turn ``-0.0`` into ``+0.0`` (``w * mask`` leaves negative zeros behind)."""
+    return torch.where(tensor == 0, torch.zeros_like(tensor), tensor)

@@ -1,0 +1,155 @@
+"""What every mask-based pruner shares: masks, a schedule, refreshes and telemetry.
+
+A pruner wraps a model in a user's own loop in three lines::
+
+    with pruner.pruned():          # forward and backward see the pruned weights
+        loss = loss_fn(model(x), y)
+        loss.backward()
+    optimizer.step()
+    pruner.step()                  # advance the schedule; refresh the mask when due
+
+Subclasses decide what the pruned weights do between refreshes (`DPF` keeps training
+them, `GMP` holds them at zero) and how they are scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.masks import (
+    Coverage,
+    canonical_zeros,
+    flip_fraction,
+    magnitude_masks,
+    mask_sparsity,
+    prunable_weights,
+)
+from compress.schedules import CubicSchedule
+
+
+@dataclass
+class Refresh:
+    """One mask recomputation, kept for telemetry."""
+
+    step: int
+    target_sparsity: float
+    sparsity: float
+    flips: float
+
+
+class MaskPruner:
+    """Keeps one boolean keep-mask per prunable weight and refreshes it on a schedule.
+
+    ``refresh_every`` is the period ``p`` in optimizer steps. Refreshes stop after
+    ``freeze_step`` (default: when the schedule reaches its target), after which the mask
+    is fixed; a refresh is always forced at the schedule's end so the target is met exactly.
+    """
+
+    feedback = False
+    name = "mask"
+
+    def __init__(self, model: nn.Module, schedule: CubicSchedule, *, refresh_every: int = 16,
+                 scope: str = "global", coverage: Coverage = Coverage(),
+                 freeze_step: int | None = None) -> None:
+        if refresh_every < 1:
+            raise ValueError("refresh_every must be at least 1")
+        self.model = model
+        self.schedule = schedule
+        self.refresh_every = refresh_every
+        self.scope = scope
+        self.coverage = coverage
+        self.freeze_step = schedule.end_step if freeze_step is None else freeze_step
+        if self.freeze_step < schedule.end_step:
+            raise ValueError("the mask cannot freeze before the schedule reaches its target")
+        self.weights = prunable_weights(model, coverage)
+        if not self.weights:
+            raise ValueError("the model has no conv or linear weights to prune")
+        self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
+        self.step_count = 0
+        self.history: list[Refresh] = []
+        self.refresh()
+
+    # -- scoring and masking -------------------------------------------------------------
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Magnitudes the next mask is ranked by."""
+        return {n: w.detach() for n, w in self.weights.items()}
+
+    def refresh(self) -> Refresh:
+        """Recompute the masks for the current step's target sparsity."""
+        target = self.schedule(self.step_count)
+        new = magnitude_masks(self.scores(), target, self.scope)
+        event = Refresh(self.step_count, target, mask_sparsity(new),
+                        flip_fraction(self.masks, new))
+        self.masks = new
+        self.history.append(event)
+        self.after_refresh()
+        return event
+
+    def after_refresh(self) -> None:
+        """Hook: what a method does to the weights right after a new mask."""
+
+    def refresh_due(self) -> bool:
+        step = self.step_count
+        if step > self.freeze_step:
+            return False
+        return step % self.refresh_every == 0 or step == self.schedule.end_step
+
+    # -- training hooks ------------------------------------------------------------------
+    @contextmanager
+    def pruned(self) -> Iterator[None]:
+        """Run forward/backward (or evaluation) on the pruned network."""
+        yield
+
+    def step(self) -> Refresh | None:
+        """Call once after each ``optimizer.step()``."""
+        self.step_count += 1
+        self.after_optimizer_step()
+        return self.refresh() if self.refresh_due() else None
+
+    def after_optimizer_step(self) -> None:
+        """Hook: keep invariants after the optimizer moved the weights."""
+
+    # -- results -------------------------------------------------------------------------
+    @property
+    def sparsity(self) -> float:
+        return mask_sparsity(self.masks)
+
+    def pruned_tensor(self, name: str) -> torch.Tensor:
+        """The weight as the pruned network sees it (zeros canonical)."""
+        w = self.weights[name].detach()
+        return canonical_zeros(torch.where(self.masks[name], w, torch.zeros_like(w)))
+
+    def pruned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state with masks applied, leaving the live weights untouched."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        for name in self.weights:
+            state[name] = self.pruned_tensor(name).clone()
+        return state
+
+    def apply_masks(self) -> None:
+        """Make the pruning permanent in the live weights (e.g. before export)."""
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                w.copy_(self.pruned_tensor(name))
+
+    def state_dict(self) -> dict:
+        return {
+            "method": self.name,
+            "step_count": self.step_count,
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+            "history": [vars(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.masks) - set(state["masks"])
+        if missing:
+            raise ValueError(f"pruner state lacks masks for {sorted(missing)}")
+        self.step_count = int(state["step_count"])
+        self.masks = {n: state["masks"][n].to(torch.bool) for n in self.masks}
+        self.history = [Refresh(**h) for h in state["history"]]
+        self.after_refresh()

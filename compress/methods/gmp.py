@@ -1,0 +1,38 @@
+"""Gradual magnitude pruning without feedback (Zhu & Gupta, 2017): the DPF baseline.
+
+Same schedule and refreshes as `DPF`, but a pruned weight is set to zero, gets no
+gradient and no momentum, so it can never grow back: masks only ever shrink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from compress.methods.base import MaskPruner
+
+
+class GMP(MaskPruner):
+    """Pruned weights stay at exactly zero."""
+
+    name = "gmp"
+
+    def after_refresh(self) -> None:
+        self._zero_pruned()
+
+    @contextmanager
+    def pruned(self) -> Iterator[None]:
+        yield
+        for name, w in self.weights.items():
+            if w.grad is not None:
+                w.grad.mul_(self.masks[name])
+
+    def after_optimizer_step(self) -> None:
+        self._zero_pruned()
+
+    def _zero_pruned(self) -> None:
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                w.copy_(self.pruned_tensor(name))

@@ -1,0 +1,287 @@
+"""The jobs behind ``compress train-prune`` and ``compress prune``, run end to end.
+
+Each job resolves its inputs, trains or prunes, writes a run directory (checkpoint after
+every epoch, metrics as they happen, report at the end) and returns a summary dict.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from compress.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
+from compress.data import DataConfig, Splits, load_splits
+from compress.errors import CompressError
+from compress.masks import Coverage
+from compress.methods import DPF, GMP, MaskPruner, OneShotMagnitude
+from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_mapping
+from compress.report import write_report
+from compress.rundir import RunDir
+from compress.schedules import CubicSchedule
+from compress.training import (
+    EpochResult,
+    OptimConfig,
+    evaluate,
+    lr_factor,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    train_epoch,
+)
+
+
+def data_config(recipe: Recipe) -> DataConfig:
+    return DataConfig(name=recipe.data, data_dir=recipe.data_dir,
+                      input_shape=tuple(recipe.input_shape), num_classes=recipe.num_classes,
+                      val_fraction=recipe.val_fraction,
+                      max_train_samples=recipe.max_train_samples,
+                      max_test_samples=recipe.max_test_samples)
+
+
+def optim_config(recipe: Recipe) -> OptimConfig:
+    return OptimConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                       momentum=recipe.momentum, nesterov=recipe.nesterov,
+                       weight_decay=recipe.weight_decay, lr_schedule=recipe.lr_schedule,
+                       warmup_epochs=recipe.warmup_epochs)
+
+
+def make_pruner(recipe: Recipe, model: nn.Module, total_steps: int) -> MaskPruner | None:
+    """The pruner for ``recipe.method`` with its schedule in optimizer steps."""
+    if recipe.method == "none":
+        return None
+    schedule = CubicSchedule(recipe.sparsity, round(recipe.prune_start * total_steps),
+                             round(recipe.prune_end * total_steps))
+    freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
+    cls = {"dpf": DPF, "gmp": GMP}[recipe.method]
+    try:
+        return cls(model, schedule, refresh_every=recipe.refresh_every, scope=recipe.scope,
+                   coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
+                   freeze_step=freeze)
+    except ValueError as exc:
+        raise CompressError(str(exc)) from None
+
+
+def resolve_recipe(recipe_path: str | None, overrides: dict) -> Recipe:
+    base = load_recipe(recipe_path) if recipe_path else Recipe()
+    return recipe_from_mapping({k: v for k, v in overrides.items() if v is not None},
+                               base).validate()
+
+
+@dataclass
+class Job:
+    """What one training job holds while it runs."""
+
+    recipe: Recipe
+    run: RunDir
+    splits: Splits
+    model: nn.Module
+    pruner: MaskPruner | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    device: torch.device
+    start_epoch: int = 0
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                    disable=not enabled, transient=True)
+
+
+def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None) -> Job:
+    device = resolve_device(recipe.device)
+    generator = seed_everything(recipe.seed)
+    splits = load_splits(data_config(recipe))
+    from compress.models import build_model
+
+    model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
+    if recipe.weights and resume_state is None:
+        load_weights_into(model, recipe.weights)
+    model.to(device)
+    cfg = optim_config(recipe)
+    steps_per_epoch = splits.train.num_batches(cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    pruner = make_pruner(recipe, model, total_steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg, total_steps, steps_per_epoch))
+    job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device)
+    if resume_state is not None:
+        _restore(job, resume_state)
+    return job
+
+
+def _restore(job: Job, ckpt: Checkpoint) -> None:
+    state = ckpt.training_state or {}
+    if not state:
+        raise CompressError(f"{job.run.checkpoint} holds no training state to resume from")
+    job.model.load_state_dict(ckpt.state_dict)
+    if job.pruner is not None:
+        job.pruner.load_state_dict(state["pruner"])
+        dense = state.get("dense_weights") or {}
+        with torch.no_grad():
+            for name, w in job.pruner.weights.items():
+                if name in dense:
+                    w.copy_(dense[name])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    job.start_epoch = int(state["epoch"])
+
+
+def _checkpoint(job: Job, epoch: int, metrics: dict) -> Checkpoint:
+    pruner = job.pruner
+    state_dict = pruner.pruned_state_dict() if pruner else {
+        k: v.detach().clone() for k, v in job.model.state_dict().items()}
+    training_state = {
+        "epoch": epoch,
+        "optimizer": job.optimizer.state_dict(),
+        "scheduler": job.scheduler.state_dict(),
+        "generator": job.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "pruner": pruner.state_dict() if pruner else None,
+        "dense_weights": pruner.dense_state() if isinstance(pruner, DPF) else None,
+    }
+    return Checkpoint(
+        model_spec=job.recipe.model, data=job.splits.config,
+        state_dict={k: v.cpu() for k, v in state_dict.items()}, method=job.recipe.method,
+        masks={k: v.cpu() for k, v in pruner.masks.items()} if pruner else None,
+        recipe=job.recipe.to_dict(), metrics=metrics, training_state=training_state)
+
+
+def _run_epochs(job: Job, console: Console, show_progress: bool,
+                on_epoch: Callable[[EpochResult], None] | None) -> list[EpochResult]:
+    cfg = optim_config(job.recipe)
+    results: list[EpochResult] = []
+    steps = job.splits.train.num_batches(cfg.batch_size)
+    with _progress(console, show_progress) as progress:
+        for epoch in range(job.start_epoch, cfg.epochs):
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, info="")
+            started = time.perf_counter()
+            refreshes: list[dict] = []
+
+            def on_step(batch: int, loss: float, acc: float, task=task) -> None:
+                sparsity = job.pruner.sparsity if job.pruner else 0.0
+                progress.update(task, advance=1, info=f"loss {loss:.3f}  acc {acc:.3f}  "
+                                                      f"sparsity {sparsity:.3f}")
+
+            def on_refresh(event: dict, refreshes=refreshes) -> None:
+                refreshes.append(event)
+                job.run.log("refresh", **event)
+
+            loss, acc = train_epoch(job.model, job.splits.train, job.optimizer, job.scheduler,
+                                    cfg, job.generator, job.device, epoch, job.pruner,
+                                    on_step, on_refresh)
+            train_seconds = time.perf_counter() - started
+            val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device,
+                                         pruner=job.pruner)
+            result = EpochResult(epoch + 1, loss, acc, val_acc, val_loss,
+                                 job.pruner.sparsity if job.pruner else 0.0, train_seconds,
+                                 job.scheduler.get_last_lr()[0], refreshes)
+            progress.remove_task(task)
+            job.run.log("epoch", **{k: v for k, v in vars(result).items() if k != "refreshes"},
+                        mean_flips=(sum(r["flips"] for r in refreshes) / len(refreshes)
+                                    if refreshes else 0.0))
+            save_checkpoint(_checkpoint(job, epoch + 1, {"val_top1": val_acc}),
+                            job.run.checkpoint)
+            results.append(result)
+            if on_epoch:
+                on_epoch(result)
+    return results
+
+
+def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
+                console: Console | None = None, show_progress: bool = True,
+                on_epoch: Callable[[EpochResult], None] | None = None) -> dict:
+    """Train (and prune during training) per ``recipe``; write the run to ``out``."""
+    console = console or Console(stderr=True)
+    run = RunDir(out)
+    resume_state = None
+    if resume:
+        run.for_resume()
+        resume_state = load_checkpoint(run.checkpoint)
+        recipe = recipe_from_mapping(resume_state.recipe).validate()
+    else:
+        run.create()
+        run.write_text("recipe.yaml", dump_recipe(recipe))
+    job = _build_job(recipe, run, resume_state)
+    if job.start_epoch >= recipe.epochs:
+        raise CompressError(f"{out} already finished its {recipe.epochs} epochs")
+    _run_epochs(job, console, show_progress, on_epoch)
+    return _finish(job)
+
+
+def _finish(job: Job) -> dict:
+    """Final figures: validation and test top-1, exact sparsity; report; final checkpoint."""
+    val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
+    test_acc, test_loss = evaluate(job.model, job.splits.test, device=job.device,
+                                   pruner=job.pruner)
+    pruner = job.pruner
+    summary = {
+        "run": str(job.run.path),
+        "model": job.recipe.model,
+        "data": job.splits.config.name,
+        "method": job.recipe.method,
+        "target_sparsity": job.recipe.sparsity if pruner else 0.0,
+        "sparsity": pruner.sparsity if pruner else 0.0,
+        "prunable_params": sum(w.numel() for w in pruner.weights.values()) if pruner else None,
+        "coverage": pruner.coverage.describe() if pruner else None,
+        "val_top1": val_acc,
+        "test_top1": test_acc,
+        "test_samples": len(job.splits.test),
+    }
+    job.run.log("final", **summary)
+    save_checkpoint(_checkpoint(job, job.recipe.epochs, summary), job.run.checkpoint)
+    write_report(job.run)
+    return summary
+
+
+def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "magnitude",
+                  scope: str = "global", finetune_epochs: int = 0, lr: float | None = None,
+                  batch_size: int | None = None, seed: int = 0,
+                  coverage: Coverage = Coverage(), data_overrides: dict | None = None,
+                  console: Console | None = None, show_progress: bool = True) -> dict:
+    """One-shot magnitude pruning of a trained checkpoint, optionally fine-tuned."""
+    if method != "magnitude":
+        raise CompressError(f"prune method {method!r} is not available; available: magnitude")
+    if not 0.0 <= sparsity < 1.0:
+        raise CompressError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if finetune_epochs < 0:
+        raise CompressError("--finetune-epochs must not be negative")
+    console = console or Console(stderr=True)
+    source = load_checkpoint(checkpoint)
+    base = recipe_from_mapping(source.recipe) if source.recipe else Recipe(model=source.model_spec)
+    recipe = recipe_from_mapping({
+        "method": "gmp", "sparsity": sparsity, "scope": scope,
+        "epochs": max(1, finetune_epochs), "lr": lr if lr is not None else base.lr / 10,
+        "batch_size": batch_size or base.batch_size, "seed": seed, "weights": None,
+        "skip_first": coverage.skip_first, "skip_classifier": coverage.skip_classifier,
+        "model": source.model_spec, "data": source.data.name, "data_dir": source.data.data_dir,
+        "input_shape": list(source.data.input_shape), "num_classes": source.data.num_classes,
+        "max_train_samples": source.data.max_train_samples,
+        "max_test_samples": source.data.max_test_samples,
+        **{k: v for k, v in (data_overrides or {}).items() if v is not None},
+    }, base).validate()
+    run = RunDir(out).create()
+    job = _build_job(recipe, run, None)
+    job.model.load_state_dict(source.state_dict)
+    job.pruner = OneShotMagnitude(job.model, sparsity, scope=scope, coverage=coverage)
+    job.recipe.method = "magnitude"
+    job.recipe.epochs = finetune_epochs
+    run.write_text("recipe.yaml", dump_recipe(job.recipe))
+    before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
+    run.log("oneshot", source=str(checkpoint), sparsity=job.pruner.sparsity, val_top1=before)
+    if finetune_epochs > 0:
+        _run_epochs(job, console, show_progress, None)
+    summary = _finish(job)
+    summary["val_top1_before_finetune"] = before
+    summary["finetune_epochs"] = finetune_epochs
+    return summary

@@ -1,0 +1,135 @@
+"""Training recipes: every flag of ``train-prune`` as a key of a flat YAML mapping.
+
+Precedence is flags > recipe file > defaults. Keys may be written with ``-`` or ``_``.
+Unknown keys and values of the wrong type are errors that name the key. The resolved
+recipe is written to each run directory as ``recipe.yaml`` and can be fed back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from compress.errors import CompressError
+
+METHODS = ("dpf", "gmp", "none")
+
+
+@dataclass
+class Recipe:
+    # what to train, on what
+    model: str = "lenet5"
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
+    num_classes: int = 10
+    val_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    weights: str | None = None
+    # pruning
+    method: str = "dpf"
+    sparsity: float = 0.9
+    scope: str = "global"
+    refresh_every: int = 16
+    prune_start: float = 0.0
+    prune_end: float = 0.75
+    freeze_at: float | None = None
+    skip_first: bool = False
+    skip_classifier: bool = False
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Recipe:
+        if self.method not in METHODS:
+            raise CompressError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.scope not in ("global", "layer"):
+            raise CompressError(f"--scope must be global or layer, got {self.scope!r}")
+        if self.lr_schedule not in ("cosine", "step", "constant"):
+            raise CompressError(f"--lr-schedule must be cosine, step or constant, "
+                                f"got {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.refresh_every < 1:
+            raise CompressError("--epochs, --batch-size and --refresh-every must be at least 1")
+        if self.lr <= 0:
+            raise CompressError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
+            raise CompressError("need 0 <= --prune-start <= --prune-end <= 1")
+        if self.freeze_at is not None and not self.prune_end <= self.freeze_at <= 1.0:
+            raise CompressError("--freeze-at must lie between --prune-end and 1")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise CompressError(f"--device must be cpu or cuda, got {self.device!r}")
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise CompressError(f"--input-shape must be C,H,W, got {self.input_shape}")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+def _check_type(key: str, value, annotation) -> object:
+    hint = typing.get_type_hints(Recipe)[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (bool, str) and isinstance(value, origin):
+            return value
+        if origin is list and isinstance(value, list):
+            return value
+    names = "/".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise CompressError(f"recipe key {key!r} must be {names}, got {value!r}")
+
+
+def recipe_from_mapping(mapping: dict, base: Recipe | None = None) -> Recipe:
+    """Overlay ``mapping`` on ``base`` (or the defaults), checking keys and types."""
+    values = (base or Recipe()).to_dict()
+    for raw_key, value in mapping.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in FIELDS:
+            raise CompressError(f"unknown recipe key {raw_key!r}")
+        values[key] = _check_type(key, value, FIELDS[key].type)
+    return Recipe(**values)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe; every problem becomes a one-line `CompressError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CompressError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise CompressError(f"recipe {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CompressError(f"recipe {path} must be a mapping of keys to values")
+    return recipe_from_mapping(data)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

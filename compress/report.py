@@ -1,0 +1,101 @@
+"""``report.md`` and its PNG plots, written from a run directory's own files."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from compress.checkpoint import load_checkpoint  # noqa: E402
+from compress.fileio import atomic_write  # noqa: E402
+from compress.rundir import REPORT_NAME, RunDir  # noqa: E402
+from compress.stats import layer_stats, summarise  # noqa: E402
+
+
+def _save_png(fig, path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def _training_plot(epochs: list[dict], refreshes: list[dict], path) -> None:
+    fig, (ax_acc, ax_sp) = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = [e["epoch"] for e in epochs]
+    ax_acc.plot(xs, [e["train_acc"] for e in epochs], marker="o", label="train (pruned)")
+    ax_acc.plot(xs, [e["val_acc"] for e in epochs], marker="o", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="top-1", title="accuracy")
+    ax_acc.legend()
+    ax_acc.grid(alpha=0.3)
+    if refreshes:
+        steps = [r["step"] for r in refreshes]
+        ax_sp.plot(steps, [r["sparsity"] for r in refreshes], label="sparsity")
+        ax_fl = ax_sp.twinx()
+        ax_fl.plot(steps, [r["flips"] for r in refreshes], color="tab:red", alpha=0.5,
+                   label="mask flips")
+        ax_fl.set_ylabel("fraction of mask flipped per refresh")
+        ax_fl.set_yscale("symlog", linthresh=1e-4)
+    else:
+        ax_sp.plot(xs, [e["sparsity"] for e in epochs], marker="o")
+    ax_sp.set(xlabel="optimizer step" if refreshes else "epoch", ylabel="sparsity",
+              title="sparsity over training", ylim=(0, 1))
+    ax_sp.grid(alpha=0.3)
+    _save_png(fig, path)
+
+
+def _layers_plot(rows, path) -> None:
+    prunable = [r for r in rows if r.prunable] or rows
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(prunable) + 2), 3.6))
+    ax.bar(range(len(prunable)), [r.sparsity for r in prunable])
+    ax.set_xticks(range(len(prunable)), [r.name for r in prunable], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set(ylabel="sparsity", title="sparsity per layer", ylim=(0, 1))
+    ax.grid(alpha=0.3, axis="y")
+    _save_png(fig, path)
+
+
+def write_report(run: RunDir) -> None:
+    """Plots under ``plots/`` and a markdown summary of the run."""
+    ckpt = load_checkpoint(run.checkpoint)
+    events = run.read_events()
+    epochs = [e for e in events if e["event"] == "epoch"]
+    refreshes = [e for e in events if e["event"] == "refresh"]
+    prunable = set(ckpt.masks or {})
+    rows = layer_stats(ckpt.state_dict, prunable)
+    total = summarise(rows)
+    (run.path / "plots").mkdir(exist_ok=True)
+    if epochs:
+        _training_plot(epochs, refreshes, run.path / "plots" / "training.png")
+    _layers_plot(rows, run.path / "plots" / "layers.png")
+    m = ckpt.metrics
+    lines = [
+        f"# Run report: {ckpt.model_spec} on {ckpt.data.name}, method {ckpt.method}",
+        "",
+        f"- validation top-1: {m.get('val_top1', float('nan')):.4f}; "
+        f"test top-1: {m.get('test_top1', float('nan')):.4f} "
+        f"({m.get('test_samples', '?')} test samples)",
+        f"- prunable sparsity: {total['prunable_sparsity']:.4f} "
+        f"({total['prunable_params'] - total['prunable_nonzero']} of "
+        f"{total['prunable_params']} prunable weights are zero); overall sparsity "
+        f"{total['sparsity']:.4f} of {total['params']} parameters",
+        f"- prunable weights: {m.get('coverage') or 'none (dense run)'}",
+        f"- seed {ckpt.recipe.get('seed')}, {ckpt.recipe.get('epochs')} epochs, "
+        f"torch {ckpt.versions.get('torch')}",
+        "",
+    ]
+    if epochs:
+        seconds = sum(e["seconds"] for e in epochs)
+        lines += ["![accuracy and sparsity](plots/training.png)", "",
+                  f"Training time: {seconds:.1f} s over {len(epochs)} epochs.", ""]
+    if refreshes:
+        late = refreshes[-max(1, len(refreshes) // 10):]
+        lines += [f"Mask refreshes: {len(refreshes)}; mean fraction of the mask flipped per "
+                  f"refresh, last 10 %: {sum(r['flips'] for r in late) / len(late):.2e}.", ""]
+    lines += ["![sparsity per layer](plots/layers.png)", "",
+              "| layer | shape | params | non-zero | sparsity |", "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.params} | {r.nonzero} | "
+              f"{r.sparsity:.4f} |" for r in rows if r.prunable]
+    run.write_text(REPORT_NAME, "\n".join(lines) + "\n")

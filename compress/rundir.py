@@ -1,0 +1,77 @@
+"""A run directory: checkpoint, resolved recipe, metrics.jsonl, report.md and plots.
+
+An existing directory is never overwritten: it must be empty, or be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from compress.checkpoint import CHECKPOINT_NAME
+from compress.errors import CompressError
+from compress.fileio import atomic_write_text
+
+METRICS_NAME = "metrics.jsonl"
+RECIPE_NAME = "recipe.yaml"
+REPORT_NAME = "report.md"
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_NAME
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / RECIPE_NAME
+
+    def create(self) -> RunDir:
+        """Make a fresh run directory, refusing to clobber anything already there."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CompressError(f"--out {self.path} exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise CompressError(f"--out {self.path} already holds files; choose a new directory "
+                                "or pass --resume to continue that run")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CompressError(f"cannot create --out {self.path}: {exc.strerror}") from None
+        self.check_writable()
+        return self
+
+    def check_writable(self) -> None:
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise CompressError(f"--out {self.path} is not writable")
+
+    def for_resume(self) -> RunDir:
+        if not self.checkpoint.exists():
+            raise CompressError(f"--resume: {self.path} holds no {CHECKPOINT_NAME} to resume")
+        self.check_writable()
+        return self
+
+    def log(self, event: str, **fields) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps({"event": event, **fields}) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
+
+    def read_events(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        events = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+        return events

@@ -1,0 +1,152 @@
+"""A plain training loop: SGD with Nesterov momentum, a cosine or step schedule, a pruner.
+
+`fit` runs whole epochs, evaluates on the validation split after each, appends metrics to
+the run directory and saves a resumable checkpoint. The pruner hooks are the same three
+lines a user puts in their own loop (see `compress.methods.base`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.errors import CompressError
+from compress.methods import DPF, MaskPruner
+
+
+@dataclass
+class OptimConfig:
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator that orders batches."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only; biases and norm parameters are exempt."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at each step: warm-up, then the schedule."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_schedule == "step":
+            return 0.1 ** sum(progress >= m for m in (0.5, 0.75))
+        return 1.0
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, batch_size: int = 512, device: torch.device | None = None,
+             pruner: MaskPruner | None = None) -> tuple[float, float]:
+    """(top-1, mean loss) on ``split``; a DPF model is evaluated pruned, dense weights kept."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, seen = 0, 0.0, 0
+    with pruner.pruned() if pruner else nullcontext():
+        for x, y in split.batches(batch_size):
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(y)
+    model.train(was_training)
+    return (correct / seen, loss_sum / seen) if seen else (0.0, float("nan"))
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_acc: float
+    val_loss: float
+    sparsity: float
+    seconds: float
+    lr: float
+    refreshes: list[dict] = field(default_factory=list)
+
+
+class Diverged(CompressError):
+    pass
+
+
+def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: OptimConfig,
+                generator: torch.Generator, device: torch.device, epoch: int,
+                pruner: MaskPruner | None = None,
+                on_step: Callable[[int, float, float], None] | None = None,
+                on_refresh: Callable[[dict], None] | None = None) -> tuple[float, float]:
+    """One pass over ``split``; returns (mean loss, accuracy) of the pruned network."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in split.batches(cfg.batch_size, shuffle=True, generator=generator):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with pruner.pruned() if pruner else nullcontext():
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if not torch.isfinite(loss):
+                raise Diverged(f"training diverged: loss is {float(loss)} in epoch {epoch + 1}; "
+                               f"lower --lr (now {cfg.lr})")
+            loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if pruner is not None:
+            event = pruner.step()
+            if event is not None and on_refresh:
+                on_refresh(vars(event))
+        batch = len(y)
+        loss_sum += float(loss.detach()) * batch
+        correct += int((out.argmax(1) == y).sum())
+        seen += batch
+        if on_step:
+            on_step(batch, loss_sum / seen, correct / seen)
+    return loss_sum / max(1, seen), correct / max(1, seen)
+
+
+def dense_values(pruner: MaskPruner | None) -> dict[str, torch.Tensor] | None:
+    return pruner.dense_state() if isinstance(pruner, DPF) else None

@@ -1,0 +1,1 @@
+"""ONNX export of pruned models: cleaning, packing, metadata, onnxruntime checks."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything compress needs on a fresh Debian machine: Debian's Fashion-MNIST
+# package, a virtual environment in .venv and the project with its pip dependencies.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    echo "setup: installing Debian's dataset-fashion-mnist"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+
+stamp_value="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f .setup-stamp ] || [ "$(cat .setup-stamp)" != "$stamp_value" ]; then
+    echo "setup: installing compress and its dependencies into .venv (torch is large: minutes)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[dev]"
+    echo "$stamp_value" > .setup-stamp
+fi
