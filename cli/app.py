@@ -11,7 +11,6 @@ import sys
 import traceback
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import Annotated
 
 import typer

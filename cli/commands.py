@@ -74,8 +74,8 @@ def train_prune(
     if resume:
         given = sorted(k for k, v in overrides.items() if v is not None)
         if given or recipe:
-            raise CompressError("--resume continues the saved recipe; drop "
-                                + ", ".join(f"--{k.replace('_', '-')}" for k in given or ["recipe"]))
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given or ["recipe"])
+            raise CompressError(f"--resume continues the saved recipe; drop {flags}")
         resolved = Recipe()
     else:
         resolved = resolve_recipe(recipe, overrides)

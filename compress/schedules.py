@@ -24,10 +24,10 @@ class CubicSchedule:
             raise ValueError("end_step must not come before start_step")
 
     def __call__(self, step: int) -> float:
-        if step <= self.start_step:
-            return self.initial_sparsity
         if step >= self.end_step:
             return self.final_sparsity
+        if step <= self.start_step:
+            return self.initial_sparsity
         progress = (step - self.start_step) / (self.end_step - self.start_step)
         gap = self.initial_sparsity - self.final_sparsity
         return self.final_sparsity + gap * (1.0 - progress) ** 3
