@@ -104,6 +104,9 @@ def read_torch_file(path: Path) -> object:
             raise CompressError(f"{path} is truncated or corrupted") from None
         raise CompressError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") \
             from None
+    except Exception as exc:  # torch.load fails in many ways on foreign bytes
+        raise CompressError(f"{path} is not a loadable checkpoint "
+                            f"({type(exc).__name__})") from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

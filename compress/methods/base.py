@@ -86,9 +86,15 @@ class MaskPruner:
         event = Refresh(self.step_count, target, mask_sparsity(new),
                         flip_fraction(self.masks, new))
         self.masks = new
+        self._sync_mask_cache()
         self.history.append(event)
         self.after_refresh()
         return event
+
+    def _sync_mask_cache(self) -> None:
+        """Float copies of the masks for in-place multiplies, and the sparsity figure."""
+        self._float_masks = {n: m.to(self.weights[n].dtype) for n, m in self.masks.items()}
+        self._sparsity = mask_sparsity(self.masks)
 
     def after_refresh(self) -> None:
         """Hook: what a method does to the weights right after a new mask."""
@@ -117,7 +123,7 @@ class MaskPruner:
     # -- results -------------------------------------------------------------------------
     @property
     def sparsity(self) -> float:
-        return mask_sparsity(self.masks)
+        return self._sparsity
 
     def pruned_tensor(self, name: str) -> torch.Tensor:
         """The weight as the pruned network sees it (zeros canonical)."""
@@ -151,5 +157,6 @@ class MaskPruner:
             raise ValueError(f"pruner state lacks masks for {sorted(missing)}")
         self.step_count = int(state["step_count"])
         self.masks = {n: state["masks"][n].to(torch.bool) for n in self.masks}
+        self._sync_mask_cache()
         self.history = [Refresh(**h) for h in state["history"]]
         self.after_refresh()

@@ -29,16 +29,18 @@ class DPF(MaskPruner):
 
     @contextmanager
     def pruned(self) -> Iterator[None]:
-        dense = {n: w.detach().clone() for n, w in self.weights.items()}
+        if not hasattr(self, "_dense_buffers"):
+            self._dense_buffers = {n: torch.empty_like(w) for n, w in self.weights.items()}
         with torch.no_grad():
             for name, w in self.weights.items():
-                w.copy_(self.pruned_tensor(name))
+                self._dense_buffers[name].copy_(w)
+                w.mul_(self._float_masks[name])
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, w in self.weights.items():
-                    w.copy_(dense[name])
+                    w.copy_(self._dense_buffers[name])
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         """The dense weights, which a resumed run needs to keep its feedback."""

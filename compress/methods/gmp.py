@@ -27,7 +27,7 @@ class GMP(MaskPruner):
         yield
         for name, w in self.weights.items():
             if w.grad is not None:
-                w.grad.mul_(self.masks[name])
+                w.grad.mul_(self._float_masks[name])
 
     def after_optimizer_step(self) -> None:
         self._zero_pruned()
@@ -35,4 +35,4 @@ class GMP(MaskPruner):
     def _zero_pruned(self) -> None:
         with torch.no_grad():
             for name, w in self.weights.items():
-                w.copy_(self.pruned_tensor(name))
+                w.mul_(self._float_masks[name])
