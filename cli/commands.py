@@ -84,7 +84,7 @@ def train_prune(
                   f"method {resolved.method}"
                   + (f", sparsity {resolved.sparsity}" if resolved.method != "none" else "")
                   + f", {resolved.epochs} epochs, seed {resolved.seed} -> {out_dir}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
 
     def on_epoch(result) -> None:
         if not json_out and not quiet:

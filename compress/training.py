@@ -129,7 +129,7 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
             out = model(x)
             loss = F.cross_entropy(out, y)
             if not torch.isfinite(loss):
-                raise Diverged(f"training diverged: loss is {float(loss)} in epoch {epoch + 1}; "
+                raise Diverged(f"training diverged: loss is {float(loss.detach())} in epoch {epoch + 1}; "
                                f"lower --lr (now {cfg.lr})")
             loss.backward()
         optimizer.step()
