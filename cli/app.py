@@ -99,6 +99,13 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
+def show_summary(summary: dict, json_out: bool) -> None:
+    if json_out:
+        print_json(summary)
+    else:
+        out.print(summary_table(summary))
+
+
 from cli import commands  # noqa: E402,F401  (registers the subcommands)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.app import app, err, friendly_errors, out, parse_shape, print_json, summary_table
+from cli.app import app, err, friendly_errors, out, parse_shape, print_json, show_summary
 
 Opt = typer.Option
 
@@ -94,10 +94,7 @@ def train_prune(
 
     summary = run_train_prune(resolved, out_dir, resume=resume, console=err,
                               show_progress=not quiet and not json_out, on_epoch=on_epoch)
-    if json_out:
-        print_json(summary)
-    else:
-        out.print(summary_table(summary))
+    show_summary(summary, json_out)
 
 
 @app.command()
@@ -130,10 +127,7 @@ def prune(
                             seed=seed, coverage=Coverage(skip_first, skip_classifier),
                             data_overrides={"data": data, "data_dir": data_dir},
                             console=err, show_progress=not quiet and not json_out)
-    if json_out:
-        print_json(summary)
-    else:
-        out.print(summary_table(summary))
+    show_summary(summary, json_out)
 
 
 @app.command()

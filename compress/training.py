@@ -129,7 +129,8 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
             out = model(x)
             loss = F.cross_entropy(out, y)
             if not torch.isfinite(loss):
-                raise Diverged(f"training diverged: loss is {float(loss.detach())} in epoch {epoch + 1}; "
+                value = float(loss.detach())
+                raise Diverged(f"training diverged: loss is {value} in epoch {epoch + 1}; "
                                f"lower --lr (now {cfg.lr})")
             loss.backward()
         optimizer.step()
