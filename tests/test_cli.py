@@ -72,19 +72,31 @@ def test_prune_magnitude_with_finetune(cli, dpf_run, tmp_path):
 
 
 def test_resume_continues_an_interrupted_run(cli, tmp_path):
-    out = tmp_path / "r"
-    args = ["train-prune", *QUICK, "--method", "gmp", "--sparsity", "0.5", "--epochs", "2"]
-    assert cli(*args, "--out", out).exit_code == 0
-    full = torch.load(out / "checkpoint.pt", weights_only=True)
-    # make it look cut off after epoch 1: rerun 1 epoch of the same recipe elsewhere
-    cut = tmp_path / "cut"
-    assert cli(*args, "--out", cut).exit_code == 0
-    ckpt = torch.load(cut / "checkpoint.pt", weights_only=True)
-    assert ckpt["training_state"]["epoch"] == 2
-    again = cli("train-prune", "--out", out, "--resume")
-    assert again.exit_code != 0 and "already finished" in again.output
-    assert torch.equal(full["state_dict"]["classifier.1.weight"],
-                       ckpt["state_dict"]["classifier.1.weight"])  # runs are deterministic
+    from compress.pipeline import train_prune
+    from compress.recipe import Recipe
+
+    recipe = Recipe(model="lenet5", method="dpf", sparsity=0.7, epochs=2, batch_size=64,
+                    refresh_every=4, max_train_samples=1200, max_test_samples=300).validate()
+    train_prune(recipe, str(tmp_path / "whole"), show_progress=False)
+
+    def stop_after_first(result):
+        if result.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_prune(recipe, str(tmp_path / "cut"), show_progress=False,
+                    on_epoch=stop_after_first)
+    resumed = cli("train-prune", "--out", tmp_path / "cut", "--resume", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for key, value in whole["state_dict"].items():
+        assert torch.allclose(value, cut["state_dict"][key], atol=1e-6), key
+    assert whole["metrics"]["test_top1"] == cut["metrics"]["test_top1"]
+    again = cli("train-prune", "--out", tmp_path / "cut", "--resume")
+    assert_clean_failure(again, "already finished")
+    mixed = cli("train-prune", "--out", tmp_path / "cut", "--resume", "--epochs", "3")
+    assert_clean_failure(mixed, "--epochs")
 
 
 def test_synthetic_data_with_torchvision_model(cli, tmp_path):
