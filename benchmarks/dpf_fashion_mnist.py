@@ -2,7 +2,9 @@
 
 For each model, seed and sparsity it trains:
   dense      `none` for E epochs
-  dpf        E epochs, cubic schedule to the target at 75 %, mask refreshed every 16 steps
+  dpf        E epochs, cubic schedule to the target at 75 %, mask refreshed every 16 steps,
+             leaky feedback (feedback_decay 0.01, the default)
+  dpf-paper  the same with feedback_decay 0: the paper's rule, pruned weights never shrink
   gmp        the same schedule without feedback
   magnitude  dense for E - F epochs, one-shot global magnitude, F epochs of fine-tuning
 and reports test top-1 mean ± std over seeds, the wall time of a DPF epoch over a dense
@@ -22,6 +24,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
@@ -51,10 +55,16 @@ def epoch_seconds(events: list[dict]) -> float:
 
 def bench(args: argparse.Namespace) -> list[dict]:
     rows = []
-    common = dict(data="fashion-mnist", epochs=args.epochs, lr=args.lr,
-                  max_train_samples=args.max_train_samples, refresh_every=args.refresh_every)
-    dpf_extra = dict(freeze_at=args.freeze_at, skip_first=args.skip_first,
-                     skip_classifier=args.skip_classifier)
+    common = dict(
+        data="fashion-mnist",
+        epochs=args.epochs,
+        lr=args.lr,
+        max_train_samples=args.max_train_samples,
+        refresh_every=args.refresh_every,
+    )
+    dpf_extra = dict(
+        freeze_at=args.freeze_at, skip_first=args.skip_first, skip_classifier=args.skip_classifier
+    )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for model in args.models:
@@ -62,38 +72,80 @@ def bench(args: argparse.Namespace) -> list[dict]:
                 tag = f"{model}-s{seed}"
                 base = dict(common, model=model, seed=seed)
                 dense, dense_events = run_train(tmp, f"{tag}-dense", method="none", **base)
-                rows.append(dict(model=model, seed=seed, method="dense", sparsity=0.0,
-                                 top1=dense["test_top1"], val=dense["val_top1"],
-                                 epoch_s=epoch_seconds(dense_events)))
+                rows.append(
+                    dict(
+                        model=model,
+                        seed=seed,
+                        method="dense",
+                        sparsity=0.0,
+                        top1=dense["test_top1"],
+                        val=dense["val_top1"],
+                        epoch_s=epoch_seconds(dense_events),
+                    )
+                )
                 print(json.dumps(rows[-1]), flush=True)
                 if args.magnitude:
-                    run_train(tmp, f"{tag}-pre", method="none",
-                              **dict(base, epochs=args.epochs - args.finetune_epochs))
+                    run_train(
+                        tmp,
+                        f"{tag}-pre",
+                        method="none",
+                        **dict(base, epochs=args.epochs - args.finetune_epochs),
+                    )
                 for s in args.sparsities:
                     for method in args.methods:
-                        extra = dpf_extra if method in ("dpf", "gmp") else {}
+                        extra = dict(dpf_extra)
+                        if method == "dpf-paper":
+                            extra["feedback_decay"] = 0.0
                         started = time.perf_counter()
-                        summary, events = run_train(tmp, f"{tag}-{method}-{s}", method=method,
-                                                    sparsity=s, **base, **extra)
+                        summary, events = run_train(
+                            tmp,
+                            f"{tag}-{method}-{s}",
+                            method=method.removesuffix("-paper"),
+                            sparsity=s,
+                            **base,
+                            **extra,
+                        )
                         early, late = flip_rates(events)
-                        rows.append(dict(model=model, seed=seed, method=method, sparsity=s,
-                                         top1=summary["test_top1"], val=summary["val_top1"],
-                                         achieved=summary["sparsity"],
-                                         epoch_s=epoch_seconds(events),
-                                         dense_epoch_s=epoch_seconds(dense_events),
-                                         flips_early=early, flips_late=late,
-                                         wall_s=time.perf_counter() - started))
+                        rows.append(
+                            dict(
+                                model=model,
+                                seed=seed,
+                                method=method,
+                                sparsity=s,
+                                top1=summary["test_top1"],
+                                val=summary["val_top1"],
+                                achieved=summary["sparsity"],
+                                epoch_s=epoch_seconds(events),
+                                dense_epoch_s=epoch_seconds(dense_events),
+                                flips_early=early,
+                                flips_late=late,
+                                wall_s=time.perf_counter() - started,
+                            )
+                        )
                         print(json.dumps(rows[-1]), flush=True)
                     if not args.magnitude:
                         continue
-                    one = prune_oneshot(str(tmp / f"{tag}-pre"), str(tmp / f"{tag}-mag-{s}"), s,
-                                        finetune_epochs=args.finetune_epochs,
-                                        lr=args.lr * args.finetune_lr_scale, seed=seed,
-                                        show_progress=False)
-                    rows.append(dict(model=model, seed=seed, method="magnitude+ft", sparsity=s,
-                                     top1=one["test_top1"], val=one["val_top1"],
-                                     achieved=one["sparsity"],
-                                     before_ft=one["val_top1_before_finetune"]))
+                    one = prune_oneshot(
+                        str(tmp / f"{tag}-pre"),
+                        str(tmp / f"{tag}-mag-{s}"),
+                        s,
+                        finetune_epochs=args.finetune_epochs,
+                        lr=args.lr * args.finetune_lr_scale,
+                        seed=seed,
+                        show_progress=False,
+                    )
+                    rows.append(
+                        dict(
+                            model=model,
+                            seed=seed,
+                            method="magnitude+ft",
+                            sparsity=s,
+                            top1=one["test_top1"],
+                            val=one["val_top1"],
+                            achieved=one["sparsity"],
+                            before_ft=one["val_top1_before_finetune"],
+                        )
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -110,21 +162,31 @@ def table(rows: list[dict]) -> str:
         dense = [r["top1"] for r in mine if r["method"] == "dense"]
         sparsities = sorted({r["sparsity"] for r in mine if r["method"] != "dense"})
         methods = list(dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"))
-        lines += [f"**{model}** (dense: {fmt(dense)})", "",
-                  "| sparsity | " + " | ".join(methods) + " |",
-                  "|---" * (len(methods) + 1) + "|"]
+        lines += [
+            f"**{model}** (dense: {fmt(dense)})",
+            "",
+            "| sparsity | " + " | ".join(methods) + " |",
+            "|---" * (len(methods) + 1) + "|",
+        ]
         for s in sparsities:
-            cells = [fmt([r["top1"] for r in mine if r["method"] == m and r["sparsity"] == s])
-                     for m in methods]
+            cells = [
+                fmt([r["top1"] for r in mine if r["method"] == m and r["sparsity"] == s])
+                for m in methods
+            ]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
-        dpf = [r for r in mine if r["method"] == "dpf"]
-        if dpf:
+        for name in ("dpf", "dpf-paper"):
+            dpf = [r for r in mine if r["method"] == name]
+            if not dpf:
+                continue
             ratio = statistics.mean(r["epoch_s"] / r["dense_epoch_s"] for r in dpf)
             early = statistics.mean(r["flips_early"] for r in dpf)
             late = statistics.mean(r["flips_late"] for r in dpf)
-            lines += ["", f"DPF epoch / dense epoch wall time: {ratio:.3f}; mask flips per "
-                          f"refresh: {early:.2e} (first 10 % of refreshes) -> {late:.2e} "
-                          "(last 10 %)"]
+            lines += [
+                "",
+                f"{name}: epoch wall time / dense epoch: {ratio:.3f}; mask flips "
+                f"per refresh: {early:.2e} (first 10 % of refreshes) -> {late:.2e} "
+                "(last 10 %)",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -133,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lenet5", "lenet300"])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.98])
-    parser.add_argument("--methods", nargs="+", default=["dpf", "gmp"])
+    parser.add_argument("--methods", nargs="+", default=["dpf", "dpf-paper", "gmp"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=3)
@@ -144,15 +206,23 @@ def main() -> None:
     parser.add_argument("--skip-first", action="store_true")
     parser.add_argument("--skip-classifier", action="store_true")
     parser.add_argument("--max-train-samples", type=int, default=None)
-    parser.add_argument("--no-magnitude", dest="magnitude", action="store_false",
-                        help="Skip the one-shot magnitude baseline.")
+    parser.add_argument(
+        "--no-magnitude",
+        dest="magnitude",
+        action="store_false",
+        help="Skip the one-shot magnitude baseline.",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Write all rows as JSON here.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = bench(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                        "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+        )
     print(table(rows))
 
 

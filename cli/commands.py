@@ -38,6 +38,8 @@ def train_prune(
                                                 "is reached.")] = None,
     freeze_at: Annotated[float | None, Opt(help="Fraction of training after which the "
                                                 "mask is fixed.")] = None,
+    feedback_decay: Annotated[float | None, Opt(help="DPF: per-step shrink of pruned dense "
+                                                     "weights (0 = the paper's rule).")] = None,
     skip_first: Annotated[bool | None, Opt("--skip-first/--prune-first",
                                            help="Leave the first layer dense.")] = None,
     skip_classifier: Annotated[bool | None, Opt("--skip-classifier/--prune-classifier",
@@ -65,7 +67,8 @@ def train_prune(
                      sparsity=sparsity, epochs=epochs, batch_size=batch_size, lr=lr,
                      weights=weights, seed=seed, device=device, scope=scope,
                      refresh_every=refresh_every, prune_start=prune_start,
-                     prune_end=prune_end, freeze_at=freeze_at, skip_first=skip_first,
+                     prune_end=prune_end, freeze_at=freeze_at,
+                     feedback_decay=feedback_decay, skip_first=skip_first,
                      skip_classifier=skip_classifier, weight_decay=weight_decay,
                      momentum=momentum, lr_schedule=lr_schedule, warmup_epochs=warmup_epochs,
                      input_shape=parse_shape(input_shape), num_classes=num_classes,

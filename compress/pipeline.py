@@ -58,11 +58,13 @@ def make_pruner(recipe: Recipe, model: nn.Module, total_steps: int) -> MaskPrune
     schedule = CubicSchedule(recipe.sparsity, round(recipe.prune_start * total_steps),
                              round(recipe.prune_end * total_steps))
     freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
-    cls = {"dpf": DPF, "gmp": GMP}[recipe.method]
+    common = dict(refresh_every=recipe.refresh_every, scope=recipe.scope,
+                  coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
+                  freeze_step=freeze)
     try:
-        return cls(model, schedule, refresh_every=recipe.refresh_every, scope=recipe.scope,
-                   coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
-                   freeze_step=freeze)
+        if recipe.method == "dpf":
+            return DPF(model, schedule, feedback_decay=recipe.feedback_decay, **common)
+        return GMP(model, schedule, **common)
     except ValueError as exc:
         raise CompressError(str(exc)) from None
 

@@ -40,6 +40,7 @@ class Recipe:
     prune_start: float = 0.0
     prune_end: float = 0.75
     freeze_at: float | None = None
+    feedback_decay: float = 0.01
     skip_first: bool = False
     skip_classifier: bool = False
     # optimisation
@@ -73,6 +74,8 @@ class Recipe:
             raise CompressError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
             raise CompressError("need 0 <= --prune-start <= --prune-end <= 1")
+        if not 0.0 <= self.feedback_decay < 1.0:
+            raise CompressError(f"--feedback-decay must be in [0, 1), got {self.feedback_decay}")
         if self.freeze_at is not None and not self.prune_end <= self.freeze_at <= 1.0:
             raise CompressError("--freeze-at must lie between --prune-end and 1")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

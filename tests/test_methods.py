@@ -151,3 +151,22 @@ def test_freeze_before_target_is_rejected():
     model = build_model("mlpnet", 10, (1, 28, 28))
     with pytest.raises(ValueError, match="freeze"):
         DPF(model, CubicSchedule(0.9, 0, 100), freeze_step=50)
+
+
+def test_feedback_decay_shrinks_pruned_dense_weights_only():
+    torch.manual_seed(0)
+    model = build_model("lenet5", 10, (1, 28, 28))
+    pruner = DPF(model, CubicSchedule(0.8, 0, 0), feedback_decay=0.5)
+    before = {n: w.detach().clone() for n, w in pruner.weights.items()}
+    pruner.after_optimizer_step()
+    for n, w in pruner.weights.items():
+        kept = pruner.masks[n]
+        assert torch.equal(w.detach()[kept], before[n][kept])
+        assert torch.allclose(w.detach()[~kept], 0.5 * before[n][~kept])
+    paper = DPF(build_model("lenet5", 10, (1, 28, 28)), CubicSchedule(0.8, 0, 0),
+                feedback_decay=0.0)
+    snapshot = {n: w.detach().clone() for n, w in paper.weights.items()}
+    paper.after_optimizer_step()
+    assert all(torch.equal(w.detach(), snapshot[n]) for n, w in paper.weights.items())
+    with pytest.raises(ValueError):
+        DPF(model, CubicSchedule(0.8, 0, 0), feedback_decay=1.0)
