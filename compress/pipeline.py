@@ -20,6 +20,7 @@ from compress.data import DataConfig, Splits, load_splits
 from compress.errors import CompressError
 from compress.masks import Coverage
 from compress.methods import DPF, GMP, MaskPruner, OneShotMagnitude
+from compress.models import build_model
 from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_mapping
 from compress.report import write_report
 from compress.rundir import RunDir
@@ -101,8 +102,6 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None) -> 
     device = resolve_device(recipe.device)
     generator = seed_everything(recipe.seed)
     splits = load_splits(data_config(recipe))
-    from compress.models import build_model
-
     model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
     if recipe.weights and resume_state is None:
         load_weights_into(model, recipe.weights)

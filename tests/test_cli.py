@@ -218,3 +218,13 @@ def test_acceptance_lenet5_dpf_two_epochs_full_data(cli, tmp_path):
     assert f"{total['prunable_sparsity']:.2f}" == "0.90"
     top1 = json.loads(cli("evaluate", out, "--json").stdout)["top1"]
     assert top1 >= 0.84
+
+
+def test_weights_start_a_run_and_bad_weights_are_refused(cli, dpf_run, tmp_path):
+    ok = cli("train-prune", *QUICK, "--method", "none", "--weights", dpf_run / "checkpoint.pt",
+             "--out", tmp_path / "from-weights", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["test_top1"] > 0.5  # started from trained weights
+    wrong = cli("train-prune", *QUICK, "--model", "lenet300", "--weights", dpf_run,
+                "--out", tmp_path / "wrong")
+    assert_clean_failure(wrong, "do not fit")
