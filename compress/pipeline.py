@@ -209,6 +209,8 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
     if resume:
         run.for_resume()
         resume_state = load_checkpoint(run.checkpoint)
+        if resume_state.method == "magnitude":
+            raise CompressError(f"{out} is a one-shot prune run; --resume is for train-prune runs")
         recipe = recipe_from_mapping(resume_state.recipe).validate()
     else:
         run.create()
