@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import platform
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -94,7 +95,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def read_torch_file(path: Path) -> object:
     """``torch.load(weights_only=True)`` with every failure turned into one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles; we say it once
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"{path} is not a loadable checkpoint ({reason[:160]})") from None
