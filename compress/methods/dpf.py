@@ -6,9 +6,10 @@ that are pruned keep learning and can come back at the next refresh (the "feedba
 Masks are recomputed every ``p`` steps from the dense magnitudes. Optimizer state and
 weight decay act on the dense weights, because the optimizer only ever sees them.
 
-This is done by swapping tensors, not by re-parametrising modules: inside `pruned()` the
-parameters hold ``m ⊙ w``; on exit the dense values are put back, gradients untouched.
-Any model and any optimizer work unchanged.
+This is done by swapping tensors, not by re-parametrising modules: inside `pruned()` each
+parameter points at a masked copy ``m ⊙ w``; on exit it points at the dense tensor again,
+gradients untouched. Any model and any optimizer work unchanged, and the exported model
+carries no pruning machinery.
 
 ``feedback_decay`` (default 0.01) shrinks the dense value of each *pruned* weight by that
 fraction after every optimizer step, so the feedback remembers roughly the last
@@ -55,18 +56,23 @@ class DPF(MaskPruner):
 
     @contextmanager
     def pruned(self) -> Iterator[None]:
-        if not hasattr(self, "_dense_buffers"):
-            self._dense_buffers = {n: torch.empty_like(w) for n, w in self.weights.items()}
-        with torch.no_grad():
-            for name, w in self.weights.items():
-                self._dense_buffers[name].copy_(w)
-                w.mul_(self._float_masks[name])
+        # Point each parameter at a masked copy, then back at the dense tensor: one pass
+        # over the weights, and autograd keeps an untouched tensor for backward.
+        dense = {n: w.data for n, w in self.weights.items()}
+        buffers = getattr(self, "_pruned_buffers", {})
+        for name, w in self.weights.items():
+            buf = buffers.get(name)
+            if buf is None or buf.shape != w.shape or buf.device != w.device \
+                    or buf.dtype != w.dtype:
+                buf = buffers[name] = torch.empty_like(w.data)
+            torch.mul(dense[name], self._float_masks[name], out=buf)
+            w.data = buf
+        self._pruned_buffers = buffers
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, w in self.weights.items():
-                    w.copy_(self._dense_buffers[name])
+            for name, w in self.weights.items():
+                w.data = dense[name]
 
     def dense_state(self) -> dict[str, torch.Tensor]:
         """The dense weights, which a resumed run needs to keep its feedback."""
