@@ -13,12 +13,27 @@ The pieces a training loop needs::
         pruner.step()
 """
 
-from compress.errors import CompressError
-from compress.masks import Coverage, magnitude_masks, prunable_weights
-from compress.methods import DPF, GMP, MaskPruner, OneShotMagnitude
-from compress.schedules import CubicSchedule
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["DPF", "GMP", "CompressError", "Coverage", "CubicSchedule", "MaskPruner",
-           "OneShotMagnitude", "magnitude_masks", "prunable_weights"]
+# Names resolve on first use, so `import compress.errors` (as the torch-free ONNX tools do)
+# does not pull in torch.
+_EXPORTS = {
+    "CompressError": "compress.errors",
+    "Coverage": "compress.masks",
+    "magnitude_masks": "compress.masks",
+    "prunable_weights": "compress.masks",
+    "DPF": "compress.methods",
+    "GMP": "compress.methods",
+    "MaskPruner": "compress.methods",
+    "OneShotMagnitude": "compress.methods",
+    "CubicSchedule": "compress.schedules",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")

@@ -44,6 +44,10 @@ class DataConfig:
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     augment: bool | None = None
+    # per-channel normalisation computed from the training images (filled by load_splits);
+    # kept so an exported model can be fed without the training data at hand
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -251,6 +255,7 @@ def _image_folder(config: DataConfig) -> Splits:
     train = datasets.ImageFolder(str(root / "train"), transform=tf)
     test = datasets.ImageFolder(str(test_dir), transform=tf)
     config.num_classes = len(train.classes)
+    config.mean, config.std = [0.5] * c, [0.5] * c
     return _split(FolderSplit(train), FolderSplit(test), config)
 
 
@@ -293,6 +298,7 @@ def load_splits(config: DataConfig) -> Splits:
     config.input_shape = tuple(int(d) for d in train_x.shape[1:])
     augment = config.augment if config.augment is not None else config.name.startswith("cifar")
     mean, std = _channel_stats(train_x)
+    config.mean, config.std = mean, std
     train = TensorSplit(train_x, train_y, mean, std, augment)
     test = TensorSplit(*raw["test"], mean, std, augment=False)
     return _split(train, test, config)

@@ -1,0 +1,179 @@
+"""``compress export``: a checkpoint or run directory to one self-contained ONNX file.
+
+Steps: rebuild the pruned model (masks already applied in the checkpoint, no pruning
+machinery in it), export with torch's ONNX exporter (its graph optimizer folds BatchNorm
+into the preceding conv; zeros stay zeros because folding scales whole output channels),
+canonicalise ``-0.0``, pack sparse weights, write metadata, verify, then rename into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compress.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
+from compress.errors import CompressError
+from export.metadata import set_model_metadata, set_tensor_metadata
+from export.packing import VALUE_TYPES, decoder, encode, shared_constants, worth_packing
+from export.verify import VerifyReport, verify_export
+
+PACK_MODES = ("auto", "none", "bitmask")
+MIN_OPSET, MAX_OPSET, MAX_IR = 18, 26, 10
+INPUT_NAME = "input"
+
+
+@dataclass
+class ExportResult:
+    path: str
+    file_bytes: int
+    packed: list[str] = field(default_factory=list)
+    values: str = "fp32"
+    opset: int = 20
+    verify: VerifyReport | None = None
+
+
+def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
+    import torch
+
+    model = ckpt.build_model().eval()
+    example = torch.randn(2, *ckpt.data.input_shape)
+    batch = torch.export.Dim("batch", min=1)
+    noise = io.StringIO()
+    try:
+        with redirect_stdout(noise), redirect_stderr(noise):
+            program = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
+                                        input_names=[INPUT_NAME], output_names=["logits"],
+                                        dynamic_shapes=({0: batch},), opset_version=opset,
+                                        verbose=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"torch could not export {ckpt.model_spec!r} to ONNX: "
+                            f"{first[:200]}") from None
+    return program.model_proto
+
+
+def _strip_exporter_notes(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces and intermediate shapes: they are most of
+    a small model's file, and they name paths on the machine that exported it."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+
+
+def _canonical_zeros(model: onnx.ModelProto) -> None:
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        array = numpy_helper.to_array(tensor)
+        if np.signbit(array[array == 0]).any():
+            fixed = numpy_helper.from_array(np.where(array == 0, np.float32(0), array),
+                                            tensor.name)
+            model.graph.initializer[i].CopyFrom(fixed)
+
+
+def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
+    """Replace sparse weight initializers by values + bitmask and a decoder subgraph."""
+    graph = model.graph
+    kept, new_nodes, new_inits, packed = [], [], [], []
+    for tensor in graph.initializer:
+        array = numpy_helper.to_array(tensor) if tensor.data_type == onnx.TensorProto.FLOAT \
+            else None
+        prunable = array is not None and array.ndim >= 2
+        sparsity = 1.0 - np.count_nonzero(array) / array.size if prunable else 0.0
+        do_pack = prunable and sparsity > 0 and np.count_nonzero(array) > 0 and (
+            mode == "bitmask" or (mode == "auto" and worth_packing(array, values)))
+        if not do_pack:
+            if prunable:
+                set_tensor_metadata(tensor, {"sparsity": round(sparsity, 6),
+                                             "pattern": "unstructured", "encoding": "dense"})
+            kept.append(tensor)
+            continue
+        enc = encode(tensor.name, array, values)
+        nodes, inits = decoder(enc, f"d{len(packed)}")
+        set_tensor_metadata(inits[0], {
+            "weight": tensor.name, "shape": list(array.shape), "sparsity": round(sparsity, 6),
+            "pattern": "unstructured", "encoding": f"bitmask-{values}",
+            **({"scale": enc.scale} if enc.scale is not None else {})})
+        new_nodes += nodes
+        new_inits += inits
+        packed.append(tensor.name)
+    if packed:
+        del graph.initializer[:]
+        graph.initializer.extend(kept + new_inits + shared_constants())
+        existing = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(new_nodes + existing)
+    return packed
+
+
+def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str]) -> dict:
+    from compress import __version__
+
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    masks = ckpt.masks or {}
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return {
+        "tool_version": __version__,
+        "method": ckpt.method,
+        "model": ckpt.model_spec,
+        "target_sparsity": ckpt.recipe.get("sparsity") if ckpt.method != "none" else 0.0,
+        "achieved_sparsity": round(1 - kept / total, 6) if total else 0.0,
+        "recipe": ckpt.recipe,
+        "source_sha256": digest,
+        "dataset": ckpt.data.to_dict(),
+        "val_top1": ckpt.metrics.get("val_top1"),
+        "input_shape": list(ckpt.data.input_shape),
+        "input_mean": ckpt.data.mean,
+        "input_std": ckpt.data.std,
+        "packed_values": values,
+        "packed_weights": len(packed),
+    }
+
+
+def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto",
+                      values: str = "fp32", opset: int = 20,
+                      verify: bool = True) -> ExportResult:
+    """Export, pack, annotate, verify; the target appears only if every step succeeded."""
+    if pack not in PACK_MODES:
+        raise CompressError(f"--pack must be one of {', '.join(PACK_MODES)}, got {pack!r}")
+    if values not in VALUE_TYPES:
+        raise CompressError(f"--values must be one of {', '.join(VALUE_TYPES)}, got {values!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise CompressError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} "
+                            "(packing needs BitwiseAnd, opset 18; onnxruntime 1.31 reads "
+                            f"up to {MAX_OPSET}), got {opset}")
+    out = Path(out)
+    if out.is_dir():
+        raise CompressError(f"--onnx {out} is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise CompressError(f"--onnx: directory {out.parent} does not exist")
+    source_path = resolve_checkpoint_path(source)
+    ckpt = load_checkpoint(source_path)
+    model = _torch_to_onnx(ckpt, opset)
+    model.ir_version = min(model.ir_version, MAX_IR)
+    _strip_exporter_notes(model)
+    _canonical_zeros(model)
+    packed = _pack(model, pack, values)  # with "none" it only annotates the tensors
+    set_model_metadata(model, _metadata(ckpt, source_path, values, packed))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        onnx.save(model, str(tmp))
+        report = verify_export(tmp, ckpt, values) if verify else None
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportResult(str(out), out.stat().st_size, packed, values, opset, report)

@@ -1,0 +1,115 @@
+"""Per-layer counts and MACs read from an exported ONNX file, with numpy and onnx only.
+
+Packed weights are decoded from their bitmask and values, so the non-zeros reported are
+the ones in the file, not the ones the metadata claims.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compress.errors import CompressError
+from export.metadata import model_metadata, tensor_metadata
+from export.packing import PackedWeight, decode
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"no ONNX file at {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several kinds on foreign bytes
+        raise CompressError(f"{path} is not a readable ONNX model ({type(exc).__name__})") \
+            from None
+    if not model.graph.node:
+        raise CompressError(f"{path} is not an ONNX model (it has no graph)")
+    return model
+
+
+def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
+    """Every float initializer of rank >= 1 as a dense array, packed ones decoded."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, tuple[np.ndarray, dict]] = {}
+    packed_parts: set[str] = set()
+    for name, tensor in inits.items():
+        meta = tensor_metadata(tensor)
+        if meta.get("encoding", "").startswith("bitmask"):
+            weight = meta["weight"]
+            prefix = f"{weight}__"
+            stored = numpy_helper.to_array(tensor)[1:]  # drop the padding zero
+            packed = PackedWeight(weight, tuple(meta["shape"]), stored,
+                                  numpy_helper.to_array(inits[prefix + "bits"]),
+                                  meta.get("scale"))
+            out[weight] = (decode(packed), meta)
+            packed_parts.update(n for n in inits if n.startswith(prefix))
+    for name, tensor in inits.items():
+        if name in packed_parts or name in out:
+            continue
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and \
+                len(tensor.dims) >= 1:
+            out[name] = (numpy_helper.to_array(tensor), tensor_metadata(tensor))
+    return out
+
+
+def _macs(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, dict]]) -> tuple[int, int]:
+    """(dense MACs, MACs with non-zero weights) for one sample, from inferred shapes."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return 0, 0
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in
+                vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    dense = nonzero = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight = next((i for i in node.input[1:2] if i in weights), None)
+        out_shape = shapes.get(node.output[0])
+        if weight is None or not out_shape:
+            continue
+        w = weights[weight][0]
+        if node.op_type == "Conv":
+            positions = int(np.prod(out_shape[2:])) if len(out_shape) > 2 else 1
+        else:
+            positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
+        dense += positions * w.size
+        nonzero += positions * int(np.count_nonzero(w))
+    return dense, nonzero
+
+
+def inspect_onnx(path: str | Path) -> dict:
+    model = load_onnx(path)
+    weights = dense_weights(model)
+    layers = []
+    for name, (array, meta) in weights.items():
+        n = int(array.size)
+        nz = int(np.count_nonzero(array))
+        layers.append({"name": name, "shape": list(array.shape), "params": n, "nonzero": nz,
+                       "sparsity": 1.0 - nz / n if n else 0.0,
+                       "prunable": bool(meta.get("prunable", array.ndim >= 2)),
+                       "encoding": meta.get("encoding", "dense")})
+    params = sum(r["params"] for r in layers)
+    nonzero = sum(r["nonzero"] for r in layers)
+    prunable = [r for r in layers if r["prunable"]]
+    p_params = sum(r["params"] for r in prunable)
+    p_nonzero = sum(r["nonzero"] for r in prunable)
+    macs = _macs(model, weights)
+    return {
+        "total": {"params": params, "nonzero": nonzero,
+                  "sparsity": 1.0 - nonzero / params if params else 0.0,
+                  "prunable_params": p_params, "prunable_nonzero": p_nonzero,
+                  "prunable_sparsity": 1.0 - p_nonzero / p_params if p_params else 0.0,
+                  "macs": macs[0], "nonzero_macs": macs[1],
+                  "file_bytes": Path(path).stat().st_size},
+        "layers": layers,
+        "metadata": {**model_metadata(model), "ir_version": model.ir_version,
+                     "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}},
+    }

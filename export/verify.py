@@ -1,0 +1,119 @@
+"""Checks run on every export unless ``--no-verify``.
+
+1. ``onnx.checker`` full check (types and shapes included).
+2. An onnxruntime session opens the file.
+3. Outputs match: fp32 values against PyTorch; fp16/int8 values against the same graph
+   with the decoded weights stored dense (what ORT must compute), and their distance to
+   PyTorch is reported.
+4. The decoder folds away: ORT's basic-level optimized graph holds no decoder node.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compress.errors import CompressError
+from export.onnx_inspect import dense_weights
+from export.packing import DECODER_OPS
+
+FP32_TOLERANCE = 1e-4  # max |ORT - torch| relative to max(1, max |torch output|)
+SAMPLES = 8
+
+
+@dataclass
+class VerifyReport:
+    max_abs_diff_vs_torch: float
+    max_abs_diff_vs_decoded: float
+    tolerance: float
+    folded: bool
+    optimized_nodes: int
+
+
+def _session(path: Path, level=None, optimized_to: Path | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if level is not None:
+        options.graph_optimization_level = level
+    if optimized_to is not None:
+        options.optimized_model_filepath = str(optimized_to)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"onnxruntime cannot load the export: {first[:200]}") from None
+
+
+def decoded_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every packed weight stored dense and its decoder removed."""
+    weights = dense_weights(model)
+    packed = {name for name, (_, meta) in weights.items()
+              if str(meta.get("encoding", "")).startswith("bitmask")}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes = [n for n in copy.graph.node if not set(n.output) & packed]
+    outputs = {o.name for o in copy.graph.output}
+    while True:  # drop decoder nodes whose results nothing reads any more
+        used = {i for n in nodes for i in n.input} | outputs
+        alive = [n for n in nodes if set(n.output) & used]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in copy.graph.initializer if t.name in used and t.name not in packed]
+    inits += [numpy_helper.from_array(weights[name][0].astype(np.float32), name)
+              for name in packed]
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(inits)
+    return copy
+
+
+def _run(session, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
+    import onnxruntime as ort
+    import torch
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CompressError(f"onnx.checker rejected the export: "
+                            f"{str(exc).strip().splitlines()[0][:200]}") from None
+    session = _session(path)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((SAMPLES, *ckpt.data.input_shape)).astype(np.float32)
+    got = _run(session, x)
+    model = ckpt.build_model().eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    scale = max(1.0, float(np.abs(expected).max()))
+    vs_torch = float(np.abs(got - expected).max())
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = Path(tmp) / "decoded.onnx"
+        onnx.save(decoded_copy(onnx.load(str(path))), str(reference))
+        vs_decoded = float(np.abs(got - _run(_session(reference), x)).max())
+        optimized = Path(tmp) / "optimized.onnx"
+        _session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized)
+        graph = onnx.load(str(optimized)).graph
+    leftover = sorted({n.op_type for n in graph.node} & DECODER_OPS)
+    if leftover:
+        raise CompressError(f"onnxruntime did not fold the weight decoder ({', '.join(leftover)} "
+                            "left in the optimized graph); export with --pack none")
+    if vs_decoded > FP32_TOLERANCE * scale:
+        raise CompressError(f"onnxruntime output differs from the decoded weights by "
+                            f"{vs_decoded:.2e} (tolerance {FP32_TOLERANCE * scale:.2e})")
+    if values == "fp32" and vs_torch > FP32_TOLERANCE * scale:
+        raise CompressError(f"onnxruntime output differs from PyTorch by {vs_torch:.2e} "
+                            f"(tolerance {FP32_TOLERANCE * scale:.2e})")
+    return VerifyReport(vs_torch, vs_decoded, FP32_TOLERANCE * scale, True, len(graph.node))
