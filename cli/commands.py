@@ -136,13 +136,20 @@ def prune(
 @app.command()
 @friendly_errors
 def inspect(
-    path: Annotated[str, typer.Argument(help="Run directory or checkpoint.")],
+    path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Per-layer shapes, parameters, non-zeros and sparsity, with totals and MACs."""
-    from compress.inspection import inspect_checkpoint
+    if path.lower().endswith(".onnx"):
+        from export.onnx_inspect import inspect_onnx
 
-    report = inspect_checkpoint(path)
+        report = inspect_onnx(path)
+        report["metadata"].setdefault("model", path)
+        report["metadata"].setdefault("method", "unknown")
+    else:
+        from compress.inspection import inspect_checkpoint
+
+        report = inspect_checkpoint(path)
     if json_out:
         print_json(report)
         return
@@ -168,18 +175,87 @@ def inspect(
 @app.command()
 @friendly_errors
 def evaluate(
-    path: Annotated[str, typer.Argument(help="Run directory or checkpoint.")],
+    path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
     data_dir: Annotated[str | None, Opt()] = None,
     batch_size: Annotated[int, Opt()] = 512,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Top-1 accuracy on the test split."""
-    from compress.inspection import evaluate_checkpoint
+    if path.lower().endswith(".onnx"):
+        from export.ort_eval import evaluate_onnx
 
-    result = evaluate_checkpoint(path, data, data_dir, batch_size)
+        result = evaluate_onnx(path, data, data_dir, batch_size)
+    else:
+        from compress.inspection import evaluate_checkpoint
+
+        result = evaluate_checkpoint(path, data, data_dir, batch_size)
     if json_out:
         print_json(result)
     else:
         out.print(f"test top-1 {result['top1']:.4f} on {result['samples']} samples of "
                   f"{result['data']}", highlight=False)
+
+
+@app.command("export")
+@friendly_errors
+def export_onnx(
+    source: Annotated[str, typer.Argument(help="Run directory or checkpoint.")],
+    onnx_path: Annotated[str, Opt("--onnx", help="ONNX file to write.")],
+    pack: Annotated[str, Opt(help="auto (pack where smaller), none, or bitmask.")] = "auto",
+    values: Annotated[str, Opt(help="Precision of packed values: fp32, fp16 or int8.")]
+    = "fp32",
+    opset: Annotated[int, Opt(help="ai.onnx opset (18-26).")] = 20,
+    verify: Annotated[bool, Opt("--verify/--no-verify",
+                                help="Check, compare with PyTorch, confirm folding.")] = True,
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Export to one self-contained ONNX file with packed sparse weights and metadata."""
+    from export.onnx_export import export_checkpoint
+
+    result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
+                               verify=verify)
+    accuracy = measure_export_accuracy(source, onnx_path) if verify else None
+    payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
+               "values": result.values, "opset": result.opset,
+               "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy}
+    if json_out:
+        print_json(payload)
+        return
+    out.print(f"wrote {result.path}: {result.file_bytes:,} bytes, {len(result.packed)} weights "
+              f"packed as bitmask-{result.values}, opset {result.opset}", highlight=False)
+    if result.verify:
+        v = result.verify
+        against = (f"onnxruntime vs PyTorch max |diff| {v.max_abs_diff_vs_torch:.2e} "
+                   f"(tolerance {v.tolerance:.2e})" if result.values == "fp32" else
+                   f"onnxruntime matches the decoded {result.values} weights; vs PyTorch max "
+                   f"|diff| {v.max_abs_diff_vs_torch:.2e} from {result.values} rounding")
+        out.print(f"verified: onnx.checker ok; {against}; decoder folded at load "
+                  f"({v.optimized_nodes} nodes after basic optimization)", highlight=False)
+    if accuracy and "error" not in accuracy:
+        out.print(f"validation top-1: PyTorch {accuracy['torch_val_top1']:.4f}, onnxruntime "
+                  f"{accuracy['onnx_val_top1']:.4f} ({accuracy['delta'] * 100:+.2f} points, "
+                  f"{accuracy['samples']} samples)", highlight=False)
+    elif accuracy:
+        out.print(f"accuracy not measured: {accuracy['error']}", highlight=False)
+    out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity makes "
+              "the file smaller, not the model faster", highlight=False)
+
+
+def measure_export_accuracy(source: str, onnx_path: str) -> dict:
+    """Validation top-1 of the checkpoint in PyTorch and of the export in onnxruntime."""
+    from compress.checkpoint import load_checkpoint
+    from compress.data import load_splits
+    from compress.errors import CompressError
+    from compress.training import evaluate as torch_evaluate
+    from export.ort_eval import ort_session, split_top1
+
+    ckpt = load_checkpoint(source)
+    try:
+        splits = load_splits(ckpt.data)
+    except CompressError as exc:
+        return {"error": str(exc)}
+    torch_top1, _ = torch_evaluate(ckpt.build_model(), splits.val)
+    onnx_top1 = split_top1(ort_session(onnx_path), splits.val)
+    return {"torch_val_top1": torch_top1, "onnx_val_top1": onnx_top1,
+            "delta": onnx_top1 - torch_top1, "samples": len(splits.val)}

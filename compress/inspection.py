@@ -11,16 +11,9 @@ from compress.stats import count_macs, layer_stats, rows_as_dicts, summarise
 from compress.training import evaluate
 
 
-def _not_onnx(path: Path) -> None:
-    if path.suffix.lower() == ".onnx":
-        raise CompressError(f"{path}: ONNX files cannot be read by this version of compress; "
-                            "give a run directory or checkpoint")
-
-
 def inspect_checkpoint(path: str | Path) -> dict:
     """Per-layer shapes, counts and sparsity, totals with MACs, and the run's metadata."""
     path = Path(path)
-    _not_onnx(path)
     ckpt = load_checkpoint(path)
     prunable = set(ckpt.masks) if ckpt.masks else {
         k for k, v in ckpt.state_dict.items() if k.endswith(".weight") and v.dim() > 1}
@@ -45,7 +38,6 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None,
                         data_dir: str | None = None, batch_size: int = 512) -> dict:
     """Top-1 on the test split of the data set recorded in the run (or the one given)."""
     path = Path(path)
-    _not_onnx(path)
     ckpt = load_checkpoint(path)
     config = ckpt.data
     if data is not None:

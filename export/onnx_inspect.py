@@ -36,7 +36,7 @@ def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, tuple[np.ndarray, dict]] = {}
     packed_parts: set[str] = set()
-    for name, tensor in inits.items():
+    for tensor in inits.values():
         meta = tensor_metadata(tensor)
         if meta.get("encoding", "").startswith("bitmask"):
             weight = meta["weight"]

@@ -1,0 +1,62 @@
+"""Accuracy of an exported model in onnxruntime, on the data set recorded in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import CompressError
+from export.metadata import model_metadata
+from export.onnx_inspect import load_onnx
+
+
+def ort_session(path: str | Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"onnxruntime cannot load {path}: {first[:200]}") from None
+
+
+def split_top1(session, split, batch_size: int = 512) -> float:
+    name = session.get_inputs()[0].name
+    correct = seen = 0
+    for x, y in split.batches(batch_size):
+        logits = session.run(None, {name: x.numpy().astype(np.float32)})[0]
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+        seen += len(y)
+    return correct / seen if seen else 0.0
+
+
+def data_config_from_onnx(path: str | Path, data: str | None, data_dir: str | None):
+    from compress.data import DATASETS, DataConfig
+
+    meta = model_metadata(load_onnx(path))
+    recorded = meta.get("dataset")
+    if data is None and not isinstance(recorded, dict):
+        raise CompressError(f"{path} records no data set; pass --data")
+    config = DataConfig.from_dict(recorded) if isinstance(recorded, dict) else DataConfig()
+    if data is not None:
+        if data not in DATASETS:
+            raise CompressError(f"unknown data set {data!r}: use one of {', '.join(DATASETS)}")
+        config.name, config.data_dir = data, data_dir
+    elif data_dir is not None:
+        config.data_dir = data_dir
+    return config
+
+
+def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | None = None,
+                  batch_size: int = 512) -> dict:
+    """Test-split top-1 of the ONNX model, in onnxruntime."""
+    from compress.data import load_splits
+
+    config = data_config_from_onnx(path, data, data_dir)
+    session = ort_session(path)
+    splits = load_splits(config)
+    return {"top1": split_top1(session, splits.test, batch_size), "samples": len(splits.test),
+            "split": "test", "data": config.name, "runtime": "onnxruntime"}

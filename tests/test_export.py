@@ -1,0 +1,191 @@
+"""ONNX export of real runs, checked in a real onnxruntime session."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from compress.pipeline import prune_oneshot, train_prune
+from compress.recipe import Recipe
+from export import verify as verify_module
+from export.metadata import model_metadata, tensor_metadata
+from export.onnx_export import export_checkpoint
+from export.packing import DECODER_OPS, decode, encode
+
+SMALL = dict(model="lenet5", epochs=1, batch_size=64, refresh_every=4,
+             max_train_samples=1200, max_test_samples=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dpf_run):
+    root = tmp_path_factory.mktemp("export-runs")
+    out = {"dpf": dpf_run}
+    for method in ("none", "gmp"):
+        recipe = Recipe(method=method, sparsity=0.9, **SMALL).validate()
+        train_prune(recipe, str(root / method), show_progress=False)
+        out[method] = root / method
+    prune_oneshot(str(root / "none"), str(root / "magnitude"), 0.9, show_progress=False)
+    out["magnitude"] = root / "magnitude"
+    return out
+
+
+def optimized_ops(path: Path, tmp_path: Path) -> list[str]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("method", ["none", "dpf", "gmp", "magnitude"])
+def test_round_trip_parity_and_folding(runs, method, tmp_path):
+    path = tmp_path / f"{method}.onnx"
+    result = export_checkpoint(runs[method], path, pack="bitmask")
+    assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance
+    model = onnx.load(str(path))
+    assert model.ir_version <= 10 and model.opset_import[0].version == 20
+    ops = {n.op_type for n in model.graph.node}
+    assert "BatchNormalization" not in ops
+    if method != "none":
+        assert result.packed and ops & DECODER_OPS
+    after = optimized_ops(path, tmp_path)
+    assert not set(after) & DECODER_OPS
+    assert not {"Gather", "CumSum", "Slice"} & set(after), "decoder must fold completely"
+    dense = tmp_path / f"{method}-dense.onnx"
+    export_checkpoint(runs[method], dense, pack="none")
+    assert sorted(after) == sorted(optimized_ops(dense, tmp_path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (5, 10)
+
+
+def test_no_negative_zeros_and_metadata(runs, tmp_path):
+    path = tmp_path / "m.onnx"
+    export_checkpoint(runs["dpf"], path, pack="auto", verify=False)
+    model = onnx.load(str(path))
+    meta = model_metadata(model)
+    assert meta["method"] == "dpf" and meta["model"] == "lenet5"
+    assert meta["achieved_sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert meta["target_sparsity"] == 0.8 and meta["recipe"]["sparsity"] == 0.8
+    assert len(meta["source_sha256"]) == 64 and meta["dataset"]["name"] == "fashion-mnist"
+    assert 0.0 < meta["val_top1"] <= 1.0 and len(meta["input_mean"]) == 1
+    annotated = [tensor_metadata(t) for t in model.graph.initializer]
+    encodings = [m["encoding"] for m in annotated if "encoding" in m]
+    assert any(e.startswith("bitmask") for e in encodings)
+    assert all({"sparsity", "pattern", "encoding"} <= set(m) for m in annotated if m)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            array = onnx.numpy_helper.to_array(tensor)
+            assert not np.signbit(array[array == 0]).any()
+
+
+def test_sizes_of_a_90_percent_dpf_lenet5(tmp_path):
+    recipe = Recipe(method="dpf", sparsity=0.9, **SMALL).validate()
+    train_prune(recipe, str(tmp_path / "run"), show_progress=False)
+    sizes = {}
+    for name, pack, values in (("none", "none", "fp32"), ("fp32", "bitmask", "fp32"),
+                               ("int8", "bitmask", "int8")):
+        result = export_checkpoint(tmp_path / "run", tmp_path / f"{name}.onnx", pack=pack,
+                                   values=values, verify=False)
+        sizes[name] = result.file_bytes
+    assert sizes["fp32"] <= 0.25 * sizes["none"]
+    assert sizes["int8"] <= 0.10 * sizes["none"]
+
+
+@pytest.mark.parametrize("values, bound", [("fp16", 0.005), ("int8", 0.02)])
+def test_reduced_precision_accuracy_bound(runs, values, bound, tmp_path, cli):
+    """fp16 values cost at most 0.5 points of top-1, int8 at most 2 points."""
+    path = tmp_path / f"{values}.onnx"
+    result = cli("export", runs["dpf"], "--onnx", path, "--values", values, "--json")
+    assert result.exit_code == 0, result.output
+    accuracy = json.loads(result.stdout)["accuracy"]
+    assert abs(accuracy["delta"]) <= bound
+    model = onnx.load(str(path))
+    values_tensors = [t for t in model.graph.initializer if t.name.endswith("__values")]
+    expected = {"fp16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8}[values]
+    assert values_tensors and all(t.data_type == expected for t in values_tensors)
+
+
+def test_evaluate_onnx_matches_run(runs, tmp_path, cli):
+    path = tmp_path / "e.onnx"
+    assert cli("export", runs["dpf"], "--onnx", path).exit_code == 0
+    from_onnx = json.loads(cli("evaluate", path, "--json").stdout)
+    from_run = json.loads(cli("evaluate", runs["dpf"], "--json").stdout)
+    assert from_onnx["samples"] == from_run["samples"] == 300
+    assert from_onnx["top1"] == pytest.approx(from_run["top1"], abs=1 / 300)
+
+
+def test_inspect_onnx_matches_run(runs, tmp_path, cli):
+    path = tmp_path / "i.onnx"
+    export_checkpoint(runs["dpf"], path, pack="bitmask", values="int8", verify=False)
+    from_onnx = json.loads(cli("inspect", path, "--json").stdout)["total"]
+    from_run = json.loads(cli("inspect", runs["dpf"], "--json").stdout)["total"]
+    for key in ("params", "nonzero", "prunable_params", "prunable_sparsity", "macs",
+                "nonzero_macs"):
+        assert from_onnx[key] == pytest.approx(from_run[key]), key
+
+
+def test_inspect_onnx_without_torch(runs, tmp_path):
+    path = tmp_path / "t.onnx"
+    export_checkpoint(runs["dpf"], path, pack="bitmask", verify=False)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from cli.app import main\n"
+            f"sys.argv = ['compress', 'inspect', {str(path)!r}, '--json']\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    total = json.loads(proc.stdout)["total"]
+    assert total["prunable_sparsity"] == pytest.approx(0.8, abs=1e-4)
+
+
+def test_encode_decode_exact_pattern():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((7, 13)).astype(np.float32) * (rng.random((7, 13)) > 0.8)
+    w[0, 0] = 1e-12  # tiny but non-zero: must stay non-zero at every precision
+    for values in ("fp32", "fp16", "int8"):
+        back = decode(encode("w", w, values))
+        assert np.array_equal(back != 0, w != 0), values
+    assert np.array_equal(decode(encode("w", w, "fp32")), w)
+
+
+def test_failed_export_keeps_existing_file(runs, tmp_path, monkeypatch, cli):
+    target = tmp_path / "keep.onnx"
+    target.write_bytes(b"precious")
+    monkeypatch.setattr(verify_module, "FP32_TOLERANCE", 0.0)  # force a parity failure
+    result = cli("export", runs["dpf"], "--onnx", target)
+    assert result.exit_code == 2 and "differs" in result.output
+    assert target.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.onnx"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pack", "zip"], "--pack"), (["--values", "int4"], "--values"),
+    (["--opset", "11"], "--opset"),
+])
+def test_bad_export_options(runs, tmp_path, cli, args, fragment):
+    result = cli("export", runs["dpf"], "--onnx", tmp_path / "x.onnx", *args)
+    assert result.exit_code == 2 and fragment in result.output
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bad_sources_and_onnx_files(runs, tmp_path, cli):
+    data = (runs["dpf"] / "checkpoint.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:1000])
+    result = cli("export", tmp_path / "cut.pt", "--onnx", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "truncated" in result.output
+    good = tmp_path / "good.onnx"
+    export_checkpoint(runs["dpf"], good, verify=False)
+    (tmp_path / "trunc.onnx").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "noise.onnx").write_bytes(os.urandom(3000))
+    (tmp_path / "text.onnx").write_text("not a model")
+    for name in ("trunc.onnx", "noise.onnx", "text.onnx", "missing.onnx"):
+        for command in ("inspect", "evaluate"):
+            result = cli(command, tmp_path / name)
+            assert result.exit_code == 2, (name, command, result.output)
+            assert "Traceback" not in result.output and "error:" in result.output
