@@ -182,7 +182,7 @@ def evaluate(
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Top-1 accuracy on the test split."""
-    if path.lower().endswith(".onnx"):
+    if path.lower().endswith((".onnx", ".ort")):
         from export.ort_eval import evaluate_onnx
 
         result = evaluate_onnx(path, data, data_dir, batch_size)
@@ -208,22 +208,29 @@ def export_onnx(
     opset: Annotated[int, Opt(help="ai.onnx opset (18-26).")] = 20,
     verify: Annotated[bool, Opt("--verify/--no-verify",
                                 help="Check, compare with PyTorch, confirm folding.")] = True,
+    file_format: Annotated[str, Opt("--format", help="onnx, or ort for onnxruntime minimal "
+                                                     "(mobile) builds: weights unpacked.")]
+    = "onnx",
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
     from export.onnx_export import export_checkpoint
 
     result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
-                               verify=verify)
+                               verify=verify, file_format=file_format)
     accuracy = measure_export_accuracy(source, onnx_path) if verify else None
+    if file_format == "ort":
+        result.packed = []
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
                "values": result.values, "opset": result.opset,
                "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy}
     if json_out:
         print_json(payload)
         return
-    out.print(f"wrote {result.path}: {result.file_bytes:,} bytes, {len(result.packed)} weights "
-              f"packed as bitmask-{result.values}, opset {result.opset}", highlight=False)
+    what = ("ORT format, weights unpacked" if file_format == "ort" else
+            f"{len(result.packed)} weights packed as bitmask-{result.values}")
+    out.print(f"wrote {result.path}: {result.file_bytes:,} bytes, {what}, opset {result.opset}",
+              highlight=False)
     if result.verify:
         v = result.verify
         against = (f"onnxruntime vs PyTorch max |diff| {v.max_abs_diff_vs_torch:.2e} "

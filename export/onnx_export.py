@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from compress.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
 from compress.errors import CompressError
 from export.metadata import set_model_metadata, set_tensor_metadata
+from export.ort_eval import session_options
 from export.packing import VALUE_TYPES, decoder, encode, shared_constants, worth_packing
 from export.verify import VerifyReport, verify_export
 
@@ -141,10 +142,43 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str]) ->
     }
 
 
+def to_ort_format(onnx_path: Path, ort_path: Path) -> None:
+    """Convert with onnxruntime itself: basic (hardware-independent) optimizations, which
+    fold constants, so packed weights are stored unpacked, as minimal builds need."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(ort_path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    try:
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"onnxruntime could not convert to ORT format: {first[:200]}") \
+            from None
+
+
+def _check_ort_file(ort_path: Path, onnx_path: Path, input_shape) -> None:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((4, *input_shape)).astype(np.float32)
+    outputs = []
+    for path in (onnx_path, ort_path):
+        session = ort.InferenceSession(str(path), session_options(path),
+                                       providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    if not np.allclose(outputs[0], outputs[1], atol=1e-5, rtol=1e-4):
+        raise CompressError("the ORT-format file does not reproduce the ONNX outputs")
+
+
 def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto",
-                      values: str = "fp32", opset: int = 20,
-                      verify: bool = True) -> ExportResult:
+                      values: str = "fp32", opset: int = 20, verify: bool = True,
+                      file_format: str = "onnx") -> ExportResult:
     """Export, pack, annotate, verify; the target appears only if every step succeeded."""
+    if file_format not in ("onnx", "ort"):
+        raise CompressError(f"--format must be onnx or ort, got {file_format!r}")
     if pack not in PACK_MODES:
         raise CompressError(f"--pack must be one of {', '.join(PACK_MODES)}, got {pack!r}")
     if values not in VALUE_TYPES:
@@ -169,11 +203,20 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    ort_tmp = tmp.with_name(tmp.name + ".ort")  # onnxruntime recognises the format by name
     try:
         onnx.save(model, str(tmp))
         report = verify_export(tmp, ckpt, values) if verify else None
-        os.replace(tmp, out)
+        if file_format == "ort":
+            to_ort_format(tmp, ort_tmp)
+            if verify:
+                _check_ort_file(ort_tmp, tmp, ckpt.data.input_shape)
+            os.replace(ort_tmp, out)
+            tmp.unlink()
+        else:
+            os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        ort_tmp.unlink(missing_ok=True)
         raise
     return ExportResult(str(out), out.stat().st_size, packed, values, opset, report)

@@ -11,13 +11,25 @@ from export.metadata import model_metadata
 from export.onnx_inspect import load_onnx
 
 
-def ort_session(path: str | Path):
+def session_options(path: str | Path):
+    """Quiet session options; ORT-format files are flagged as such."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if str(path).lower().endswith(".ort"):
+        options.add_session_config_entry("session.load_model_format", "ORT")
+    return options
+
+
+def ort_session(path: str | Path):
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise CompressError(f"no model file at {path}")
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), session_options(path),
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"onnxruntime cannot load {path}: {first[:200]}") from None
@@ -36,7 +48,13 @@ def split_top1(session, split, batch_size: int = 512) -> float:
 def data_config_from_onnx(path: str | Path, data: str | None, data_dir: str | None):
     from compress.data import DATASETS, DataConfig
 
-    meta = model_metadata(load_onnx(path))
+    if str(path).lower().endswith(".ort"):
+        if data is None:
+            raise CompressError(f"{path} is an ORT-format file, which carries no metadata; "
+                                "pass --data (and --data-dir)")
+        meta = {}
+    else:
+        meta = model_metadata(load_onnx(path))
     recorded = meta.get("dataset")
     if data is None and not isinstance(recorded, dict):
         raise CompressError(f"{path} records no data set; pass --data")

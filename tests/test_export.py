@@ -189,3 +189,25 @@ def test_bad_sources_and_onnx_files(runs, tmp_path, cli):
             result = cli(command, tmp_path / name)
             assert result.exit_code == 2, (name, command, result.output)
             assert "Traceback" not in result.output and "error:" in result.output
+
+
+def test_ort_format_for_minimal_builds(runs, tmp_path, cli):
+    path = tmp_path / "m.ort"
+    result = cli("export", runs["dpf"], "--onnx", path, "--format", "ort", "--json")
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[4:8] == b"ORTM"  # flatbuffer file identifier
+    assert [p.name for p in tmp_path.iterdir()] == ["m.ort"]
+    reference = tmp_path / "ref.onnx"
+    export_checkpoint(runs["dpf"], reference, pack="none", verify=False)
+    x = np.random.default_rng(2).standard_normal((6, 1, 28, 28)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.load_model_format", "ORT")
+    outputs = []
+    for file, opts in ((path, options), (reference, None)):
+        session = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    assert np.allclose(outputs[0], outputs[1], atol=1e-5)
+    evaluated = cli("evaluate", path, "--data", "fashion-mnist", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["samples"] == 10000  # no metadata: full test split
+    assert "pass --data" in cli("evaluate", path).output
