@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -45,7 +46,7 @@ def friendly_errors(command: Callable) -> Callable:
         except CompressError as exc:
             if STATE["debug"]:
                 traceback.print_exc()
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             err.print("interrupted; the last completed epoch's checkpoint is kept")
@@ -54,8 +55,9 @@ def friendly_errors(command: Callable) -> Callable:
             if STATE["debug"]:
                 traceback.print_exc()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            err.print(f"[red]error:[/red] internal error {type(exc).__name__}: {first[:300]} "
-                      "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] internal error {type(exc).__name__}: "
+                      f"{escape(first[:300])} (run with --debug for the traceback)",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -95,7 +97,7 @@ def summary_table(summary: dict) -> Table:
     if "val_top1_before_finetune" in summary:
         rows.append(("val top-1 before fine-tune", f"{summary['val_top1_before_finetune']:.4f}"))
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", str(value))
+        table.add_row(f"[bold]{key}[/bold]", escape(str(value)))
     return table
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.app import app, err, friendly_errors, out, parse_shape, print_json, show_summary
@@ -82,11 +83,14 @@ def train_prune(
         resolved = Recipe()
     else:
         resolved = resolve_recipe(recipe, overrides)
-    if not json_out and not resume:
-        err.print(f"[bold]compress train-prune[/bold]: {resolved.model} on {resolved.data}, "
-                  f"method {resolved.method}"
-                  + (f", sparsity {resolved.sparsity}" if resolved.method != "none" else "")
-                  + f", {resolved.epochs} epochs, seed {resolved.seed} -> {out_dir}",
+    def on_start(job) -> None:
+        if json_out:
+            return
+        r = job.recipe
+        err.print(escape(f"compress train-prune: {r.model} on {r.data}, method {r.method}"
+                         + (f", sparsity {r.sparsity}" if r.method != "none" else "")
+                         + f", {r.epochs} epoch{'s' if r.epochs != 1 else ''}, seed {r.seed}"
+                         + f" -> {out_dir}" + (" (resumed)" if resume else "")),
                   highlight=False, soft_wrap=True)
 
     def on_epoch(result) -> None:
@@ -96,7 +100,8 @@ def train_prune(
                       f"({result.seconds:.1f} s)", highlight=False)
 
     summary = run_train_prune(resolved, out_dir, resume=resume, console=err,
-                              show_progress=not quiet and not json_out, on_epoch=on_epoch)
+                              show_progress=not quiet and not json_out, on_epoch=on_epoch,
+                              on_start=on_start)
     show_summary(summary, json_out)
 
 
@@ -153,13 +158,14 @@ def inspect(
     if json_out:
         print_json(report)
         return
-    table = Table(title=f"{path}: {report['metadata']['model']} ({report['metadata']['method']})")
+    table = Table(title=escape(f"{path}: {report['metadata']['model']} "
+                               f"({report['metadata']['method']})"))
     for col in ("layer", "shape", "params", "non-zero", "sparsity"):
         table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
     for row in report["layers"]:
         mark = "" if row["prunable"] else " [dim](not pruned)[/dim]"
-        table.add_row(row["name"] + mark, "x".join(map(str, row["shape"])), str(row["params"]),
-                      str(row["nonzero"]), f"{row['sparsity']:.4f}")
+        table.add_row(escape(row["name"]) + mark, "x".join(map(str, row["shape"])),
+                      str(row["params"]), str(row["nonzero"]), f"{row['sparsity']:.4f}")
     t = report["total"]
     table.add_section()
     table.add_row("[bold]total[/bold]", "", str(t["params"]), str(t["nonzero"]),
@@ -167,9 +173,8 @@ def inspect(
     table.add_row("[bold]prunable[/bold]", "", str(t["prunable_params"]),
                   str(t["prunable_nonzero"]), f"{t['prunable_sparsity']:.4f}")
     out.print(table)
-    out.print(f"MACs per sample: {t['macs']:,} dense kernels, {t['nonzero_macs']:,} with "
-              "non-zero weights (dense CPU kernels do the first number of operations)",
-              highlight=False)
+    out.print(f"MACs per sample: {t['macs']:,} as dense kernels run it; {t['nonzero_macs']:,} "
+              "involve a non-zero weight", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -229,7 +234,8 @@ def export_onnx(
         return
     what = ("ORT format, weights unpacked" if file_format == "ort" else
             f"{len(result.packed)} weights packed as bitmask-{result.values}")
-    out.print(f"wrote {result.path}: {result.file_bytes:,} bytes, {what}, opset {result.opset}",
+    out.print(escape(f"wrote {result.path}: {result.file_bytes:,} bytes, {what}, opset "
+                     f"{result.opset}"),
               highlight=False)
     if result.verify:
         v = result.verify
@@ -244,7 +250,7 @@ def export_onnx(
                   f"{accuracy['onnx_val_top1']:.4f} ({accuracy['delta'] * 100:+.2f} points, "
                   f"{accuracy['samples']} samples)", highlight=False)
     elif accuracy:
-        out.print(f"accuracy not measured: {accuracy['error']}", highlight=False)
+        out.print(escape(f"accuracy not measured: {accuracy['error']}"), highlight=False)
     out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity makes "
               "the file smaller, not the model faster", highlight=False)
 

@@ -98,18 +98,17 @@ def read_torch_file(path: Path) -> object:
         with warnings.catch_warnings():  # torch warns about foreign pickles; we say it once
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressError(f"{path} is not a loadable checkpoint ({reason[:160]})") from None
-    except (RuntimeError, OSError, ValueError) as exc:
+    except pickle.UnpicklingError:
+        raise CompressError(f"{path} is not a compress checkpoint: it holds Python objects "
+                            "other than tensors, which are never loaded (weights_only)") from None
+    except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as exc:
         text = str(exc).lower()
         if "zip" in text or "stream" in text or "archive" in text or "central directory" in text:
             raise CompressError(f"{path} is truncated or corrupted") from None
-        raise CompressError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:160]}") \
-            from None
-    except Exception as exc:  # torch.load fails in many ways on foreign bytes
-        raise CompressError(f"{path} is not a loadable checkpoint "
-                            f"({type(exc).__name__})") from None
+        raise CompressError(f"{path} is not a loadable checkpoint (not a torch file)") from None
+    except Exception:  # torch.load fails in many ways on foreign bytes
+        raise CompressError(f"{path} is not a loadable checkpoint (empty or not a torch "
+                            "file)") from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -151,4 +150,5 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise CompressError(f"weights in {path} do not fit the model: {detail[:200]}") from None
+        raise CompressError(f"weights in {path} do not fit the model: "
+                            f"{detail.split(':')[0][:200]}") from None

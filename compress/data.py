@@ -174,9 +174,11 @@ def _find_idx_dir(name: str, data_dir: str | None) -> Path:
         stem = IDX_FILES["train"][0]
         if (c / stem).exists() or (c / f"{stem}.gz").exists():
             return c
-    where = ", ".join(str(c) for c in candidates) or "(no --data-dir given)"
+    if not candidates:
+        raise CompressError(f"{name} needs --data-dir (IDX files, or torchvision's layout)")
+    where = ", ".join(str(c) for c in candidates)
     hint = (" (install Debian's dataset-fashion-mnist or pass --data-dir)"
-            if name == "fashion-mnist" else " (pass --data-dir)")
+            if name == "fashion-mnist" else "")
     raise CompressError(f"{name} IDX files not found in {where}{hint}")
 
 
@@ -265,6 +267,9 @@ def _split(train, test, config: DataConfig) -> Splits:
     if config.max_train_samples:
         order = order[:config.max_train_samples]
     n_val = max(1, int(round(config.val_fraction * len(order))))
+    if len(order) - n_val < 1:
+        raise CompressError(f"{config.name}: {len(order)} training images leave none for "
+                            "training after the validation split; use more samples")
     val, train_part = train.subset(order[:n_val], augment=False), train.subset(order[n_val:])
     if config.max_test_samples and config.max_test_samples < len(test):
         test = test.subset(torch.arange(config.max_test_samples))

@@ -26,6 +26,7 @@ from compress.report import write_report
 from compress.rundir import RunDir
 from compress.schedules import CubicSchedule
 from compress.training import (
+    Diverged,
     EpochResult,
     OptimConfig,
     evaluate,
@@ -201,7 +202,8 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
 
 def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
                 console: Console | None = None, show_progress: bool = True,
-                on_epoch: Callable[[EpochResult], None] | None = None) -> dict:
+                on_epoch: Callable[[EpochResult], None] | None = None,
+                on_start: Callable[[Job], None] | None = None) -> dict:
     """Train (and prune during training) per ``recipe``; write the run to ``out``."""
     console = console or Console(stderr=True)
     run = RunDir(out)
@@ -214,12 +216,29 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
         recipe = recipe_from_mapping(resume_state.recipe).validate()
     else:
         run.create()
-        run.write_text("recipe.yaml", dump_recipe(recipe))
-    job = _build_job(recipe, run, resume_state)
+    try:
+        job = _build_job(recipe, run, resume_state)
+    except BaseException:
+        run.discard_if_unused()  # a bad model or data set must not block the same --out
+        raise
     if job.start_epoch >= recipe.epochs:
         raise CompressError(f"{out} already finished its {recipe.epochs} epochs")
-    _run_epochs(job, console, show_progress, on_epoch)
+    if not resume:
+        run.write_text("recipe.yaml", dump_recipe(recipe))
+    if on_start:
+        on_start(job)
+    try:
+        _run_epochs(job, console, show_progress, on_epoch)
+    except Diverged as exc:
+        raise CompressError(f"{exc}; the partial run is kept in {out}") from None
     return _finish(job)
+
+
+def _zero_fraction_of(pruner: MaskPruner) -> float:
+    """Sparsity measured on the pruned weights themselves, not read off the masks."""
+    total = sum(w.numel() for w in pruner.weights.values())
+    zeros = sum(int((pruner.pruned_tensor(n) == 0).sum()) for n in pruner.weights)
+    return zeros / total
 
 
 def _finish(job: Job) -> dict:
@@ -234,7 +253,7 @@ def _finish(job: Job) -> dict:
         "data": job.splits.config.name,
         "method": job.recipe.method,
         "target_sparsity": job.recipe.sparsity if pruner else 0.0,
-        "sparsity": pruner.sparsity if pruner else 0.0,
+        "sparsity": _zero_fraction_of(pruner) if pruner else 0.0,
         "prunable_params": sum(w.numel() for w in pruner.weights.values()) if pruner else None,
         "coverage": pruner.coverage.describe() if pruner else None,
         "val_top1": val_acc,
@@ -245,6 +264,14 @@ def _finish(job: Job) -> dict:
     save_checkpoint(_checkpoint(job, job.recipe.epochs, summary), job.run.checkpoint)
     write_report(job.run)
     return summary
+
+
+def _zero_fraction(model: nn.Module, coverage: Coverage) -> float:
+    from compress.masks import prunable_weights
+
+    weights = prunable_weights(model, coverage)
+    total = sum(w.numel() for w in weights.values())
+    return sum(int((w == 0).sum()) for w in weights.values()) / total if total else 0.0
 
 
 def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "magnitude",
@@ -273,10 +300,22 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
         "max_test_samples": source.data.max_test_samples,
         **{k: v for k, v in (data_overrides or {}).items() if v is not None},
     }, base).validate()
-    run = RunDir(out).create()
-    job = _build_job(recipe, run, None)
-    job.model.load_state_dict(source.state_dict)
-    job.pruner = OneShotMagnitude(job.model, sparsity, scope=scope, coverage=coverage)
+    run = RunDir(out).create(resumable=False)
+    try:
+        job = _build_job(recipe, run, None)
+        try:
+            job.model.load_state_dict(source.state_dict)
+        except RuntimeError:
+            raise CompressError(f"the weights in {checkpoint} do not fit {source.model_spec!r} "
+                                f"on {recipe.data} (input {tuple(recipe.input_shape)})") from None
+        existing = _zero_fraction(job.model, coverage)
+        if existing > sparsity:
+            raise CompressError(f"{checkpoint} is already {existing:.4f} sparse, more than "
+                                f"--sparsity {sparsity}; one-shot pruning only removes weights")
+        job.pruner = OneShotMagnitude(job.model, sparsity, scope=scope, coverage=coverage)
+    except BaseException:
+        run.discard_if_unused()
+        raise
     job.recipe.method = "magnitude"
     job.recipe.epochs = finetune_epochs
     run.write_text("recipe.yaml", dump_recipe(job.recipe))

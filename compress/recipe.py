@@ -8,6 +8,7 @@ recipe is written to each run directory as ``recipe.yaml`` and can be fed back u
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,8 +71,21 @@ class Recipe:
                                 f"got {self.lr_schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.refresh_every < 1:
             raise CompressError("--epochs, --batch-size and --refresh-every must be at least 1")
-        if self.lr <= 0:
-            raise CompressError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise CompressError(f"--lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise CompressError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise CompressError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_epochs <= self.epochs:
+            raise CompressError(f"--warmup-epochs must be in [0, --epochs], "
+                                f"got {self.warmup_epochs}")
+        if self.num_classes < 2:
+            raise CompressError(f"--num-classes must be at least 2, got {self.num_classes}")
+        for name in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CompressError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
             raise CompressError("need 0 <= --prune-start <= --prune-end <= 1")
         if not 0.0 <= self.feedback_decay < 1.0:
@@ -125,8 +139,13 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise CompressError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CompressError(f"recipe {path} is not a text (YAML) file") from None
     except yaml.YAMLError as exc:
-        raise CompressError(f"recipe {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CompressError(f"recipe {path} is not valid YAML{where}: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

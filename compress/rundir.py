@@ -34,19 +34,27 @@ class RunDir:
     def recipe(self) -> Path:
         return self.path / RECIPE_NAME
 
-    def create(self) -> RunDir:
+    def create(self, resumable: bool = True) -> RunDir:
         """Make a fresh run directory, refusing to clobber anything already there."""
         if self.path.exists() and not self.path.is_dir():
             raise CompressError(f"--out {self.path} exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()):
-            raise CompressError(f"--out {self.path} already holds files; choose a new directory "
-                                "or pass --resume to continue that run")
+            hint = " or pass --resume to continue that run" if resumable else ""
+            raise CompressError(f"--out {self.path} already holds files; choose a new "
+                                f"directory{hint}")
+        self.created_here = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CompressError(f"cannot create --out {self.path}: {exc.strerror}") from None
         self.check_writable()
         return self
+
+    def discard_if_unused(self) -> None:
+        """Remove the directory again if this run made it and wrote nothing into it."""
+        if getattr(self, "created_here", False) and self.path.is_dir() and \
+                not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def check_writable(self) -> None:
         if not os.access(self.path, os.W_OK | os.X_OK):

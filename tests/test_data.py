@@ -114,7 +114,9 @@ def test_synthetic_shape_and_classes():
     (DataConfig(name="imagenet"), "unknown data set"),
     (DataConfig(name="mnist", data_dir="/nonexistent/dir"), "does not exist"),
     (DataConfig(name="cifar10"), "needs --data-dir"),
-    (DataConfig(name="mnist"), "not found"),
+    (DataConfig(name="mnist"), "needs --data-dir"),
+    (DataConfig(name="fashion-mnist", data_dir="/tmp"), "not found"),
+    (DataConfig(max_train_samples=1), "none for training"),
 ])
 def test_bad_data_choices(config, message):
     with pytest.raises(CompressError, match=message):
