@@ -98,9 +98,12 @@ def read_torch_file(path: Path) -> object:
         with warnings.catch_warnings():  # torch warns about foreign pickles; we say it once
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CompressError(f"{path} is not a compress checkpoint: it holds Python objects "
-                            "other than tensors, which are never loaded (weights_only)") from None
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():
+            raise CompressError(f"{path} is not a compress checkpoint: it holds Python objects "
+                                "other than tensors, which are never loaded (weights_only)") \
+                from None
+        raise CompressError(f"{path} is not a loadable checkpoint (not a torch file)") from None
     except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as exc:
         text = str(exc).lower()
         if "zip" in text or "stream" in text or "archive" in text or "central directory" in text:

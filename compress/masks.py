@@ -32,7 +32,7 @@ class Coverage:
     def describe(self) -> str:
         first = "dense" if self.skip_first else "pruned"
         last = "dense" if self.skip_classifier else "pruned"
-        return (f"prunable = conv/linear weights; first layer {first}, classifier {last}; "
+        return (f"conv/linear weights; first layer {first}, classifier {last}; "
                 "biases and norm layers never pruned")
 
 

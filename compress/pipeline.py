@@ -326,4 +326,5 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
     summary = _finish(job)
     summary["val_top1_before_finetune"] = before
     summary["finetune_epochs"] = finetune_epochs
+    summary["source"] = str(checkpoint)
     return summary

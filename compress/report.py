@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,16 +29,20 @@ def _training_plot(epochs: list[dict], refreshes: list[dict], path) -> None:
     ax_acc.plot(xs, [e["train_acc"] for e in epochs], marker="o", label="train (pruned)")
     ax_acc.plot(xs, [e["val_acc"] for e in epochs], marker="o", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="top-1", title="accuracy")
+    ax_acc.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_acc.legend()
     ax_acc.grid(alpha=0.3)
     if refreshes:
         steps = [r["step"] for r in refreshes]
-        ax_sp.plot(steps, [r["sparsity"] for r in refreshes], label="sparsity")
+        line_sp = ax_sp.plot(steps, [r["sparsity"] for r in refreshes], marker=".",
+                             label="sparsity")
         ax_fl = ax_sp.twinx()
-        ax_fl.plot(steps, [r["flips"] for r in refreshes], color="tab:red", alpha=0.5,
-                   label="mask flips")
+        line_fl = ax_fl.plot(steps, [r["flips"] for r in refreshes], color="tab:red",
+                             alpha=0.5, marker=".", label="mask flips per refresh")
         ax_fl.set_ylabel("fraction of mask flipped per refresh")
         ax_fl.set_yscale("symlog", linthresh=1e-4)
+        ax_sp.legend(line_sp + line_fl, [ln.get_label() for ln in line_sp + line_fl],
+                     loc="center right")
     else:
         ax_sp.plot(xs, [e["sparsity"] for e in epochs], marker="o")
     ax_sp.set(xlabel="optimizer step" if refreshes else "epoch", ylabel="sparsity",
@@ -81,8 +86,9 @@ def write_report(run: RunDir) -> None:
         f"({total['prunable_params'] - total['prunable_nonzero']} of "
         f"{total['prunable_params']} prunable weights are zero); overall sparsity "
         f"{total['sparsity']:.4f} of {total['params']} parameters",
-        f"- prunable weights: {m.get('coverage') or 'none (dense run)'}",
-        f"- seed {ckpt.recipe.get('seed')}, {ckpt.recipe.get('epochs')} epochs, "
+        f"- coverage: {m.get('coverage') or 'dense run, nothing pruned'}",
+        f"- seed {ckpt.recipe.get('seed')}, {ckpt.recipe.get('epochs')} epoch(s) of "
+        f"{'fine-tuning' if ckpt.method == 'magnitude' else 'training'}, "
         f"torch {ckpt.versions.get('torch')}",
         "",
     ]

@@ -228,3 +228,37 @@ def test_weights_start_a_run_and_bad_weights_are_refused(cli, dpf_run, tmp_path)
     wrong = cli("train-prune", *QUICK, "--model", "lenet300", "--weights", dpf_run,
                 "--out", tmp_path / "wrong")
     assert_clean_failure(wrong, "do not fit")
+
+
+def test_failed_start_leaves_no_files_behind(cli, tmp_path):
+    out = tmp_path / "fresh"
+    assert_clean_failure(cli("train-prune", *QUICK, "--model", "nope", "--out", out),
+                         "unknown model")
+    assert not out.exists()
+    ok = cli("train-prune", *QUICK, "--out", out)  # the same --out now works
+    assert ok.exit_code == 0, ok.output
+
+
+def test_prune_refuses_a_target_below_existing_sparsity(cli, dpf_run, tmp_path):
+    out = tmp_path / "less"
+    assert_clean_failure(cli("prune", dpf_run, "--sparsity", "0.5", "--out", out),
+                         "already 0.8000 sparse")
+    assert not out.exists()
+
+
+def test_user_text_is_not_read_as_markup(cli, tmp_path):
+    result = cli("train-prune", *QUICK, "--model", "foo[/x]", "--out", tmp_path / "o")
+    assert_clean_failure(result, "foo[/x]")
+    result = cli("inspect", tmp_path / "[bold]x[/bold]")
+    assert_clean_failure(result, "[bold]x[/bold]")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-train-samples", "0"], "--max-train-samples"),
+    (["--max-test-samples", "-1"], "--max-test-samples"),
+    (["--num-classes", "0", "--data", "synthetic"], "--num-classes"),
+    (["--lr", "nan"], "--lr"),
+    (["--momentum", "5"], "--momentum"),
+])
+def test_bad_numbers(cli, tmp_path, args, fragment):
+    assert_clean_failure(cli("train-prune", *QUICK, *args, "--out", tmp_path / "o"), fragment)
