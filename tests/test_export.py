@@ -211,3 +211,16 @@ def test_ort_format_for_minimal_builds(runs, tmp_path, cli):
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["samples"] == 10000  # no metadata: full test split
     assert "pass --data" in cli("evaluate", path).output
+
+
+def test_batchnorm_model_exports_folded_and_packed(tmp_path):
+    recipe = Recipe(model="resnet20", data="synthetic", input_shape=[3, 16, 16],
+                    num_classes=4, method="gmp", sparsity=0.7, epochs=1, batch_size=32,
+                    max_train_samples=96, max_test_samples=32).validate()
+    train_prune(recipe, str(tmp_path / "run"), show_progress=False)
+    path = tmp_path / "r20.onnx"
+    result = export_checkpoint(tmp_path / "run", path, pack="bitmask")
+    assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops and "Add" in ops
+    assert len(result.packed) >= 20  # every conv of the residual network is packed
