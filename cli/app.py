@@ -49,8 +49,16 @@ def friendly_errors(command: Callable) -> Callable:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
-            err.print("interrupted; the last completed epoch's checkpoint is kept")
+            err.print("interrupted (a training run keeps its last completed epoch; no "
+                      "half-written file is left)")
             raise typer.Exit(130) from None
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("torch", "torchvision"):
+                raise
+            err.print(f"[red]error:[/red] this command needs {exc.name}, which is not installed "
+                      "here; only `compress inspect MODEL.onnx` runs without it",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
         except Exception as exc:  # a bug: one line by default, the traceback on --debug
             if STATE["debug"]:
                 traceback.print_exc()

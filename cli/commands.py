@@ -145,6 +145,11 @@ def inspect(
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Per-layer shapes, parameters, non-zeros and sparsity, with totals and MACs."""
+    if path.lower().endswith(".ort"):
+        from compress.errors import CompressError
+
+        raise CompressError(f"{path}: ORT-format files cannot be inspected; inspect the .onnx "
+                            "export it was made from")
     if path.lower().endswith(".onnx"):
         from export.onnx_inspect import inspect_onnx
 
@@ -187,6 +192,10 @@ def evaluate(
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Top-1 accuracy on the test split."""
+    from compress.errors import CompressError
+
+    if batch_size < 1:
+        raise CompressError(f"--batch-size must be at least 1, got {batch_size}")
     if path.lower().endswith((".onnx", ".ort")):
         from export.ort_eval import evaluate_onnx
 
@@ -216,16 +225,16 @@ def export_onnx(
     file_format: Annotated[str, Opt("--format", help="onnx, or ort for onnxruntime minimal "
                                                      "(mobile) builds: weights unpacked.")]
     = "onnx",
+    overwrite: Annotated[bool, Opt(help="Replace an existing file at --onnx.")] = False,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
     from export.onnx_export import export_checkpoint
 
     result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
-                               verify=verify, file_format=file_format)
-    accuracy = measure_export_accuracy(source, onnx_path) if verify else None
-    if file_format == "ort":
-        result.packed = []
+                               verify=verify, file_format=file_format, overwrite=overwrite,
+                               measure_accuracy=verify)
+    accuracy = result.accuracy
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
                "values": result.values, "opset": result.opset,
                "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy}
@@ -243,8 +252,10 @@ def export_onnx(
                    f"(tolerance {v.tolerance:.2e})" if result.values == "fp32" else
                    f"onnxruntime matches the decoded {result.values} weights; vs PyTorch max "
                    f"|diff| {v.max_abs_diff_vs_torch:.2e} from {result.values} rounding")
-        out.print(f"verified: onnx.checker ok; {against}; decoder folded at load "
-                  f"({v.optimized_nodes} nodes after basic optimization)", highlight=False)
+        folded = (f"; decoder folded at load ({v.optimized_nodes} nodes after basic "
+                  "optimization)" if result.packed else "")
+        out.print(f"verified: onnx.checker ok; {against}{folded}", highlight=False,
+                  soft_wrap=True)
     if accuracy and "error" not in accuracy:
         out.print(f"validation top-1: PyTorch {accuracy['torch_val_top1']:.4f}, onnxruntime "
                   f"{accuracy['onnx_val_top1']:.4f} ({accuracy['delta'] * 100:+.2f} points, "
@@ -253,22 +264,3 @@ def export_onnx(
         out.print(escape(f"accuracy not measured: {accuracy['error']}"), highlight=False)
     out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity makes "
               "the file smaller, not the model faster", highlight=False)
-
-
-def measure_export_accuracy(source: str, onnx_path: str) -> dict:
-    """Validation top-1 of the checkpoint in PyTorch and of the export in onnxruntime."""
-    from compress.checkpoint import load_checkpoint
-    from compress.data import load_splits
-    from compress.errors import CompressError
-    from compress.training import evaluate as torch_evaluate
-    from export.ort_eval import ort_session, split_top1
-
-    ckpt = load_checkpoint(source)
-    try:
-        splits = load_splits(ckpt.data)
-    except CompressError as exc:
-        return {"error": str(exc)}
-    torch_top1, _ = torch_evaluate(ckpt.build_model(), splits.val)
-    onnx_top1 = split_top1(ort_session(onnx_path), splits.val)
-    return {"torch_val_top1": torch_top1, "onnx_val_top1": onnx_top1,
-            "delta": onnx_top1 - torch_top1, "samples": len(splits.val)}

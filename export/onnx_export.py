@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from export.packing import VALUE_TYPES, decoder, encode, shared_constants, worth
 from export.verify import VerifyReport, verify_export
 
 PACK_MODES = ("auto", "none", "bitmask")
-MIN_OPSET, MAX_OPSET, MAX_IR = 18, 26, 10
+MIN_OPSET, MAX_OPSET, MAX_IR = 18, 26, 13
 INPUT_NAME = "input"
 
 
@@ -40,6 +41,7 @@ class ExportResult:
     values: str = "fp32"
     opset: int = 20
     verify: VerifyReport | None = None
+    accuracy: dict | None = None
 
 
 def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
@@ -56,7 +58,8 @@ def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
                                         dynamic_shapes=({0: batch},), opset_version=opset,
                                         verbose=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise CompressError(f"torch could not export {ckpt.model_spec!r} to ONNX: "
                             f"{first[:200]}") from None
     return program.model_proto
@@ -173,29 +176,64 @@ def _check_ort_file(ort_path: Path, onnx_path: Path, input_shape) -> None:
         raise CompressError("the ORT-format file does not reproduce the ONNX outputs")
 
 
-def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto",
-                      values: str = "fp32", opset: int = 20, verify: bool = True,
-                      file_format: str = "onnx") -> ExportResult:
-    """Export, pack, annotate, verify; the target appears only if every step succeeded."""
+def _check_target(out: Path, source_path: Path, file_format: str, overwrite: bool) -> None:
+    if out.is_dir():
+        raise CompressError(f"--onnx {out} is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise CompressError(f"--onnx: directory {out.parent} does not exist")
+    if out.exists() and out.resolve() == source_path.resolve():
+        raise CompressError(f"--onnx {out} is the checkpoint being exported; choose another name")
+    if out.exists() and not overwrite:
+        raise CompressError(f"--onnx {out} already exists; pass --overwrite to replace it")
+    # onnxruntime tells the two formats apart by the file name
+    if file_format == "ort" and out.suffix.lower() != ".ort":
+        raise CompressError(f"--format ort needs a file name ending in .ort, got {out.name}")
+    if file_format == "onnx" and out.suffix.lower() == ".ort":
+        raise CompressError(f"{out.name} ends in .ort, the ORT format's name; pass --format ort "
+                            "or use .onnx")
+
+
+def _check_options(pack: str, values: str, opset: int, file_format: str) -> None:
     if file_format not in ("onnx", "ort"):
         raise CompressError(f"--format must be onnx or ort, got {file_format!r}")
     if pack not in PACK_MODES:
         raise CompressError(f"--pack must be one of {', '.join(PACK_MODES)}, got {pack!r}")
     if values not in VALUE_TYPES:
         raise CompressError(f"--values must be one of {', '.join(VALUE_TYPES)}, got {values!r}")
+    if values != "fp32" and (pack == "none" or file_format == "ort"):
+        raise CompressError("--values sets the precision of packed weights; it needs "
+                            "--pack auto or bitmask and the onnx format")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise CompressError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} "
                             "(packing needs BitwiseAnd, opset 18; onnxruntime 1.31 reads "
                             f"up to {MAX_OPSET}), got {opset}")
+
+
+def _set_ir_version(model: onnx.ModelProto) -> None:
+    """The lowest IR version that carries the model's opsets (ORT 1.31 reads up to 13)."""
+    try:
+        needed = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    except (ValueError, KeyError):
+        needed = model.ir_version
+    model.ir_version = min(max(model.ir_version, needed, 10), MAX_IR)
+
+
+def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto",
+                      values: str = "fp32", opset: int = 20, verify: bool = True,
+                      file_format: str = "onnx", overwrite: bool = False,
+                      measure_accuracy: bool = False) -> ExportResult:
+    """Export, pack, annotate, verify; the target appears only if every step succeeded.
+
+    With ``measure_accuracy`` the validation top-1 of PyTorch and of onnxruntime are
+    measured on the file before it is renamed into place.
+    """
+    _check_options(pack, values, opset, file_format)
     out = Path(out)
-    if out.is_dir():
-        raise CompressError(f"--onnx {out} is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise CompressError(f"--onnx: directory {out.parent} does not exist")
     source_path = resolve_checkpoint_path(source)
+    _check_target(out, source_path, file_format, overwrite)
     ckpt = load_checkpoint(source_path)
     model = _torch_to_onnx(ckpt, opset)
-    model.ir_version = min(model.ir_version, MAX_IR)
+    _set_ir_version(model)
     _strip_exporter_notes(model)
     _canonical_zeros(model)
     packed = _pack(model, pack, values)  # with "none" it only annotates the tensors
@@ -204,19 +242,46 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     os.close(fd)
     tmp = Path(tmp_name)
     ort_tmp = tmp.with_name(tmp.name + ".ort")  # onnxruntime recognises the format by name
+    accuracy = None
     try:
         onnx.save(model, str(tmp))
         report = verify_export(tmp, ckpt, values) if verify else None
+        final = tmp
         if file_format == "ort":
             to_ort_format(tmp, ort_tmp)
             if verify:
                 _check_ort_file(ort_tmp, tmp, ckpt.data.input_shape)
-            os.replace(ort_tmp, out)
-            tmp.unlink()
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+            final = ort_tmp
+        if measure_accuracy:
+            accuracy = validation_accuracy(ckpt, final)
+        os.chmod(final, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.replace(final, out)
+    finally:
         tmp.unlink(missing_ok=True)
         ort_tmp.unlink(missing_ok=True)
-        raise
-    return ExportResult(str(out), out.stat().st_size, packed, values, opset, report)
+    result = ExportResult(str(out), out.stat().st_size, packed if file_format == "onnx" else [],
+                          values, opset, report)
+    result.accuracy = accuracy
+    return result
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def validation_accuracy(ckpt: Checkpoint, path: Path) -> dict:
+    """Validation top-1 of the checkpoint in PyTorch and of the exported file in ORT."""
+    from compress.data import load_splits
+    from compress.training import evaluate as torch_evaluate
+    from export.ort_eval import ort_session, split_top1
+
+    try:
+        splits = load_splits(ckpt.data)
+    except CompressError as exc:
+        return {"error": str(exc)}
+    torch_top1, _ = torch_evaluate(ckpt.build_model(), splits.val)
+    onnx_top1 = split_top1(ort_session(path), splits.val)
+    return {"torch_val_top1": torch_top1, "onnx_val_top1": onnx_top1,
+            "delta": onnx_top1 - torch_top1, "samples": len(splits.val)}

@@ -36,10 +36,14 @@ def ort_session(path: str | Path):
 
 
 def split_top1(session, split, batch_size: int = 512) -> float:
-    name = session.get_inputs()[0].name
+    spec = session.get_inputs()[0]
     correct = seen = 0
     for x, y in split.batches(batch_size):
-        logits = session.run(None, {name: x.numpy().astype(np.float32)})[0]
+        expected = [d for d in spec.shape[1:]]
+        if all(isinstance(d, int) for d in expected) and list(x.shape[1:]) != expected:
+            raise CompressError(f"the model takes inputs of shape {tuple(expected)}, the data "
+                                f"gives {tuple(x.shape[1:])}; pass the matching --data")
+        logits = session.run(None, {spec.name: x.numpy().astype(np.float32)})[0]
         correct += int((logits.argmax(1) == y.numpy()).sum())
         seen += len(y)
     return correct / seen if seen else 0.0
@@ -48,6 +52,8 @@ def split_top1(session, split, batch_size: int = 512) -> float:
 def data_config_from_onnx(path: str | Path, data: str | None, data_dir: str | None):
     from compress.data import DATASETS, DataConfig
 
+    if not Path(path).is_file():
+        raise CompressError(f"no model file at {path}")
     if str(path).lower().endswith(".ort"):
         if data is None:
             raise CompressError(f"{path} is an ORT-format file, which carries no metadata; "

@@ -158,7 +158,7 @@ def test_failed_export_keeps_existing_file(runs, tmp_path, monkeypatch, cli):
     target = tmp_path / "keep.onnx"
     target.write_bytes(b"precious")
     monkeypatch.setattr(verify_module, "FP32_TOLERANCE", 0.0)  # force a parity failure
-    result = cli("export", runs["dpf"], "--onnx", target)
+    result = cli("export", runs["dpf"], "--onnx", target, "--overwrite")
     assert result.exit_code == 2 and "differs" in result.output
     assert target.read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.onnx"]
@@ -213,7 +213,7 @@ def test_ort_format_for_minimal_builds(runs, tmp_path, cli):
     assert "pass --data" in cli("evaluate", path).output
 
 
-def test_batchnorm_model_exports_folded_and_packed(tmp_path):
+def test_batchnorm_model_exports_folded_and_packed(tmp_path, cli):
     recipe = Recipe(model="resnet20", data="synthetic", input_shape=[3, 16, 16],
                     num_classes=4, method="gmp", sparsity=0.7, epochs=1, batch_size=32,
                     max_train_samples=96, max_test_samples=32).validate()
@@ -224,3 +224,48 @@ def test_batchnorm_model_exports_folded_and_packed(tmp_path):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "BatchNormalization" not in ops and "Add" in ops
     assert len(result.packed) >= 20  # every conv of the residual network is packed
+    wrong = cli("evaluate", path, "--data", "fashion-mnist")  # 1x28x28 into a 3x16x16 model
+    assert wrong.exit_code == 2 and "shape (3, 16, 16)" in wrong.output, wrong.output
+
+
+def test_export_never_clobbers_by_accident(runs, tmp_path, cli):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"keep")
+    assert "--overwrite" in cli("export", runs["dpf"], "--onnx", target).output
+    assert target.read_bytes() == b"keep"
+    ckpt = runs["dpf"] / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    result = cli("export", runs["dpf"], "--onnx", ckpt, "--overwrite")
+    assert result.exit_code == 2 and "being exported" in result.output
+    assert ckpt.read_bytes() == before
+    done = cli("export", runs["dpf"], "--onnx", target, "--overwrite", "--no-verify")
+    assert done.exit_code == 0 and target.read_bytes() != b"keep"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--onnx", "x.onnx", "--format", "ort"], "ending in .ort"),
+    (["--onnx", "x.ort"], "--format ort"),
+    (["--onnx", "x.onnx", "--pack", "none", "--values", "int8"], "--values"),
+    (["--onnx", "x.ort", "--format", "ort", "--values", "fp16"], "--values"),
+])
+def test_format_and_values_mismatches(runs, tmp_path, cli, args, fragment, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("export", runs["dpf"], *args)
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_evaluate_checks_batch_size_and_input_shape(runs, tmp_path, cli):
+    path = tmp_path / "e.onnx"
+    export_checkpoint(runs["dpf"], path, verify=False)
+    assert "--batch-size" in cli("evaluate", path, "--batch-size", "0").output
+    ort_file = tmp_path / "e.ort"
+    export_checkpoint(runs["dpf"], ort_file, verify=False, file_format="ort")
+    assert "cannot be inspected" in cli("inspect", ort_file).output
