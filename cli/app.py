@@ -102,10 +102,16 @@ def summary_table(summary: dict) -> Table:
         rows.append(("pruned weights", f"{zeros} of {summary['prunable_params']} prunable"))
     if summary.get("coverage"):
         rows.append(("coverage", summary["coverage"]))
+    if summary.get("empty_layers"):
+        rows.append(("[yellow]warning[/yellow]",
+                     f"{len(summary['empty_layers'])} layer(s) have no weight left: "
+                     f"{', '.join(summary['empty_layers'])}; no signal passes through them "
+                     "(lower --sparsity)"))
     if "val_top1_before_finetune" in summary:
         rows.append(("val top-1 before fine-tune", f"{summary['val_top1_before_finetune']:.4f}"))
     for key, value in rows:
-        table.add_row(f"[bold]{key}[/bold]", escape(str(value)))
+        label = key if key.startswith("[") else f"[bold]{key}[/bold]"
+        table.add_row(label, escape(str(value)))
     return table
 
 

@@ -130,11 +130,22 @@ def prune(
     from compress.masks import Coverage
     from compress.pipeline import prune_oneshot
 
+    def on_epoch(result) -> None:
+        if not json_out and not quiet:
+            err.print(f"fine-tune epoch {result.epoch}: loss {result.train_loss:.4f}  "
+                      f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
+                      highlight=False)
+
+    if not json_out:
+        err.print(escape(f"compress prune: {method} to sparsity {sparsity}, "
+                         f"{finetune_epochs} fine-tune epoch(s), {checkpoint} -> {out_dir}"),
+                  highlight=False, soft_wrap=True)
     summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
                             finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                             seed=seed, coverage=Coverage(skip_first, skip_classifier),
                             data_overrides={"data": data, "data_dir": data_dir},
-                            console=err, show_progress=not quiet and not json_out)
+                            console=err, show_progress=not quiet and not json_out,
+                            on_epoch=on_epoch)
     show_summary(summary, json_out)
 
 

@@ -258,6 +258,8 @@ def _finish(job: Job) -> dict:
         "coverage": pruner.coverage.describe() if pruner else None,
         "val_top1": val_acc,
         "test_top1": test_acc,
+        "empty_layers": [n for n in pruner.weights if not pruner.masks[n].any()] if pruner
+        else [],
         "test_samples": len(job.splits.test),
     }
     job.run.log("final", **summary)
@@ -278,7 +280,8 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
                   scope: str = "global", finetune_epochs: int = 0, lr: float | None = None,
                   batch_size: int | None = None, seed: int = 0,
                   coverage: Coverage = Coverage(), data_overrides: dict | None = None,
-                  console: Console | None = None, show_progress: bool = True) -> dict:
+                  console: Console | None = None, show_progress: bool = True,
+                  on_epoch: Callable[[EpochResult], None] | None = None) -> dict:
     """One-shot magnitude pruning of a trained checkpoint, optionally fine-tuned."""
     if method != "magnitude":
         raise CompressError(f"prune method {method!r} is not available; available: magnitude")
@@ -322,7 +325,7 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
     before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
     run.log("oneshot", source=str(checkpoint), sparsity=job.pruner.sparsity, val_top1=before)
     if finetune_epochs > 0:
-        _run_epochs(job, console, show_progress, None)
+        _run_epochs(job, console, show_progress, on_epoch)
     summary = _finish(job)
     summary["val_top1_before_finetune"] = before
     summary["finetune_epochs"] = finetune_epochs

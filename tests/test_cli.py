@@ -262,3 +262,10 @@ def test_user_text_is_not_read_as_markup(cli, tmp_path):
 ])
 def test_bad_numbers(cli, tmp_path, args, fragment):
     assert_clean_failure(cli("train-prune", *QUICK, *args, "--out", tmp_path / "o"), fragment)
+
+
+def test_emptied_layers_are_reported(cli, tmp_path):
+    result = cli("train-prune", "--model", "mlpnet", "--sparsity", "0.999", "--epochs", "1",
+                 "--quiet", *SLICE, "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    assert "no weight left" in result.stdout and "1.weight" in result.stdout
