@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -275,3 +276,64 @@ def export_onnx(
         out.print(escape(f"accuracy not measured: {accuracy['error']}"), highlight=False)
     out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity makes "
               "the file smaller, not the model faster", highlight=False)
+
+
+EXIT_OVER_BUDGET = 3
+
+
+@app.command()
+@friendly_errors
+def bench(
+    model: Annotated[str, typer.Argument(help="ONNX (or .ort) file to time.")],
+    against: Annotated[str | None, Opt(help="A second model, timed interleaved.")] = None,
+    threads: Annotated[int, Opt(help="onnxruntime intra-op threads.")] = 1,
+    batch: Annotated[int, Opt(help="Batch size of the random input.")] = 1,
+    runs: Annotated[int, Opt(help="Timed runs per model.")] = 200,
+    warmup: Annotated[int, Opt(help="Untimed runs per model first.")] = 20,
+    budget_ms: Annotated[float | None, Opt(help="Exit 3 when --percentile is above this.")]
+    = None,
+    percentile: Annotated[str, Opt(help="p50, p90 or p99, for --budget-ms.")] = "p90",
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Latency of a model in onnxruntime (needs no torch): p50/p90/p99, start time, ratio."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from export.latency import bench as run_bench
+    from export.latency import budget_verdict
+
+    budget_verdict({"latency_ms": {}}, None, percentile)  # check the flag before timing
+    with Progress(TextColumn("timing"), BarColumn(), MofNCompleteColumn(), console=err,
+                  transient=True, disable=json_out) as progress:
+        task = progress.add_task("bench", total=runs * (2 if against else 1))
+        result = run_bench(model, against, threads=threads, batch=batch, runs=runs,
+                           warmup=warmup,
+                           on_progress=lambda done, total: progress.update(task,
+                                                                           completed=done))
+    result = budget_verdict(result, budget_ms, percentile)
+    if json_out:
+        print_json(result)
+    else:
+        table = Table(title=escape(f"onnxruntime {result['onnxruntime']}, {result['threads']} "
+                                   f"thread(s), batch {result['batch']}, {result['runs']} runs "
+                                   f"after {result['warmup']} warm-up; {result['cpu']}"))
+        for col in ("model", "file", "start (ms)", "p50 (ms)", "p90 (ms)", "p99 (ms)",
+                    "mean (ms)"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        rows = [result] + ([result["against"]] if result["against"] else [])
+        for row in rows:
+            lat = row["latency_ms"]
+            table.add_row(escape(Path(row["model"]).name), f"{row['file_bytes']:,}",
+                          f"{row['session_start_ms']:.1f}", f"{lat['p50']:.3f}",
+                          f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{lat['mean']:.3f}")
+        out.print(table)
+        out.print(f"throughput {result['throughput_per_s']:.1f} samples/s; peak RSS "
+                  f"{result['peak_rss_mb']:.0f} MiB", highlight=False)
+        if result["ratio_p50"] is not None:
+            out.print(f"p50 ratio (model / against): {result['ratio_p50']:.3f}",
+                      highlight=False)
+        if budget_ms is not None:
+            verdict = "within" if result["within_budget"] else "OVER"
+            out.print(f"{percentile} {result['latency_ms'][percentile]:.3f} ms is {verdict} "
+                      f"the budget of {budget_ms} ms", highlight=False)
+    if budget_ms is not None and not result["within_budget"]:
+        raise typer.Exit(EXIT_OVER_BUDGET)

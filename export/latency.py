@@ -1,0 +1,150 @@
+"""``compress bench``: latency of ONNX models in onnxruntime, as a device would see it.
+
+Needs only onnxruntime and numpy. Percentiles come from single timed runs after warm-up;
+with a second model the two are run in alternating blocks in one process so machine noise
+hits both alike, and the ratio of their p50s is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import CompressError
+
+PERCENTILES = ("p50", "p90", "p99")
+
+
+@dataclass
+class Measurement:
+    model: str
+    file_bytes: int
+    session_start_ms: float
+    input_shape: list[int]
+    times_ms: list[float] = field(default_factory=list)
+
+    def latency(self) -> dict[str, float]:
+        t = np.asarray(self.times_ms)
+        return {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)),
+                "p99": float(np.percentile(t, 99)), "mean": float(t.mean())}
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise CompressError(f"no model file at {path}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if path.suffix.lower() == ".ort":
+        options.add_session_config_entry("session.load_model_format", "ORT")
+    started = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise CompressError(f"onnxruntime cannot load {path}: {first[:200]}") from None
+    return session, (time.perf_counter() - started) * 1e3
+
+
+def _feed(session, batch: int) -> tuple[dict, list[int]]:
+    spec = session.get_inputs()[0]
+    dims = [batch] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+    if spec.type != "tensor(float)":
+        raise CompressError(f"bench feeds float32 inputs; the model's input is {spec.type}")
+    x = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    return {spec.name: x}, dims
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench(model: str | Path, against: str | Path | None = None, *, threads: int = 1,
+          batch: int = 1, runs: int = 200, warmup: int = 20, blocks: int = 5,
+          on_progress=None) -> dict:
+    """Measure ``model`` (and ``against``, interleaved) and return the ``bench --json`` dict."""
+    import onnxruntime as ort
+
+    if threads < 1 or batch < 1 or runs < 1 or warmup < 0:
+        raise CompressError("--threads, --batch and --runs must be at least 1, --warmup >= 0")
+    paths = [Path(model)] + ([Path(against)] if against else [])
+    sessions, measurements = [], []
+    for path in paths:
+        session, start_ms = _session(path, threads)
+        feed, dims = _feed(session, batch)
+        sessions.append((session, feed))
+        measurements.append(Measurement(str(path), path.stat().st_size, start_ms, dims))
+    for session, feed in sessions:
+        for _ in range(warmup):
+            session.run(None, feed)
+    blocks = max(1, min(blocks, runs))
+    per_block = [runs // blocks + (1 if i < runs % blocks else 0) for i in range(blocks)]
+    done = 0
+    for count in per_block:
+        for (session, feed), m in zip(sessions, measurements, strict=True):
+            for _ in range(count):
+                t = time.perf_counter()
+                session.run(None, feed)
+                m.times_ms.append((time.perf_counter() - t) * 1e3)
+                done += 1
+                if on_progress:
+                    on_progress(done, runs * len(sessions))
+    first = measurements[0]
+    result = {
+        "model": first.model,
+        "file_bytes": first.file_bytes,
+        "threads": threads,
+        "batch": batch,
+        "runs": runs,
+        "warmup": warmup,
+        "input_shape": first.input_shape,
+        "session_start_ms": first.session_start_ms,
+        "latency_ms": first.latency(),
+        "throughput_per_s": batch * 1e3 / first.latency()["mean"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "onnxruntime": ort.__version__,
+        "providers": sessions[0][0].get_providers(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "against": None,
+        "ratio_p50": None,
+    }
+    if against:
+        other = measurements[1]
+        result["against"] = {"model": other.model, "file_bytes": other.file_bytes,
+                             "session_start_ms": other.session_start_ms,
+                             "latency_ms": other.latency()}
+        result["ratio_p50"] = first.latency()["p50"] / other.latency()["p50"]
+    return result
+
+
+def budget_verdict(result: dict, budget_ms: float | None, percentile: str) -> dict:
+    if percentile not in PERCENTILES:
+        raise CompressError(f"--percentile must be one of {', '.join(PERCENTILES)}, "
+                            f"got {percentile!r}")
+    if budget_ms is not None and not budget_ms > 0:
+        raise CompressError(f"--budget-ms must be positive, got {budget_ms}")
+    within = None if budget_ms is None else result["latency_ms"][percentile] <= budget_ms
+    return {**result, "budget_ms": budget_ms, "budget_percentile": percentile,
+            "within_budget": within}
+
+
+def dumps(result: dict) -> str:
+    return json.dumps(result, indent=2)

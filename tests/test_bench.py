@@ -1,0 +1,69 @@
+"""compress bench on real exports in real onnxruntime sessions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from export.onnx_export import export_checkpoint
+
+KEYS = {"model", "file_bytes", "threads", "batch", "session_start_ms", "latency_ms",
+        "against", "ratio_p50", "budget_ms", "within_budget"}
+
+
+@pytest.fixture(scope="module")
+def models(dpf_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    packed, dense = root / "packed.onnx", root / "dense.onnx"
+    export_checkpoint(dpf_run, packed, pack="bitmask", verify=False)
+    export_checkpoint(dpf_run, dense, pack="none", verify=False)
+    return packed, dense
+
+
+def test_json_keys_and_against_ratio(cli, models):
+    packed, dense = models
+    result = cli("bench", packed, "--against", dense, "--runs", "60", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert set(payload) >= KEYS
+    assert set(payload["latency_ms"]) == {"p50", "p90", "p99", "mean"}
+    lat = payload["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    assert payload["against"]["file_bytes"] > payload["file_bytes"]
+    ratio = payload["latency_ms"]["p50"] / payload["against"]["latency_ms"]["p50"]
+    assert payload["ratio_p50"] == pytest.approx(ratio)
+    assert payload["budget_ms"] is None and payload["within_budget"] is None
+
+
+def test_budget_gate_exit_codes(cli, models):
+    packed, _ = models
+    over = cli("bench", packed, "--runs", "30", "--budget-ms", "0.000001", "--json")
+    assert over.exit_code == 3 and json.loads(over.stdout)["within_budget"] is False
+    within = cli("bench", packed, "--runs", "30", "--budget-ms", "10000",
+                 "--percentile", "p99", "--json")
+    assert within.exit_code == 0 and json.loads(within.stdout)["within_budget"] is True
+    bad = cli("bench", packed, "--percentile", "p75")
+    assert bad.exit_code == 2 and "--percentile" in bad.output
+
+
+def test_bench_without_torch(models):
+    packed, dense = models
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from cli.app import main\n"
+            f"sys.argv = ['compress', 'bench', {str(packed)!r}, '--against', {str(dense)!r},"
+            " '--runs', '20', '--json']\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ratio_p50"] > 0
+
+
+def test_bad_files(cli, tmp_path):
+    (tmp_path / "noise.onnx").write_bytes(os.urandom(500))
+    (tmp_path / "text.onnx").write_text("hello")
+    for path in (tmp_path / "noise.onnx", tmp_path / "text.onnx", tmp_path / "missing.onnx"):
+        result = cli("bench", path, "--runs", "5")
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "error:" in result.output
