@@ -37,7 +37,7 @@ def friendly_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def wrapper(*args, **kwargs):
-        from compress.errors import CompressError
+        from compress.errors import CompressError, first_line
 
         try:
             return command(*args, **kwargs)
@@ -62,7 +62,7 @@ def friendly_errors(command: Callable) -> Callable:
         except Exception as exc:  # a bug: one line by default, the traceback on --debug
             if STATE["debug"]:
                 traceback.print_exc()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc, 300)
             err.print(f"[red]error:[/red] internal error {type(exc).__name__}: "
                       f"{escape(first[:300])} (run with --debug for the traceback)",
                       highlight=False, soft_wrap=True)

@@ -18,7 +18,7 @@ from torch import nn
 from compress.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from compress.data import DataConfig, Splits, load_splits
 from compress.errors import CompressError
-from compress.masks import Coverage
+from compress.masks import Coverage, prunable_weights
 from compress.methods import DPF, GMP, MaskPruner, OneShotMagnitude
 from compress.models import build_model
 from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_mapping
@@ -234,11 +234,14 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
     return _finish(job)
 
 
+def _zero_share(tensors: list[torch.Tensor]) -> float:
+    """Sparsity measured on the weights themselves, not read off masks."""
+    total = sum(t.numel() for t in tensors)
+    return sum(int((t == 0).sum()) for t in tensors) / total if total else 0.0
+
+
 def _zero_fraction_of(pruner: MaskPruner) -> float:
-    """Sparsity measured on the pruned weights themselves, not read off the masks."""
-    total = sum(w.numel() for w in pruner.weights.values())
-    zeros = sum(int((pruner.pruned_tensor(n) == 0).sum()) for n in pruner.weights)
-    return zeros / total
+    return _zero_share([pruner.pruned_tensor(n) for n in pruner.weights])
 
 
 def _finish(job: Job) -> dict:
@@ -269,11 +272,7 @@ def _finish(job: Job) -> dict:
 
 
 def _zero_fraction(model: nn.Module, coverage: Coverage) -> float:
-    from compress.masks import prunable_weights
-
-    weights = prunable_weights(model, coverage)
-    total = sum(w.numel() for w in weights.values())
-    return sum(int((w == 0).sum()) for w in weights.values()) / total if total else 0.0
+    return _zero_share([w.detach() for w in prunable_weights(model, coverage).values()])
 
 
 def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "magnitude",

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import CompressError
+from export.session import open_session
 
 PERCENTILES = ("p50", "p90", "p99")
 
@@ -36,24 +37,9 @@ class Measurement:
                 "p99": float(np.percentile(t, 99)), "mean": float(t.mean())}
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    if not path.is_file():
-        raise CompressError(f"no model file at {path}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if path.suffix.lower() == ".ort":
-        options.add_session_config_entry("session.load_model_format", "ORT")
+def _timed_session(path: Path, threads: int):
     started = time.perf_counter()
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise CompressError(f"onnxruntime cannot load {path}: {first[:200]}") from None
+    session = open_session(path, threads=threads)
     return session, (time.perf_counter() - started) * 1e3
 
 
@@ -87,7 +73,7 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     paths = [Path(model)] + ([Path(against)] if against else [])
     sessions, measurements = [], []
     for path in paths:
-        session, start_ms = _session(path, threads)
+        session, start_ms = _timed_session(path, threads)
         feed, dims = _feed(session, batch)
         sessions.append((session, feed))
         measurements.append(Measurement(str(path), path.stat().st_size, start_ms, dims))

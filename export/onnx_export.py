@@ -22,10 +22,11 @@ import onnx
 from onnx import numpy_helper
 
 from compress.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
+from compress.fileio import usual_file_mode
 from export.metadata import set_model_metadata, set_tensor_metadata
-from export.ort_eval import session_options
 from export.packing import VALUE_TYPES, decoder, encode, shared_constants, worth_packing
+from export.session import open_session
 from export.verify import VerifyReport, verify_export
 
 PACK_MODES = ("auto", "none", "bitmask")
@@ -58,10 +59,9 @@ def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
                                         dynamic_shapes=({0: batch},), opset_version=opset,
                                         verbose=False)
     except Exception as exc:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
+        plain = Exception(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
         raise CompressError(f"torch could not export {ckpt.model_spec!r} to ONNX: "
-                            f"{first[:200]}") from None
+                            f"{first_line(plain)}") from None
     return program.model_proto
 
 
@@ -148,29 +148,14 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str]) ->
 def to_ort_format(onnx_path: Path, ort_path: Path) -> None:
     """Convert with onnxruntime itself: basic (hardware-independent) optimizations, which
     fold constants, so packed weights are stored unpacked, as minimal builds need."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(ort_path)
-    options.add_session_config_entry("session.save_model_format", "ORT")
-    try:
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressError(f"onnxruntime could not convert to ORT format: {first[:200]}") \
-            from None
+    open_session(onnx_path, basic_only=True, save_to=ort_path, save_as_ort=True)
 
 
 def _check_ort_file(ort_path: Path, onnx_path: Path, input_shape) -> None:
-    import onnxruntime as ort
-
     x = np.random.default_rng(0).standard_normal((4, *input_shape)).astype(np.float32)
     outputs = []
     for path in (onnx_path, ort_path):
-        session = ort.InferenceSession(str(path), session_options(path),
-                                       providers=["CPUExecutionProvider"])
+        session = open_session(path)
         outputs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
     if not np.allclose(outputs[0], outputs[1], atol=1e-5, rtol=1e-4):
         raise CompressError("the ORT-format file does not reproduce the ONNX outputs")
@@ -254,7 +239,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
             final = ort_tmp
         if measure_accuracy:
             accuracy = validation_accuracy(ckpt, final)
-        os.chmod(final, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.chmod(final, usual_file_mode())  # mkstemp makes 0600
         os.replace(final, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -263,12 +248,6 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
                           values, opset, report)
     result.accuracy = accuracy
     return result
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def validation_accuracy(ckpt: Checkpoint, path: Path) -> dict:

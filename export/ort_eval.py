@@ -9,30 +9,11 @@ import numpy as np
 from compress.errors import CompressError
 from export.metadata import model_metadata
 from export.onnx_inspect import load_onnx
-
-
-def session_options(path: str | Path):
-    """Quiet session options; ORT-format files are flagged as such."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if str(path).lower().endswith(".ort"):
-        options.add_session_config_entry("session.load_model_format", "ORT")
-    return options
+from export.session import open_session
 
 
 def ort_session(path: str | Path):
-    import onnxruntime as ort
-
-    if not Path(path).is_file():
-        raise CompressError(f"no model file at {path}")
-    try:
-        return ort.InferenceSession(str(path), session_options(path),
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressError(f"onnxruntime cannot load {path}: {first[:200]}") from None
+    return open_session(path)
 
 
 def split_top1(session, split, batch_size: int = 512) -> float:

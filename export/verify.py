@@ -18,9 +18,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from export.onnx_inspect import dense_weights
 from export.packing import DECODER_OPS
+from export.session import open_session
 
 FP32_TOLERANCE = 1e-4  # max |ORT - torch| relative to max(1, max |torch output|)
 SAMPLES = 8
@@ -33,22 +34,6 @@ class VerifyReport:
     tolerance: float
     folded: bool
     optimized_nodes: int
-
-
-def _session(path: Path, level=None, optimized_to: Path | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if level is not None:
-        options.graph_optimization_level = level
-    if optimized_to is not None:
-        options.optimized_model_filepath = str(optimized_to)
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressError(f"onnxruntime cannot load the export: {first[:200]}") from None
 
 
 def decoded_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,15 +67,13 @@ def _run(session, x: np.ndarray) -> np.ndarray:
 
 
 def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
-    import onnxruntime as ort
     import torch
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise CompressError(f"onnx.checker rejected the export: "
-                            f"{str(exc).strip().splitlines()[0][:200]}") from None
-    session = _session(path)
+        raise CompressError(f"onnx.checker rejected the export: {first_line(exc)}") from None
+    session = open_session(path)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((SAMPLES, *ckpt.data.input_shape)).astype(np.float32)
     got = _run(session, x)
@@ -102,9 +85,9 @@ def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "decoded.onnx"
         onnx.save(decoded_copy(onnx.load(str(path))), str(reference))
-        vs_decoded = float(np.abs(got - _run(_session(reference), x)).max())
+        vs_decoded = float(np.abs(got - _run(open_session(reference), x)).max())
         optimized = Path(tmp) / "optimized.onnx"
-        _session(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized)
+        open_session(path, basic_only=True, save_to=optimized)
         graph = onnx.load(str(optimized)).graph
     leftover = sorted({n.op_type for n in graph.node} & DECODER_OPS)
     if leftover:

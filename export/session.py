@@ -1,0 +1,39 @@
+"""Opening onnxruntime sessions: one place for options, formats and load errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.errors import CompressError, first_line
+
+
+def open_session(path: str | Path, *, threads: int | None = None, basic_only: bool = False,
+                 save_to: Path | None = None, save_as_ort: bool = False):
+    """A quiet CPU session; ``.ort`` files load as ORT format.
+
+    ``basic_only`` limits graph optimisation to the hardware-independent level (constant
+    folding included); ``save_to`` writes the optimised model there, in ORT format when
+    ``save_as_ort``.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"no model file at {path}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if path.suffix.lower() == ".ort":
+        options.add_session_config_entry("session.load_model_format", "ORT")
+    if basic_only:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if save_to is not None:
+        options.optimized_model_filepath = str(save_to)
+    if save_as_ort:
+        options.add_session_config_entry("session.save_model_format", "ORT")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CompressError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
