@@ -137,6 +137,9 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
+    from compress.checkpoint import resolve_checkpoint_path
+
+    resolve_checkpoint_path(checkpoint)  # a missing source is one error line, no header
     if not json_out:
         err.print(escape(f"compress prune: {method} to sparsity {sparsity}, "
                          f"{finetune_epochs} fine-tune epoch(s), {checkpoint} -> {out_dir}"),
