@@ -26,18 +26,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from compress.checkpoint import load_checkpoint
 from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
 from export.onnx_export import export_checkpoint
+from export.packing import read_stream
 
 
-def entropy_bound_bytes(run: Path) -> float:
+def entropy_bound_bytes(run: Path) -> tuple[float, float]:
+    """(the whole bound, its mask-entropy part), in bytes."""
     ckpt = load_checkpoint(run)
     masks = ckpt.masks or {}
-    bits = 0.0
+    bits = mask_bits = 0.0
     for name, tensor in ckpt.state_dict.items():
         if not tensor.is_floating_point() or name.endswith(("running_mean", "running_var")):
             continue
@@ -46,9 +49,16 @@ def entropy_bound_bytes(run: Path) -> float:
             p = nnz / n
             h = 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
             bits += n * h + nnz * 32
+            mask_bits += n * h
         else:
             bits += tensor.numel() * 32
-    return bits / 8
+    return bits / 8, mask_bits / 8
+
+
+def stored_mask(path: Path) -> tuple[int, int]:
+    """(bytes of the packed mask in the file, depth of its occupancy tree)."""
+    stream = read_stream(onnx.load(str(path)))
+    return stream.mask_bytes, stream.levels
 
 
 def session(path: Path) -> tuple[ort.InferenceSession, float]:
@@ -108,8 +118,9 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}; latency: 1 thread, batch 1, {args.rounds} "
           f"alternating rounds of {args.runs} runs after 20 warm-up runs\n")
     print("| model | sparsity | dense | gzip dense | packed fp32 | fp16 | int8 | entropy bound "
-          "| fp32 / bound | start packed / dense (ms) | p50 packed / dense (ms) | p50 ratio |")
-    print("|---" * 12 + "|")
+          "| fp32 / bound | mask / its entropy (tree levels) | start packed / dense (ms) "
+          "| p50 packed / dense (ms) | p50 ratio |")
+    print("|---" * 13 + "|")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for (model, s), run in make_runs(tmp, args.sparsities).items():
@@ -121,7 +132,8 @@ def main() -> None:
                 files[name] = path
             size = {k: p.stat().st_size for k, p in files.items()}
             gz = len(gzip.compress(files["dense"].read_bytes(), compresslevel=9))
-            bound = entropy_bound_bytes(run)
+            bound, mask_entropy = entropy_bound_bytes(run)
+            mask, levels = stored_mask(files["fp32"])
             shape = load_checkpoint(run).data.input_shape
             rt = compare_runtime(files["fp32"], files["dense"], shape, args.rounds, args.runs)
 
@@ -131,7 +143,8 @@ def main() -> None:
             print(f"| {model} | {s} | {kb(size['dense'])} | {kb(gz)} | {kb(size['fp32'])} "
                   f"({size['fp32'] / size['dense']:.3f}) | {kb(size['fp16'])} | "
                   f"{kb(size['int8'])} ({size['int8'] / size['dense']:.3f}) | {kb(bound)} | "
-                  f"{size['fp32'] / bound:.3f} | {rt['start_ms']['packed']:.1f} / "
+                  f"{size['fp32'] / bound:.3f} | {mask / mask_entropy:.2f} ({levels}) | "
+                  f"{rt['start_ms']['packed']:.1f} / "
                   f"{rt['start_ms']['dense']:.1f} | {rt['p50_ms']['packed']:.3f} / "
                   f"{rt['p50_ms']['dense']:.3f} | {rt['p50_ratio']:.3f} |", flush=True)
 

@@ -17,7 +17,7 @@ PREFIX = "io.compress."
 def set_model_metadata(model: onnx.ModelProto, entries: dict[str, object]) -> None:
     existing = {p.key: p for p in model.metadata_props}
     for key, value in entries.items():
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         full = PREFIX + key
         if full in existing:
             existing[full].value = text
@@ -27,7 +27,7 @@ def set_model_metadata(model: onnx.ModelProto, entries: dict[str, object]) -> No
 
 def set_tensor_metadata(tensor: onnx.TensorProto, entries: dict[str, object]) -> None:
     for key, value in entries.items():
-        text = value if isinstance(value, str) else json.dumps(value)
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
         tensor.metadata_props.add(key=PREFIX + key, value=text)
 
 

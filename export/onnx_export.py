@@ -25,7 +25,7 @@ from compress.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_
 from compress.errors import CompressError, first_line
 from compress.fileio import usual_file_mode
 from export.metadata import set_model_metadata, set_tensor_metadata
-from export.packing import VALUE_TYPES, decoder, encode, shared_constants, worth_packing
+from export.packing import VALUE_TYPES, decoder, encode, worth_packing
 from export.session import open_session
 from export.verify import VerifyReport, verify_export
 
@@ -72,6 +72,9 @@ def _strip_exporter_notes(model: onnx.ModelProto) -> None:
         del node.metadata_props[:]
         node.doc_string = ""
     del model.graph.value_info[:]
+    del model.graph.metadata_props[:]  # the exporter's program signature, ~10 KiB
+    for value in (*model.graph.input, *model.graph.output):
+        del value.metadata_props[:]
 
 
 def _canonical_zeros(model: onnx.ModelProto) -> None:
@@ -86,9 +89,9 @@ def _canonical_zeros(model: onnx.ModelProto) -> None:
 
 
 def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
-    """Replace sparse weight initializers by values + bitmask and a decoder subgraph."""
+    """Replace sparse weight initializers by one packed stream and its shared decoder."""
     graph = model.graph
-    kept, new_nodes, new_inits, packed = [], [], [], []
+    kept, chosen, sparsities = [], [], {}
     for tensor in graph.initializer:
         array = numpy_helper.to_array(tensor) if tensor.data_type == onnx.TensorProto.FLOAT \
             else None
@@ -96,28 +99,30 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
         sparsity = 1.0 - np.count_nonzero(array) / array.size if prunable else 0.0
         do_pack = prunable and sparsity > 0 and np.count_nonzero(array) > 0 and (
             mode == "bitmask" or (mode == "auto" and worth_packing(array, values)))
-        if not do_pack:
-            if prunable:
-                set_tensor_metadata(tensor, {"sparsity": round(sparsity, 6),
-                                             "pattern": "unstructured", "encoding": "dense"})
-            kept.append(tensor)
+        if do_pack:
+            chosen.append((tensor.name, array))
+            sparsities[tensor.name] = sparsity
             continue
-        enc = encode(tensor.name, array, values)
-        nodes, inits = decoder(enc, f"d{len(packed)}")
-        set_tensor_metadata(inits[0], {
-            "weight": tensor.name, "shape": list(array.shape), "sparsity": round(sparsity, 6),
-            "pattern": "unstructured", "encoding": f"bitmask-{values}",
-            **({"scale": enc.scale} if enc.scale is not None else {})})
-        new_nodes += nodes
-        new_inits += inits
-        packed.append(tensor.name)
-    if packed:
-        del graph.initializer[:]
-        graph.initializer.extend(kept + new_inits + shared_constants())
-        existing = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(new_nodes + existing)
-    return packed
+        if prunable:
+            set_tensor_metadata(tensor, {"sparsity": round(sparsity, 6),
+                                         "pattern": "unstructured", "encoding": "dense"})
+        kept.append(tensor)
+    if not chosen:
+        return []
+    stream = encode(chosen, values)
+    nodes, inits = decoder(stream)
+    set_tensor_metadata(inits[0], {"levels": stream.levels, "values": values})
+    for packed, shape_init in zip(stream.tensors, inits[1:], strict=False):
+        # where the weight sits in the stream (and its int8 scale) is read from the graph
+        set_tensor_metadata(shape_init, {
+            "sparsity": round(sparsities[packed.name], 6), "pattern": "unstructured",
+            "encoding": f"bitmask-tree{stream.levels}-{values}"})
+    del graph.initializer[:]
+    graph.initializer.extend(kept + inits)
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    return [t.name for t in stream.tensors]
 
 
 def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str]) -> dict:

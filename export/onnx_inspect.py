@@ -1,6 +1,6 @@
 """Per-layer counts and MACs read from an exported ONNX file, with numpy and onnx only.
 
-Packed weights are decoded from their bitmask and values, so the non-zeros reported are
+Packed weights are decoded from the packed stream, so the non-zeros reported are
 the ones in the file, not the ones the metadata claims.
 """
 
@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from compress.errors import CompressError
 from export.metadata import model_metadata, tensor_metadata
-from export.packing import PackedWeight, decode
+from export.packing import PREFIX, decode, read_stream
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
@@ -35,20 +35,21 @@ def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
     """Every float initializer of rank >= 1 as a dense array, packed ones decoded."""
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, tuple[np.ndarray, dict]] = {}
-    packed_parts: set[str] = set()
-    for tensor in inits.values():
-        meta = tensor_metadata(tensor)
-        if meta.get("encoding", "").startswith("bitmask"):
-            weight = meta["weight"]
-            prefix = f"{weight}__"
-            stored = numpy_helper.to_array(tensor)[1:]  # drop the padding zero
-            packed = PackedWeight(weight, tuple(meta["shape"]), stored,
-                                  numpy_helper.to_array(inits[prefix + "bits"]),
-                                  meta.get("scale"))
-            out[weight] = (decode(packed), meta)
-            packed_parts.update(n for n in inits if n.startswith(prefix))
+    stream_meta = tensor_metadata(inits[PREFIX + "values"]) if PREFIX + "values" in inits \
+        else {}
+    if stream_meta:
+        try:
+            stream = read_stream(model)
+            decoded = decode(stream)
+        except (KeyError, ValueError, IndexError, StopIteration) as exc:
+            raise CompressError(f"the packed weights are damaged ({type(exc).__name__})") \
+                from None
+        for t in stream.tensors:
+            shape_init = inits.get(f"{t.name}__shape")
+            meta = tensor_metadata(shape_init) if shape_init is not None else {}
+            out[t.name] = (decoded[t.name], meta)
     for name, tensor in inits.items():
-        if name in packed_parts or name in out:
+        if name.startswith(PREFIX) or name in out:
             continue
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and \
                 len(tensor.dims) >= 1:

@@ -16,7 +16,7 @@ from compress.recipe import Recipe
 from export import verify as verify_module
 from export.metadata import model_metadata, tensor_metadata
 from export.onnx_export import export_checkpoint
-from export.packing import DECODER_OPS, decode, encode
+from export.packing import DECODER_OPS, PREFIX, decode, encode
 
 SMALL = dict(model="lenet5", epochs=1, batch_size=64, refresh_every=4,
              max_train_samples=1200, max_test_samples=300)
@@ -56,7 +56,7 @@ def test_round_trip_parity_and_folding(runs, method, tmp_path):
         assert result.packed and ops & DECODER_OPS
     after = optimized_ops(path, tmp_path)
     assert not set(after) & DECODER_OPS
-    assert not {"Gather", "CumSum", "Slice"} & set(after), "decoder must fold completely"
+    assert not {"Gather", "CumSum", "Split"} & set(after), "decoder must fold completely"
     dense = tmp_path / f"{method}-dense.onnx"
     export_checkpoint(runs[method], dense, pack="none")
     assert sorted(after) == sorted(optimized_ops(dense, tmp_path))
@@ -75,7 +75,11 @@ def test_no_negative_zeros_and_metadata(runs, tmp_path):
     assert meta["target_sparsity"] == 0.8 and meta["recipe"]["sparsity"] == 0.8
     assert len(meta["source_sha256"]) == 64 and meta["dataset"]["name"] == "fashion-mnist"
     assert 0.0 < meta["val_top1"] <= 1.0 and len(meta["input_mean"]) == 1
-    annotated = [tensor_metadata(t) for t in model.graph.initializer]
+    annotated = [tensor_metadata(t) for t in model.graph.initializer
+                 if not t.name.startswith(PREFIX)]
+    stream = tensor_metadata(next(t for t in model.graph.initializer
+                                  if t.name == PREFIX + "values"))
+    assert stream["levels"] in range(4) and stream["values"] == "fp32"
     encodings = [m["encoding"] for m in annotated if "encoding" in m]
     assert any(e.startswith("bitmask") for e in encodings)
     assert all({"sparsity", "pattern", "encoding"} <= set(m) for m in annotated if m)
@@ -107,9 +111,9 @@ def test_reduced_precision_accuracy_bound(runs, values, bound, tmp_path, cli):
     accuracy = json.loads(result.stdout)["accuracy"]
     assert abs(accuracy["delta"]) <= bound
     model = onnx.load(str(path))
-    values_tensors = [t for t in model.graph.initializer if t.name.endswith("__values")]
+    values_tensors = [t for t in model.graph.initializer if t.name == PREFIX + "values"]
     expected = {"fp16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8}[values]
-    assert values_tensors and all(t.data_type == expected for t in values_tensors)
+    assert len(values_tensors) == 1 and values_tensors[0].data_type == expected
 
 
 def test_evaluate_onnx_matches_run(runs, tmp_path, cli):
@@ -144,14 +148,35 @@ def test_inspect_onnx_without_torch(runs, tmp_path):
     assert total["prunable_sparsity"] == pytest.approx(0.8, abs=1e-4)
 
 
-def test_encode_decode_exact_pattern():
+@pytest.mark.parametrize("levels", [0, 1, 2, 3])
+def test_encode_decode_exact_pattern(levels):
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((7, 13)).astype(np.float32) * (rng.random((7, 13)) > 0.8)
-    w[0, 0] = 1e-12  # tiny but non-zero: must stay non-zero at every precision
+    shapes = [((7, 13), 0.8), ((30, 5, 3, 3), 0.97), ((3, 3), 0.1), ((2, 5), 0.5)]
+    weights = [(f"w{i}", (rng.standard_normal(shape) * (rng.random(shape) > keep))
+                .astype(np.float32)) for i, (shape, keep) in enumerate(shapes)]
+    weights[0][1][0, 0] = 1e-12  # tiny but non-zero: must stay non-zero at every precision
     for values in ("fp32", "fp16", "int8"):
-        back = decode(encode("w", w, values))
-        assert np.array_equal(back != 0, w != 0), values
-    assert np.array_equal(decode(encode("w", w, "fp32")), w)
+        back = decode(encode(weights, values, levels))
+        for name, w in weights:
+            assert np.array_equal(back[name] != 0, w != 0), (values, name)
+    back = decode(encode(weights, "fp32", levels))
+    assert all(np.array_equal(back[name], w) for name, w in weights)
+
+
+def test_mask_tree_depth_follows_sparsity():
+    """Deeper occupancy trees pay off as sparsity rises; a half-dense mask stays plain."""
+    rng = np.random.default_rng(1)
+
+    def weight(sparsity):
+        shape = (256, 512)
+        return (rng.standard_normal(shape) * (rng.random(shape) > sparsity)).astype(np.float32)
+
+    plain = -(-256 * 512 // 8)
+    assert encode([("w", weight(0.5))]).levels == 0
+    at_90 = encode([("w", weight(0.9))])
+    assert at_90.levels == 1 and at_90.mask_bytes < 0.62 * plain
+    at_98 = encode([("w", weight(0.98))])
+    assert at_98.levels >= 2 and at_98.mask_bytes < 0.25 * plain
 
 
 def test_failed_export_keeps_existing_file(runs, tmp_path, monkeypatch, cli):
