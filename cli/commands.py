@@ -241,6 +241,10 @@ def export_onnx(
                                                      "(mobile) builds: weights unpacked.")]
     = "onnx",
     overwrite: Annotated[bool, Opt(help="Replace an existing file at --onnx.")] = False,
+    quantize: Annotated[str, Opt(help="none, or int8: static QDQ, per-channel weights, "
+                                      "calibrated on training images.")] = "none",
+    calibration_samples: Annotated[int, Opt(help="Training images that calibrate "
+                                                 "--quantize int8.")] = 512,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
@@ -248,25 +252,33 @@ def export_onnx(
 
     result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
                                verify=verify, file_format=file_format, overwrite=overwrite,
-                               measure_accuracy=verify)
+                               measure_accuracy=verify, quantize=quantize,
+                               calibration_samples=calibration_samples)
     accuracy = result.accuracy
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
-               "values": result.values, "opset": result.opset,
+               "values": result.values, "quantize": quantize, "opset": result.opset,
                "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy}
     if json_out:
         print_json(payload)
         return
+    stored = "int8 (QDQ)" if quantize == "int8" else result.values
     what = ("ORT format, weights unpacked" if file_format == "ort" else
-            f"{len(result.packed)} weights packed as bitmask-{result.values}")
+            f"{len(result.packed)} weights packed, values {stored}")
     out.print(escape(f"wrote {result.path}: {result.file_bytes:,} bytes, {what}, opset "
                      f"{result.opset}"),
               highlight=False)
     if result.verify:
         v = result.verify
-        against = (f"onnxruntime vs PyTorch max |diff| {v.max_abs_diff_vs_torch:.2e} "
-                   f"(tolerance {v.tolerance:.2e})" if result.values == "fp32" else
-                   f"onnxruntime matches the decoded {result.values} weights; vs PyTorch max "
-                   f"|diff| {v.max_abs_diff_vs_torch:.2e} from {result.values} rounding")
+        if quantize == "int8":
+            against = (f"on random inputs the int8 model is {v.max_abs_diff_vs_torch:.2e} "
+                       "from PyTorch at most (its activation ranges fit real images; the "
+                       "accuracy below is the measure)")
+        elif result.values == "fp32":
+            against = (f"onnxruntime vs PyTorch max |diff| {v.max_abs_diff_vs_torch:.2e} "
+                       f"(tolerance {v.tolerance:.2e})")
+        else:
+            against = (f"onnxruntime matches the decoded {result.values} weights; vs PyTorch "
+                       f"max |diff| {v.max_abs_diff_vs_torch:.2e} from {result.values} rounding")
         folded = (f"; decoder folded at load ({v.optimized_nodes} nodes after basic "
                   "optimization)" if result.packed else "")
         out.print(f"verified: onnx.checker ok; {against}{folded}", highlight=False,

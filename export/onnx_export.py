@@ -26,6 +26,14 @@ from compress.errors import CompressError, first_line
 from compress.fileio import usual_file_mode
 from export.metadata import set_model_metadata, set_tensor_metadata
 from export.packing import VALUE_TYPES, decoder, encode, worth_packing
+from export.quantize import (
+    DEFAULT_CALIBRATION_SAMPLES,
+    QUANT_MODES,
+    calibration_batches,
+    quantize_int8,
+    quantized_weights,
+    settings,
+)
 from export.session import open_session
 from export.verify import VerifyReport, verify_export
 
@@ -91,10 +99,12 @@ def _canonical_zeros(model: onnx.ModelProto) -> None:
 def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
     """Replace sparse weight initializers by one packed stream and its shared decoder."""
     graph = model.graph
+    int8_weights = quantized_weights(model)  # empty unless quantized: then only these pack
     kept, chosen, sparsities = [], [], {}
     for tensor in graph.initializer:
-        array = numpy_helper.to_array(tensor) if tensor.data_type == onnx.TensorProto.FLOAT \
-            else None
+        wanted = tensor.name in int8_weights if int8_weights else \
+            tensor.data_type == onnx.TensorProto.FLOAT
+        array = numpy_helper.to_array(tensor) if wanted else None
         prunable = array is not None and array.ndim >= 2
         sparsity = 1.0 - np.count_nonzero(array) / array.size if prunable else 0.0
         do_pack = prunable and sparsity > 0 and np.count_nonzero(array) > 0 and (
@@ -116,7 +126,7 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
         # where the weight sits in the stream (and its int8 scale) is read from the graph
         set_tensor_metadata(shape_init, {
             "sparsity": round(sparsities[packed.name], 6), "pattern": "unstructured",
-            "encoding": f"bitmask-tree{stream.levels}-{values}"})
+            "encoding": f"bitmask-tree{stream.levels}-{'qdq-int8' if stream.raw_int8 else values}"})
     del graph.initializer[:]
     graph.initializer.extend(kept + inits)
     existing = list(graph.node)
@@ -125,7 +135,8 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
     return [t.name for t in stream.tensors]
 
 
-def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str]) -> dict:
+def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
+              quantization: dict | None) -> dict:
     from compress import __version__
 
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -145,8 +156,9 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str]) ->
         "input_shape": list(ckpt.data.input_shape),
         "input_mean": ckpt.data.mean,
         "input_std": ckpt.data.std,
-        "packed_values": values,
+        "packed_values": "qdq-int8" if quantization else values,
         "packed_weights": len(packed),
+        **({"quantization": quantization} if quantization else {}),
     }
 
 
@@ -183,7 +195,17 @@ def _check_target(out: Path, source_path: Path, file_format: str, overwrite: boo
                             "or use .onnx")
 
 
-def _check_options(pack: str, values: str, opset: int, file_format: str) -> None:
+def _check_options(pack: str, values: str, opset: int, file_format: str, quantize: str,
+                   calibration_samples: int) -> None:
+    if calibration_samples < 1:
+        raise CompressError(f"--calibration-samples must be at least 1, got "
+                            f"{calibration_samples}")
+    if quantize not in QUANT_MODES:
+        raise CompressError(f"--quantize must be one of {', '.join(QUANT_MODES)}, "
+                            f"got {quantize!r}")
+    if quantize != "none" and values != "fp32":
+        raise CompressError("--values sets the precision of float packed weights; with "
+                            "--quantize int8 the weights are int8 already (drop --values)")
     if file_format not in ("onnx", "ort"):
         raise CompressError(f"--format must be onnx or ort, got {file_format!r}")
     if pack not in PACK_MODES:
@@ -211,13 +233,15 @@ def _set_ir_version(model: onnx.ModelProto) -> None:
 def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto",
                       values: str = "fp32", opset: int = 20, verify: bool = True,
                       file_format: str = "onnx", overwrite: bool = False,
-                      measure_accuracy: bool = False) -> ExportResult:
-    """Export, pack, annotate, verify; the target appears only if every step succeeded.
+                      measure_accuracy: bool = False, quantize: str = "none",
+                      calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES) -> ExportResult:
+    """Export, [quantize], pack, annotate, verify; the target appears only if every step
+    succeeded.
 
     With ``measure_accuracy`` the validation top-1 of PyTorch and of onnxruntime are
     measured on the file before it is renamed into place.
     """
-    _check_options(pack, values, opset, file_format)
+    _check_options(pack, values, opset, file_format, quantize, calibration_samples)
     out = Path(out)
     source_path = resolve_checkpoint_path(source)
     _check_target(out, source_path, file_format, overwrite)
@@ -226,8 +250,12 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     _set_ir_version(model)
     _strip_exporter_notes(model)
     _canonical_zeros(model)
+    quantization = None
+    if quantize == "int8":
+        model = quantize_int8(model, calibration_batches(ckpt, calibration_samples))
+        quantization = settings(calibration_samples)
     packed = _pack(model, pack, values)  # with "none" it only annotates the tensors
-    set_model_metadata(model, _metadata(ckpt, source_path, values, packed))
+    set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -235,7 +263,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     accuracy = None
     try:
         onnx.save(model, str(tmp))
-        report = verify_export(tmp, ckpt, values) if verify else None
+        report = verify_export(tmp, ckpt, "int8" if quantize == "int8" else values) \
+            if verify else None
         final = tmp
         if file_format == "ort":
             to_ort_format(tmp, ort_tmp)

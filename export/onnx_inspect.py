@@ -15,6 +15,10 @@ from onnx import numpy_helper
 from compress.errors import CompressError
 from export.metadata import model_metadata, tensor_metadata
 from export.packing import PREFIX, decode, read_stream
+from export.quantize import quantization_parameters, quantized_weights
+
+# float weights and biases, and the int32 biases of a QDQ-quantized model
+PARAMETER_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT32)
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
@@ -48,11 +52,12 @@ def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
             shape_init = inits.get(f"{t.name}__shape")
             meta = tensor_metadata(shape_init) if shape_init is not None else {}
             out[t.name] = (decoded[t.name], meta)
+    skip = quantization_parameters(model)  # scales and zero points are not parameters
+    int8_weights = quantized_weights(model)
     for name, tensor in inits.items():
-        if name.startswith(PREFIX) or name in out:
+        if name.startswith(PREFIX) or name in out or name in skip or not tensor.dims:
             continue
-        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and \
-                len(tensor.dims) >= 1:
+        if tensor.data_type in PARAMETER_TYPES or name in int8_weights:
             out[name] = (numpy_helper.to_array(tensor), tensor_metadata(tensor))
     return out
 
@@ -68,11 +73,14 @@ def _macs(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, dict]]) -
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in
                 vi.type.tensor_type.shape.dim]
         shapes[vi.name] = dims
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node
+                   if n.op_type == "DequantizeLinear"}  # QDQ: Conv reads DQ(int8 weight)
     dense = nonzero = 0
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        weight = next((i for i in node.input[1:2] if i in weights), None)
+        name = dequantized.get(node.input[1], node.input[1])
+        weight = name if name in weights else None
         out_shape = shapes.get(node.output[0])
         if weight is None or not out_shape:
             continue

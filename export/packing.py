@@ -65,6 +65,7 @@ class PackedStream:
     values: np.ndarray  # non-zeros of all tensors in order: float32, float16 or int8
     top: np.ndarray  # uint8, little-endian: one bit per top-level block
     nibbles: list[np.ndarray] = field(default_factory=list)  # per level, top first
+    raw_int8: bool = False  # weights already int8 (QDQ-quantized): decoded as int8
 
     @property
     def levels(self) -> int:
@@ -122,16 +123,23 @@ def _tree_bytes(mask: np.ndarray, levels: int) -> int:
 
 def encode(weights: list[tuple[str, np.ndarray]], values: str = "fp32",
            levels: int | None = None) -> PackedStream:
-    """Pack ``weights`` (name, array) into one stream; ``levels=None`` picks the smallest."""
+    """Pack ``weights`` (name, array) into one stream; ``levels=None`` picks the smallest.
+
+    int8 weights (from QDQ quantization) are stored and rebuilt as int8, unscaled."""
+    raw_int8 = bool(weights) and all(w.dtype == np.int8 for _, w in weights)
+    if raw_int8:
+        values = "int8"
+    elif any(w.dtype == np.int8 for _, w in weights):
+        raise ValueError("int8 and float weights cannot share one stream")
     if values not in VALUE_TYPES:
         raise ValueError(f"values must be one of {VALUE_TYPES}, got {values!r}")
     if levels is not None and not 0 <= levels <= MAX_LEVELS:
         raise ValueError(f"levels must be between 0 and {MAX_LEVELS}, got {levels}")
     tensors, stored, masks, offset = [], [], [], 0
     for name, weight in weights:
-        flat = weight.astype(np.float32).ravel()
+        flat = weight.ravel() if raw_int8 else weight.astype(np.float32).ravel()
         mask = flat != 0
-        q, scale = _quantize(flat[mask], values)
+        q, scale = (flat[mask], None) if raw_int8 else _quantize(flat[mask], values)
         tensors.append(PackedTensor(name, tuple(weight.shape), offset, scale))
         stored.append(q)
         masks.append(mask)
@@ -142,7 +150,7 @@ def encode(weights: list[tuple[str, np.ndarray]], values: str = "fp32",
     top, nibbles = occupancy_tree(mask, levels)
     dtype = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[values]
     all_values = np.concatenate(stored).astype(dtype) if stored else np.zeros(0, dtype)
-    return PackedStream(tensors, all_values, top, nibbles)
+    return PackedStream(tensors, all_values, top, nibbles, raw_int8)
 
 
 def _unpack(data: np.ndarray, width: int, fields: int | None = None) -> np.ndarray:
@@ -159,8 +167,9 @@ def decode(stream: PackedStream) -> dict[str, np.ndarray]:
         rank = np.cumsum(occupied, dtype=np.int64) * occupied
         occupied = _unpack(_unpack(nibbles, 4)[rank], 1, FANOUT)
     mask = occupied[: stream.total].astype(bool)
-    flat = np.zeros(stream.total, dtype=np.float32)
-    flat[mask] = stream.values.astype(np.float32)
+    dtype = np.int8 if stream.raw_int8 else np.float32
+    flat = np.zeros(stream.total, dtype=dtype)
+    flat[mask] = stream.values.astype(dtype)
     out = {}
     for t in stream.tensors:
         part = flat[t.offset: t.offset + t.size]
@@ -224,7 +233,7 @@ def decoder(stream: PackedStream) -> tuple[list[onnx.NodeProto], list[TensorProt
     for level, nibbles in enumerate(stream.nibbles):
         table = b.unpack(b.const(f"level{level}", nibbles), 4)
         occupied = b.unpack(b.op("Gather", [table, b.rank(occupied)]), 1, FANOUT)
-    if stream.values.dtype != np.float32:
+    if stream.values.dtype != np.float32 and not stream.raw_int8:
         values = b.op("Cast", [values], to=TensorProto.FLOAT)
     dense = b.op("Gather", [values, b.rank(occupied)])
     decoded_length = stream.top.size * 8 * FANOUT ** stream.levels
@@ -267,7 +276,9 @@ def read_stream(model: onnx.ModelProto) -> PackedStream:
     while PREFIX + f"level{len(levels)}" in inits:
         levels.append(numpy_helper.to_array(inits[PREFIX + f"level{len(levels)}"]))
     values = numpy_helper.to_array(inits[PREFIX + "values"])[1:]  # drop the padding zero
-    return PackedStream(tensors, values, numpy_helper.to_array(inits[PREFIX + "top"]), levels)
+    raw_int8 = values.dtype == np.int8 and all(t.scale is None for t in tensors)
+    return PackedStream(tensors, values, numpy_helper.to_array(inits[PREFIX + "top"]), levels,
+                        raw_int8)
 
 
 def worth_packing(weight: np.ndarray, values: str) -> bool:
@@ -275,5 +286,6 @@ def worth_packing(weight: np.ndarray, values: str) -> bool:
     nonzero = int(np.count_nonzero(weight))
     if nonzero == 0 or weight.ndim < 2:
         return False
-    packed = nonzero * _VALUE_BYTES[values] + -(-weight.size // 8) + 64  # + its shape node
-    return packed < weight.size * 4
+    width = 1 if weight.dtype == np.int8 else _VALUE_BYTES[values]
+    packed = nonzero * width + -(-weight.size // 8) + 64  # + its shape node
+    return packed < weight.size * weight.itemsize

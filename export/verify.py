@@ -53,8 +53,7 @@ def decoded_copy(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes = alive
     used = {i for n in nodes for i in n.input}
     inits = [t for t in copy.graph.initializer if t.name in used and t.name not in packed]
-    inits += [numpy_helper.from_array(weights[name][0].astype(np.float32), name)
-              for name in packed]
+    inits += [numpy_helper.from_array(weights[name][0], name) for name in packed]
     del copy.graph.node[:]
     copy.graph.node.extend(nodes)
     del copy.graph.initializer[:]

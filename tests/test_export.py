@@ -125,6 +125,53 @@ def test_evaluate_onnx_matches_run(runs, tmp_path, cli):
     assert from_onnx["top1"] == pytest.approx(from_run["top1"], abs=1 / 300)
 
 
+INT8_TOP1_BOUND = 0.02  # int8 QDQ may cost at most 2 points of test top-1 (300 images)
+
+
+@pytest.mark.parametrize("pack", ["bitmask", "none"])
+def test_int8_quantized_export(runs, pack, tmp_path, cli):
+    """Static int8 QDQ: accuracy within the bound, zeros stay zero, integer kernels run."""
+    path = tmp_path / f"int8-{pack}.onnx"
+    result = cli("export", runs["dpf"], "--onnx", path, "--quantize", "int8", "--pack", pack,
+                 "--calibration-samples", "128", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert abs(payload["accuracy"]["delta"]) <= INT8_TOP1_BOUND
+    from_onnx = json.loads(cli("evaluate", path, "--json").stdout)
+    from_run = json.loads(cli("evaluate", runs["dpf"], "--json").stdout)
+    assert abs(from_onnx["top1"] - from_run["top1"]) <= INT8_TOP1_BOUND
+    model = onnx.load(str(path))
+    meta = model_metadata(model)
+    assert meta["quantization"]["calibration_samples"] == 128
+    assert "DequantizeLinear" in {n.op_type for n in model.graph.node}
+    assert bool(payload["packed"]) == (pack == "bitmask")
+    inspected = json.loads(cli("inspect", path, "--json").stdout)
+    run_layers = {r["name"]: r for r in json.loads(cli("inspect", runs["dpf"], "--json")
+                                                   .stdout)["layers"]}
+    for layer in inspected["layers"]:
+        if layer["name"].endswith("weight_quantized"):
+            before = run_layers[layer["name"].removesuffix("_quantized")]
+            # pruned weights stay zero; a kept weight may round to zero, rarely
+            assert before["nonzero"] * 0.98 <= layer["nonzero"] <= before["nonzero"]
+    assert inspected["total"]["params"] == json.loads(
+        cli("inspect", runs["dpf"], "--json").stdout)["total"]["params"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert {"QLinearConv", "QGemm"} <= fused, fused
+
+
+def test_int8_quantize_rejects_bad_options(runs, tmp_path, cli):
+    target = tmp_path / "x.onnx"
+    for args, words in ((["--quantize", "int4"], "--quantize"),
+                        (["--quantize", "int8", "--values", "fp16"], "int8 already"),
+                        (["--quantize", "int8", "--calibration-samples", "0"], "at least 1")):
+        result = cli("export", runs["dpf"], "--onnx", target, *args)
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert not target.exists()
+
+
 def test_inspect_onnx_matches_run(runs, tmp_path, cli):
     path = tmp_path / "i.onnx"
     export_checkpoint(runs["dpf"], path, pack="bitmask", values="int8", verify=False)
