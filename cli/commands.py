@@ -294,6 +294,26 @@ def export_onnx(
 
 
 EXIT_OVER_BUDGET = 3
+PROFILE_RUNS = 100  # profiled runs after the timed ones (at most --runs)
+SLOWEST_NODES = 12
+
+
+def _print_profile(summary: dict) -> None:
+    by_type = Table(title=f"time by operator type ({summary['runs']} profiled runs; kernels "
+                          f"{summary['kernel_ms_per_run']:.3f} ms per run)")
+    for col in ("operator", "nodes", "ms / run", "share"):
+        by_type.add_column(col, justify="left" if col == "operator" else "right")
+    for row in summary["by_op_type"]:
+        by_type.add_row(escape(row["op_type"]), str(row["nodes"]), f"{row['ms_per_run']:.4f}",
+                        f"{row['share']:.1%}")
+    out.print(by_type)
+    nodes = Table(title=f"slowest nodes of the optimized graph (top {SLOWEST_NODES})")
+    for col in ("node", "operator", "layer", "ms / run", "share"):
+        nodes.add_column(col, justify="right" if col in ("ms / run", "share") else "left")
+    for row in summary["by_node"][:SLOWEST_NODES]:
+        nodes.add_row(escape(row["node"]), escape(row["op_type"]), escape(row["layer"] or "-"),
+                      f"{row['ms_per_run']:.4f}", f"{row['share']:.1%}")
+    out.print(nodes)
 
 
 @app.command()
@@ -308,6 +328,8 @@ def bench(
     budget_ms: Annotated[float | None, Opt(help="Exit 3 when --percentile is above this.")]
     = None,
     percentile: Annotated[str, Opt(help="p50, p90 or p99, for --budget-ms.")] = "p90",
+    profile: Annotated[bool, Opt(help="Then profile MODEL: time per operator type and per "
+                                      "layer.")] = False,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Latency of a model in onnxruntime (needs no torch): p50/p90/p99, start time, ratio."""
@@ -321,7 +343,7 @@ def bench(
                   transient=True, disable=json_out) as progress:
         task = progress.add_task("bench", total=runs * (2 if against else 1))
         result = run_bench(model, against, threads=threads, batch=batch, runs=runs,
-                           warmup=warmup,
+                           warmup=warmup, profile_runs=min(runs, PROFILE_RUNS) if profile else 0,
                            on_progress=lambda done, total: progress.update(task,
                                                                            completed=done))
     result = budget_verdict(result, budget_ms, percentile)
@@ -346,6 +368,8 @@ def bench(
         if result["ratio_p50"] is not None:
             out.print(f"p50 ratio (model / against): {result['ratio_p50']:.3f}",
                       highlight=False)
+        if result["profile"]:
+            _print_profile(result["profile"])
         if budget_ms is not None:
             verdict = "within" if result["within_budget"] else "OVER"
             out.print(f"{percentile} {result['latency_ms'][percentile]:.3f} ms is {verdict} "

@@ -64,8 +64,12 @@ def cpu_name() -> str:
 
 def bench(model: str | Path, against: str | Path | None = None, *, threads: int = 1,
           batch: int = 1, runs: int = 200, warmup: int = 20, blocks: int = 5,
-          on_progress=None) -> dict:
-    """Measure ``model`` (and ``against``, interleaved) and return the ``bench --json`` dict."""
+          on_progress=None, profile_runs: int = 0) -> dict:
+    """Measure ``model`` (and ``against``, interleaved) and return the ``bench --json`` dict.
+
+    With ``profile_runs``, ``model`` is then run that often under onnxruntime's profiler (in
+    a session of its own, so profiling does not slow the timed runs) and the summary is
+    added under ``profile``."""
     import onnxruntime as ort
 
     if threads < 1 or batch < 1 or runs < 1 or warmup < 0:
@@ -118,6 +122,12 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
                              "session_start_ms": other.session_start_ms,
                              "latency_ms": other.latency()}
         result["ratio_p50"] = first.latency()["p50"] / other.latency()["p50"]
+    result["profile"] = None
+    if profile_runs:
+        from export.profile import profile
+
+        result["profile"] = profile(paths[0], sessions[0][1], threads=threads,
+                                    runs=profile_runs, warmup=min(warmup, 10))
     return result
 
 

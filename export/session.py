@@ -8,12 +8,13 @@ from compress.errors import CompressError, first_line
 
 
 def open_session(path: str | Path, *, threads: int | None = None, basic_only: bool = False,
-                 save_to: Path | None = None, save_as_ort: bool = False):
+                 save_to: Path | None = None, save_as_ort: bool = False,
+                 profile_prefix: str | None = None):
     """A quiet CPU session; ``.ort`` files load as ORT format.
 
     ``basic_only`` limits graph optimisation to the hardware-independent level (constant
     folding included); ``save_to`` writes the optimised model there, in ORT format when
-    ``save_as_ort``.
+    ``save_as_ort``; ``profile_prefix`` turns on onnxruntime's profiler, writing there.
     """
     import onnxruntime as ort
 
@@ -31,6 +32,9 @@ def open_session(path: str | Path, *, threads: int | None = None, basic_only: bo
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if save_to is not None:
         options.optimized_model_filepath = str(save_to)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if save_as_ort:
         options.add_session_config_entry("session.save_model_format", "ORT")
     try:

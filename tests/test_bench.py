@@ -53,11 +53,33 @@ def test_bench_without_torch(models):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from cli.app import main\n"
             f"sys.argv = ['compress', 'bench', {str(packed)!r}, '--against', {str(dense)!r},"
-            " '--runs', '20', '--json']\n"
+            " '--runs', '20', '--profile', '--json']\n"
             "main()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["ratio_p50"] > 0
+    payload = json.loads(proc.stdout)
+    assert payload["ratio_p50"] > 0 and payload["profile"]["by_op_type"]
+
+
+def test_profile_by_operator_type_and_layer(cli, models):
+    packed, _ = models
+    result = cli("bench", packed, "--runs", "40", "--profile", "--json")
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.stdout)["profile"]
+    assert profile["runs"] == 40 and profile["kernel_ms_per_run"] > 0
+    assert sum(r["share"] for r in profile["by_op_type"]) == pytest.approx(1.0)
+    assert sum(r["nodes"] for r in profile["by_op_type"]) == len(profile["by_node"])
+    ops = {r["op_type"] for r in profile["by_op_type"]}
+    assert ops & {"Conv", "FusedConv"} and ops & {"Gemm", "FusedGemm"}
+    # every LeNet-5 layer with a weight is found under its own name, and nothing else is
+    layers = {r["layer"] for r in profile["by_node"]} - {None}
+    assert layers == {"features.0", "features.3", "classifier.1", "classifier.3",
+                      "classifier.5"}
+    times = [r["ms_per_run"] for r in profile["by_node"]]
+    assert times == sorted(times, reverse=True)
+    table = cli("bench", packed, "--runs", "20", "--profile")
+    assert "time by operator type" in table.output and "features.3" in table.output
+    assert json.loads(cli("bench", packed, "--runs", "20", "--json").stdout)["profile"] is None
 
 
 def test_bad_files(cli, tmp_path):
