@@ -62,19 +62,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def bench(model: str | Path, against: str | Path | None = None, *, threads: int = 1,
-          batch: int = 1, runs: int = 200, warmup: int = 20, blocks: int = 5,
-          on_progress=None, profile_runs: int = 0) -> dict:
-    """Measure ``model`` (and ``against``, interleaved) and return the ``bench --json`` dict.
-
-    With ``profile_runs``, ``model`` is then run that often under onnxruntime's profiler (in
-    a session of its own, so profiling does not slow the timed runs) and the summary is
-    added under ``profile``."""
-    import onnxruntime as ort
-
+def measure(paths: list[Path], *, threads: int = 1, batch: int = 1, runs: int = 200,
+            warmup: int = 20, blocks: int = 5, on_progress=None):
+    """Time several models in alternating blocks in one process, so machine noise hits all
+    alike. Returns the measurements and the (session, feed) pairs, in the order given."""
     if threads < 1 or batch < 1 or runs < 1 or warmup < 0:
         raise CompressError("--threads, --batch and --runs must be at least 1, --warmup >= 0")
-    paths = [Path(model)] + ([Path(against)] if against else [])
     sessions, measurements = [], []
     for path in paths:
         session, start_ms = _timed_session(path, threads)
@@ -96,6 +89,22 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
                 done += 1
                 if on_progress:
                     on_progress(done, runs * len(sessions))
+    return measurements, sessions
+
+
+def bench(model: str | Path, against: str | Path | None = None, *, threads: int = 1,
+          batch: int = 1, runs: int = 200, warmup: int = 20, blocks: int = 5,
+          on_progress=None, profile_runs: int = 0) -> dict:
+    """Measure ``model`` (and ``against``, interleaved) and return the ``bench --json`` dict.
+
+    With ``profile_runs``, ``model`` is then run that often under onnxruntime's profiler (in
+    a session of its own, so profiling does not slow the timed runs) and the summary is
+    added under ``profile``."""
+    import onnxruntime as ort
+
+    paths = [Path(model)] + ([Path(against)] if against else [])
+    measurements, sessions = measure(paths, threads=threads, batch=batch, runs=runs,
+                                     warmup=warmup, blocks=blocks, on_progress=on_progress)
     first = measurements[0]
     result = {
         "model": first.model,

@@ -121,12 +121,13 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
         return []
     stream = encode(chosen, values)
     nodes, inits = decoder(stream)
-    set_tensor_metadata(inits[0], {"levels": stream.levels, "values": values})
+    stored = "qdq-int8" if stream.raw_int8 else values
+    set_tensor_metadata(inits[0], {"levels": stream.levels, "values": stored})
     for packed, shape_init in zip(stream.tensors, inits[1:], strict=False):
         # where the weight sits in the stream (and its int8 scale) is read from the graph
         set_tensor_metadata(shape_init, {
             "sparsity": round(sparsities[packed.name], 6), "pattern": "unstructured",
-            "encoding": f"bitmask-tree{stream.levels}-{'qdq-int8' if stream.raw_int8 else values}"})
+            "encoding": f"bitmask-tree{stream.levels}-{stored}"})
     del graph.initializer[:]
     graph.initializer.extend(kept + inits)
     existing = list(graph.node)
