@@ -125,7 +125,7 @@ def test_evaluate_onnx_matches_run(runs, tmp_path, cli):
     assert from_onnx["top1"] == pytest.approx(from_run["top1"], abs=1 / 300)
 
 
-INT8_TOP1_BOUND = 0.02  # int8 QDQ may cost at most 2 points of test top-1 (300 images)
+INT8_TOP1_BOUND = 0.02  # int8 QDQ (U8S8) may cost at most 2 points of test top-1 (300 images)
 
 
 @pytest.mark.parametrize("pack", ["bitmask", "none"])
