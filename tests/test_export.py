@@ -341,3 +341,27 @@ def test_evaluate_checks_batch_size_and_input_shape(runs, tmp_path, cli):
     ort_file = tmp_path / "e.ort"
     export_checkpoint(runs["dpf"], ort_file, verify=False, file_format="ort")
     assert "cannot be inspected" in cli("inspect", ort_file).output
+
+
+@pytest.mark.parametrize("spec, data", [
+    ("resnet20", dict()),  # BatchNorm folded into convs, residual adds, option-B shortcuts
+    ("torchvision.models:mobilenet_v3_small",  # depthwise convs, squeeze-excite, hardswish
+     dict(data="synthetic", input_shape=[3, 32, 32])),
+])
+def test_batchnorm_and_torchvision_models_export(spec, data, tmp_path, cli):
+    dense, pruned, path = tmp_path / "dense", tmp_path / "pruned", tmp_path / "m.onnx"
+    recipe = Recipe(model=spec, method="none", epochs=1, batch_size=32, max_train_samples=128,
+                    max_test_samples=64, **data).validate()
+    train_prune(recipe, str(dense), show_progress=False)
+    prune_oneshot(str(dense), str(pruned), 0.9, show_progress=False)
+    result = export_checkpoint(pruned, path, pack="bitmask")
+    assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not set(optimized_ops(path, tmp_path)) & DECODER_OPS
+    # folding BatchNorm scales whole output channels: the zeros survive it
+    from_onnx = json.loads(cli("inspect", path, "--json").stdout)["total"]
+    assert from_onnx["prunable_sparsity"] == pytest.approx(0.9, abs=2e-3)
+    int8 = cli("export", pruned, "--onnx", tmp_path / "q.onnx", "--quantize", "int8",
+               "--calibration-samples", "32", "--json")
+    assert int8.exit_code == 0, int8.output
+    assert json.loads(int8.stdout)["packed"]
