@@ -5,8 +5,9 @@ zero and the sparsity pattern survives; activations are uint8 (asymmetric) with 
 calibrated (min/max) on images from the run's training split, normalised as the model
 expects and never augmented. uint8 activations with int8 weights (U8S8) are onnxruntime's
 fast path on x86: measured on ResNet-20 here, 2.2x faster than fp32 at one thread, where
-int8 activations (S8S8) were 1.4x slower than fp32. The result is a QDQ graph (``DequantizeLinear`` after each int8 weight) that
-onnxruntime fuses into integer kernels (``QLinearConv``, ``QGemm``...) at session start.
+int8 activations (S8S8) were 1.4x slower than fp32. The result is a QDQ graph
+(``DequantizeLinear`` after each int8 weight) that onnxruntime fuses into integer kernels
+(``QLinearConv``, ``QGemm``...) at session start.
 """
 
 from __future__ import annotations
