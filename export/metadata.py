@@ -1,8 +1,8 @@
 """Metadata written into exported files, under one reverse-DNS prefix.
 
 Model level: ``metadata_props`` of the ModelProto. Tensor level: ``metadata_props`` of each
-pruned weight's initializer (for a packed weight, of its ``__values`` initializer), which
-ONNX allows since IR version 10. Reading needs only the ``onnx`` package.
+pruned weight's initializer (for a packed weight, of its ``<weight>__shape`` initializer),
+which ONNX allows since IR version 10. Reading needs only the ``onnx`` package.
 """
 
 from __future__ import annotations
