@@ -53,11 +53,10 @@ def friendly_errors(command: Callable) -> Callable:
                       "half-written file is left)")
             raise typer.Exit(130) from None
         except ModuleNotFoundError as exc:
-            if exc.name not in ("torch", "torchvision"):
+            if exc.name not in OPTIONAL_MODULES:
                 raise
             err.print(f"[red]error:[/red] this command needs {exc.name}, which is not installed "
-                      "here; only `compress inspect MODEL.onnx` runs without it",
-                      highlight=False, soft_wrap=True)
+                      f"here; {OPTIONAL_MODULES[exc.name]}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except Exception as exc:  # a bug: one line by default, the traceback on --debug
             if STATE["debug"]:
@@ -69,6 +68,13 @@ def friendly_errors(command: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+OPTIONAL_MODULES = {  # what still works on a device without them
+    "torch": "`compress bench` and `compress inspect MODEL.onnx` run without it",
+    "torchvision": "`compress bench` and `compress inspect MODEL.onnx` run without it",
+    "onnx": "`pip install onnx` (plain `compress bench` runs without it)",
+}
 
 
 def parse_shape(text: str | None) -> list[int] | None:

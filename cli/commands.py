@@ -243,8 +243,9 @@ def export_onnx(
     overwrite: Annotated[bool, Opt(help="Replace an existing file at --onnx.")] = False,
     quantize: Annotated[str, Opt(help="none, or int8: static QDQ, per-channel weights, "
                                       "calibrated on training images.")] = "none",
-    calibration_samples: Annotated[int, Opt(help="Training images that calibrate "
-                                                 "--quantize int8.")] = 512,
+    calibration_samples: Annotated[int | None, Opt(help="Training images that calibrate "
+                                                        "--quantize int8 [default: 512].")]
+    = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
@@ -281,16 +282,23 @@ def export_onnx(
                        f"max |diff| {v.max_abs_diff_vs_torch:.2e} from {result.values} rounding")
         folded = (f"; decoder folded at load ({v.optimized_nodes} nodes after basic "
                   "optimization)" if result.packed else "")
-        out.print(f"verified: onnx.checker ok; {against}{folded}", highlight=False,
-                  soft_wrap=True)
+        if file_format == "ort":
+            out.print(f"verified the ONNX export before conversion: onnx.checker ok; {against}; "
+                      "the ORT-format file reproduces its outputs", highlight=False,
+                      soft_wrap=True)
+        else:
+            out.print(f"verified: onnx.checker ok; {against}{folded}", highlight=False,
+                      soft_wrap=True)
     if accuracy and "error" not in accuracy:
         out.print(f"validation top-1: PyTorch {accuracy['torch_val_top1']:.4f}, onnxruntime "
                   f"{accuracy['onnx_val_top1']:.4f} ({accuracy['delta'] * 100:+.2f} points, "
-                  f"{accuracy['samples']} samples)", highlight=False)
+                  f"{accuracy['samples']} samples)", highlight=False, soft_wrap=True)
     elif accuracy:
         out.print(escape(f"accuracy not measured: {accuracy['error']}"), highlight=False)
-    out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity makes "
-              "the file smaller, not the model faster", highlight=False)
+    if result.packed:
+        out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity "
+                  "makes the file smaller, not the model faster", highlight=False,
+                  soft_wrap=True)
 
 
 EXIT_OVER_BUDGET = 3
@@ -298,19 +306,22 @@ PROFILE_RUNS = 100  # profiled runs after the timed ones (at most --runs)
 SLOWEST_NODES = 12
 
 
-def _print_profile(summary: dict) -> None:
-    by_type = Table(title=f"time by operator type ({summary['runs']} profiled runs; kernels "
-                          f"{summary['kernel_ms_per_run']:.3f} ms per run)")
+def _print_profile(summary: dict, model: str) -> None:
+    by_type = Table(title=escape(f"{Path(model).name}: time by operator type "
+                                 f"({summary['runs']} profiled runs; kernels "
+                                 f"{summary['kernel_ms_per_run']:.3f} ms per run)"))
     for col in ("operator", "nodes", "ms / run", "share"):
         by_type.add_column(col, justify="left" if col == "operator" else "right")
     for row in summary["by_op_type"]:
         by_type.add_row(escape(row["op_type"]), str(row["nodes"]), f"{row['ms_per_run']:.4f}",
                         f"{row['share']:.1%}")
     out.print(by_type)
-    nodes = Table(title=f"slowest nodes of the optimized graph (top {SLOWEST_NODES})")
+    shown = summary["by_node"][:SLOWEST_NODES]
+    nodes = Table(title=escape(f"{Path(model).name}: slowest nodes of the optimized graph "
+                               f"({len(shown)} of {len(summary['by_node'])})"))
     for col in ("node", "operator", "layer", "ms / run", "share"):
         nodes.add_column(col, justify="right" if col in ("ms / run", "share") else "left")
-    for row in summary["by_node"][:SLOWEST_NODES]:
+    for row in shown:
         nodes.add_row(escape(row["node"]), escape(row["op_type"]), escape(row["layer"] or "-"),
                       f"{row['ms_per_run']:.4f}", f"{row['share']:.1%}")
     out.print(nodes)
@@ -340,7 +351,7 @@ def bench(
 
     budget_verdict({"latency_ms": {}}, None, percentile)  # check the flag before timing
     with Progress(TextColumn("timing"), BarColumn(), MofNCompleteColumn(), console=err,
-                  transient=True, disable=json_out) as progress:
+                  transient=True, disable=json_out or not err.is_terminal) as progress:
         task = progress.add_task("bench", total=runs * (2 if against else 1))
         result = run_bench(model, against, threads=threads, batch=batch, runs=runs,
                            warmup=warmup, profile_runs=min(runs, PROFILE_RUNS) if profile else 0,
@@ -355,7 +366,8 @@ def bench(
                                    f"after {result['warmup']} warm-up; {result['cpu']}"))
         for col in ("model", "file", "start (ms)", "p50 (ms)", "p90 (ms)", "p99 (ms)",
                     "mean (ms)"):
-            table.add_column(col, justify="left" if col == "model" else "right")
+            table.add_column(col, justify="left" if col == "model" else "right",
+                             overflow="fold" if col == "model" else "ellipsis")
         rows = [result] + ([result["against"]] if result["against"] else [])
         for row in rows:
             lat = row["latency_ms"]
@@ -363,13 +375,15 @@ def bench(
                           f"{row['session_start_ms']:.1f}", f"{lat['p50']:.3f}",
                           f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{lat['mean']:.3f}")
         out.print(table)
-        out.print(f"throughput {result['throughput_per_s']:.1f} samples/s; peak RSS "
-                  f"{result['peak_rss_mb']:.0f} MiB", highlight=False)
+        out.print(escape(f"throughput of {Path(result['model']).name}: "
+                         f"{result['throughput_per_s']:.1f} samples/s; peak RSS of the process "
+                         f"{result['peak_rss_mb']:.0f} MiB; providers "
+                         f"{', '.join(result['providers'])}"), highlight=False, soft_wrap=True)
         if result["ratio_p50"] is not None:
             out.print(f"p50 ratio (model / against): {result['ratio_p50']:.3f}",
                       highlight=False)
         if result["profile"]:
-            _print_profile(result["profile"])
+            _print_profile(result["profile"], result["model"])
         if budget_ms is not None:
             verdict = "within" if result["within_budget"] else "OVER"
             out.print(f"{percentile} {result['latency_ms'][percentile]:.3f} ms is {verdict} "

@@ -66,8 +66,10 @@ def measure(paths: list[Path], *, threads: int = 1, batch: int = 1, runs: int = 
             warmup: int = 20, blocks: int = 5, on_progress=None):
     """Time several models in alternating blocks in one process, so machine noise hits all
     alike. Returns the measurements and the (session, feed) pairs, in the order given."""
-    if threads < 1 or batch < 1 or runs < 1 or warmup < 0:
-        raise CompressError("--threads, --batch and --runs must be at least 1, --warmup >= 0")
+    for flag, value, least in (("--threads", threads, 1), ("--batch", batch, 1),
+                               ("--runs", runs, 1), ("--warmup", warmup, 0)):
+        if value < least:
+            raise CompressError(f"{flag} must be at least {least}, got {value}")
     sessions, measurements = [], []
     for path in paths:
         session, start_ms = _timed_session(path, threads)

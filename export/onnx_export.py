@@ -197,8 +197,11 @@ def _check_target(out: Path, source_path: Path, file_format: str, overwrite: boo
 
 
 def _check_options(pack: str, values: str, opset: int, file_format: str, quantize: str,
-                   calibration_samples: int) -> None:
-    if calibration_samples < 1:
+                   calibration_samples: int | None) -> None:
+    if calibration_samples is not None and quantize == "none":
+        raise CompressError("--calibration-samples calibrates --quantize int8; pass both or "
+                            "neither")
+    if calibration_samples is not None and calibration_samples < 1:
         raise CompressError(f"--calibration-samples must be at least 1, got "
                             f"{calibration_samples}")
     if quantize not in QUANT_MODES:
@@ -213,6 +216,9 @@ def _check_options(pack: str, values: str, opset: int, file_format: str, quantiz
         raise CompressError(f"--pack must be one of {', '.join(PACK_MODES)}, got {pack!r}")
     if values not in VALUE_TYPES:
         raise CompressError(f"--values must be one of {', '.join(VALUE_TYPES)}, got {values!r}")
+    if file_format == "ort" and pack == "bitmask":
+        raise CompressError("--format ort stores weights unpacked (minimal builds cannot "
+                            "decode them); drop --pack bitmask")
     if values != "fp32" and (pack == "none" or file_format == "ort"):
         raise CompressError("--values sets the precision of packed weights; it needs "
                             "--pack auto or bitmask and the onnx format")
@@ -235,7 +241,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
                       values: str = "fp32", opset: int = 20, verify: bool = True,
                       file_format: str = "onnx", overwrite: bool = False,
                       measure_accuracy: bool = False, quantize: str = "none",
-                      calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES) -> ExportResult:
+                      calibration_samples: int | None = None) -> ExportResult:
     """Export, [quantize], pack, annotate, verify; the target appears only if every step
     succeeded.
 
@@ -253,8 +259,9 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     _canonical_zeros(model)
     quantization = None
     if quantize == "int8":
-        model = quantize_int8(model, calibration_batches(ckpt, calibration_samples))
-        quantization = settings(calibration_samples)
+        samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
+        model = quantize_int8(model, calibration_batches(ckpt, samples))
+        quantization = settings(samples)
     packed = _pack(model, pack, values)  # with "none" it only annotates the tensors
     set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -94,11 +94,27 @@ def _macs(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, dict]]) -
     return dense, nonzero
 
 
+def _model_order(model: onnx.ModelProto, names) -> list[str]:
+    """``names`` in the order the graph's layers read them (packed weights are produced by
+    the decoder, which comes first; int8 ones are read through a DequantizeLinear, which the
+    quantizer places anywhere)."""
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node
+                   if n.op_type == "DequantizeLinear"}
+    first: dict[str, int] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "DequantizeLinear":
+            continue
+        for name in node.input:
+            first.setdefault(dequantized.get(name, name), index)
+    return sorted(names, key=lambda name: first.get(name, len(model.graph.node)))
+
+
 def inspect_onnx(path: str | Path) -> dict:
     model = load_onnx(path)
     weights = dense_weights(model)
     layers = []
-    for name, (array, meta) in weights.items():
+    for name in _model_order(model, weights):
+        array, meta = weights[name]
         n = int(array.size)
         nz = int(np.count_nonzero(array))
         layers.append({"name": name, "shape": list(array.shape), "params": n, "nonzero": nz,

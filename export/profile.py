@@ -27,12 +27,13 @@ FUSED_AFTER = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Add", "Su
 def layer_names(path: Path) -> dict[str, str]:
     """Original node and value names -> the layer they belong to (the weight's name without
     ``.weight``), for the nodes that read a weight and the activation or residual sum right
-    after them, which onnxruntime fuses into the same kernel. Empty for ORT-format files."""
+    after them, which onnxruntime fuses into the same kernel. Empty for ORT-format files
+    and where the onnx package is missing: the profile then names nodes only."""
     if path.suffix.lower() == ".ort":
         return {}
-    import onnx
-
     try:
+        import onnx
+
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
         return {}

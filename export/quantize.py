@@ -35,6 +35,9 @@ def calibration_batches(ckpt, samples: int, batch_size: int = 64) -> list[np.nda
     if samples < 1:
         raise CompressError(f"--calibration-samples must be at least 1, got {samples}")
     train = load_splits(ckpt.data).train
+    if samples > len(train):
+        raise CompressError(f"--calibration-samples {samples} is more than the {len(train):,} "
+                            "images of the training split")
     generator = torch.Generator().manual_seed(CALIBRATION_SEED)
     chosen = torch.randperm(len(train), generator=generator)[:samples]
     subset = train.subset(chosen, augment=False)

@@ -61,6 +61,22 @@ def test_bench_without_torch(models):
     assert payload["ratio_p50"] > 0 and payload["profile"]["by_op_type"]
 
 
+def test_without_onnx_bench_profiles_and_inspect_says_what_is_missing(models):
+    packed, _ = models
+    blocked = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+    bench = blocked + ("from cli.app import main\n"
+                       f"sys.argv = ['compress', 'bench', {str(packed)!r}, '--runs', '10', "
+                       "'--profile', '--json']\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", bench], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert all(r["layer"] is None for r in json.loads(proc.stdout)["profile"]["by_node"])
+    inspect = blocked + ("from cli.app import main\n"
+                         f"sys.argv = ['compress', 'inspect', {str(packed)!r}]\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", inspect], capture_output=True, text=True)
+    assert proc.returncode == 2 and "pip install onnx" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_profile_by_operator_type_and_layer(cli, models):
     packed, _ = models
     result = cli("bench", packed, "--runs", "40", "--profile", "--json")

@@ -166,7 +166,11 @@ def test_int8_quantize_rejects_bad_options(runs, tmp_path, cli):
     target = tmp_path / "x.onnx"
     for args, words in ((["--quantize", "int4"], "--quantize"),
                         (["--quantize", "int8", "--values", "fp16"], "int8 already"),
-                        (["--quantize", "int8", "--calibration-samples", "0"], "at least 1")):
+                        (["--quantize", "int8", "--calibration-samples", "0"], "at least 1"),
+                        (["--calibration-samples", "64"], "pass both or neither"),
+                        (["--quantize", "int8", "--calibration-samples", "99999"],
+                         "more than the"),
+                        (["--format", "ort", "--pack", "bitmask"], "drop --pack")):
         result = cli("export", runs["dpf"], "--onnx", target, *args)
         assert result.exit_code == 2 and words in result.output, result.output
         assert not target.exists()
