@@ -60,6 +60,7 @@ def train_prune(
     quiet: Annotated[bool, Opt(help="No progress display.")] = False,
 ) -> None:
     """Train a model, pruning it during training (DPF, GMP) or not at all."""
+    from compress.distributed import is_main_process
     from compress.errors import CompressError
     from compress.pipeline import resolve_recipe
     from compress.pipeline import train_prune as run_train_prune
@@ -100,10 +101,12 @@ def train_prune(
                       f"val top-1 {result.val_acc:.4f}  sparsity {result.sparsity:.4f}  "
                       f"({result.seconds:.1f} s)", highlight=False)
 
+    main_process = is_main_process()  # under torchrun only rank 0 prints
     summary = run_train_prune(resolved, out_dir, resume=resume, console=err,
-                              show_progress=not quiet and not json_out, on_epoch=on_epoch,
-                              on_start=on_start)
-    show_summary(summary, json_out)
+                              show_progress=not quiet and not json_out and main_process,
+                              on_epoch=on_epoch, on_start=on_start)
+    if main_process:
+        show_summary(summary, json_out)
 
 
 @app.command()

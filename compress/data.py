@@ -62,6 +62,24 @@ class DataConfig:
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Shard = tuple[int, int]  # (rank, world) of a torchrun process
+
+
+def shard_order(order: torch.Tensor, shard: Shard | None, pad: bool) -> torch.Tensor:
+    """This process's interleaved slice of ``order``. With ``pad`` the order is first
+    extended by its own start so every process gets as many items (and takes as many
+    steps); evaluation does not pad, so no image is counted twice."""
+    if shard is None or shard[1] == 1:
+        return order
+    rank, world = shard
+    if pad:
+        order = torch.cat([order, order[: (-len(order)) % world]])
+    return order[rank::world]
+
+
+def sharded_batches(length: int, batch_size: int, world: int = 1) -> int:
+    """Steps per epoch for each of ``world`` processes (training pads, see shard_order)."""
+    return math.ceil(math.ceil(length / world) / batch_size)
 
 
 class TensorSplit:
@@ -89,15 +107,17 @@ class TensorSplit:
         return (x - self.mean) / self.std
 
     def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
+                generator: torch.Generator | None = None,
+                shard: Shard | None = None) -> Iterator[Batch]:
         order = (torch.randperm(len(self), generator=generator) if shuffle
                  else torch.arange(len(self)))
-        for start in range(0, len(self), batch_size):
+        order = shard_order(order, shard, pad=shuffle)
+        for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             yield self._prepare(self.images[idx], generator if shuffle else None), self.labels[idx]
 
-    def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self) / batch_size)
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        return sharded_batches(len(self), batch_size, world)
 
 
 def _random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -126,14 +146,16 @@ class FolderSplit:
         return FolderSplit(self.dataset, [self.indices[i] for i in index.tolist()])
 
     def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
-        sub = torch.utils.data.Subset(self.dataset, self.indices)
-        loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=shuffle,
-                                             generator=generator, num_workers=0)
-        yield from loader
+                generator: torch.Generator | None = None,
+                shard: Shard | None = None) -> Iterator[Batch]:
+        order = (torch.randperm(len(self), generator=generator) if shuffle
+                 else torch.arange(len(self)))
+        order = shard_order(order, shard, pad=shuffle)
+        sub = torch.utils.data.Subset(self.dataset, [self.indices[i] for i in order.tolist()])
+        yield from torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=0)
 
-    def num_batches(self, batch_size: int) -> int:
-        return math.ceil(len(self) / batch_size)
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        return sharded_batches(len(self), batch_size, world)
 
 
 @dataclass

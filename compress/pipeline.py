@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from compress import distributed
 from compress.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
 from compress.data import DataConfig, Splits, load_splits
 from compress.errors import CompressError
@@ -91,6 +92,12 @@ class Job:
     generator: torch.Generator
     device: torch.device
     start_epoch: int = 0
+    shard: distributed.Shard = distributed.SINGLE
+    train_model: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+
+    def save(self, ckpt: Checkpoint) -> None:
+        if self.shard.main:
+            save_checkpoint(ckpt, self.run.checkpoint)
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -99,8 +106,11 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     disable=not enabled, transient=True)
 
 
-def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None) -> Job:
+def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
+               shard: distributed.Shard = distributed.SINGLE) -> Job:
     device = resolve_device(recipe.device)
+    if shard.active:
+        device = distributed.start(shard, recipe.device)
     generator = seed_everything(recipe.seed)
     splits = load_splits(data_config(recipe))
     model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
@@ -108,16 +118,27 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None) -> 
         load_weights_into(model, recipe.weights)
     model.to(device)
     cfg = optim_config(recipe)
-    steps_per_epoch = splits.train.num_batches(cfg.batch_size)
+    steps_per_epoch = splits.train.num_batches(cfg.batch_size, shard.world)
     total_steps = steps_per_epoch * cfg.epochs
     pruner = make_pruner(recipe, model, total_steps)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg, total_steps, steps_per_epoch))
-    job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device)
+    job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
+              shard=shard)
     if resume_state is not None:
         _restore(job, resume_state)
+    job.train_model = model
     return job
+
+
+def _wrap_for_ranks(job: Job) -> None:
+    """DistributedDataParallel around the model: a collective, so only once every process
+    has built its job (see `distributed.agree`)."""
+    if job.shard.active:
+        device = job.device
+        job.train_model = torch.nn.parallel.DistributedDataParallel(
+            job.model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _restore(job: Job, ckpt: Checkpoint) -> None:
@@ -163,8 +184,8 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
                 on_epoch: Callable[[EpochResult], None] | None) -> list[EpochResult]:
     cfg = optim_config(job.recipe)
     results: list[EpochResult] = []
-    steps = job.splits.train.num_batches(cfg.batch_size)
-    with _progress(console, show_progress) as progress:
+    steps = job.splits.train.num_batches(cfg.batch_size, job.shard.world)
+    with _progress(console, show_progress and job.shard.main) as progress:
         for epoch in range(job.start_epoch, cfg.epochs):
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, info="")
             started = time.perf_counter()
@@ -179,12 +200,13 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
                 refreshes.append(event)
                 job.run.log("refresh", **event)
 
-            loss, acc = train_epoch(job.model, job.splits.train, job.optimizer, job.scheduler,
-                                    cfg, job.generator, job.device, epoch, job.pruner,
-                                    on_step, on_refresh)
+            loss, acc = train_epoch(job.train_model or job.model, job.splits.train,
+                                    job.optimizer, job.scheduler, cfg, job.generator,
+                                    job.device, epoch, job.pruner, on_step, on_refresh,
+                                    shard=job.shard)
             train_seconds = time.perf_counter() - started
             val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device,
-                                         pruner=job.pruner)
+                                         pruner=job.pruner, shard=job.shard)
             result = EpochResult(epoch + 1, loss, acc, val_acc, val_loss,
                                  job.pruner.sparsity if job.pruner else 0.0, train_seconds,
                                  job.scheduler.get_last_lr()[0], refreshes)
@@ -192,10 +214,9 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
             job.run.log("epoch", **{k: v for k, v in vars(result).items() if k != "refreshes"},
                         mean_flips=(sum(r["flips"] for r in refreshes) / len(refreshes)
                                     if refreshes else 0.0))
-            save_checkpoint(_checkpoint(job, epoch + 1, {"val_top1": val_acc}),
-                            job.run.checkpoint)
+            job.save(_checkpoint(job, epoch + 1, {"val_top1": val_acc}))
             results.append(result)
-            if on_epoch:
+            if on_epoch and job.shard.main:
                 on_epoch(result)
     return results
 
@@ -204,34 +225,62 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
                 console: Console | None = None, show_progress: bool = True,
                 on_epoch: Callable[[EpochResult], None] | None = None,
                 on_start: Callable[[Job], None] | None = None) -> dict:
-    """Train (and prune during training) per ``recipe``; write the run to ``out``."""
+    """Train (and prune during training) per ``recipe``; write the run to ``out``.
+
+    Under torchrun every process runs this; see `compress.distributed`."""
     console = console or Console(stderr=True)
-    run = RunDir(out)
-    resume_state = None
-    if resume:
-        run.for_resume()
-        resume_state = load_checkpoint(run.checkpoint)
-        if resume_state.method == "magnitude":
-            raise CompressError(f"{out} is a one-shot prune run; --resume is for train-prune runs")
-        recipe = recipe_from_mapping(resume_state.recipe).validate()
-    else:
-        run.create()
+    shard = distributed.from_env()
+    if shard.active:
+        distributed.start(shard, recipe.device)
     try:
-        job = _build_job(recipe, run, resume_state)
-    except BaseException:
-        run.discard_if_unused()  # a bad model or data set must not block the same --out
-        raise
-    if job.start_epoch >= recipe.epochs:
-        raise CompressError(f"{out} already finished its {recipe.epochs} epochs")
-    if not resume:
-        run.write_text("recipe.yaml", dump_recipe(recipe))
-    if on_start:
+        return _train_prune(recipe, out, resume, shard, console, show_progress, on_epoch,
+                            on_start)
+    finally:
+        distributed.stop(shard)
+
+
+def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shard,
+                 console: Console, show_progress: bool,
+                 on_epoch: Callable[[EpochResult], None] | None,
+                 on_start: Callable[[Job], None] | None) -> dict:
+    run = RunDir(out, writer=shard.main)
+    job, error = None, None
+    try:
+        job = _start_job(recipe, run, resume, shard)
+    except CompressError as exc:
+        error = exc
+    distributed.agree(shard, error)  # every process stops if one could not start
+    _wrap_for_ranks(job)
+    if on_start and shard.main:
         on_start(job)
     try:
         _run_epochs(job, console, show_progress, on_epoch)
     except Diverged as exc:
         raise CompressError(f"{exc}; the partial run is kept in {out}") from None
     return _finish(job)
+
+
+def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard) -> Job:
+    resume_state = None
+    if resume:
+        run.for_resume()
+        resume_state = load_checkpoint(run.checkpoint)
+        if resume_state.method == "magnitude":
+            raise CompressError(f"{run.path} is a one-shot prune run; --resume is for "
+                                "train-prune runs")
+        recipe = recipe_from_mapping(resume_state.recipe).validate()
+    else:
+        run.create()
+    try:
+        job = _build_job(recipe, run, resume_state, shard)
+    except BaseException:
+        run.discard_if_unused()  # a bad model or data set must not block the same --out
+        raise
+    if job.start_epoch >= recipe.epochs:
+        raise CompressError(f"{run.path} already finished its {recipe.epochs} epochs")
+    if not resume:
+        run.write_text("recipe.yaml", dump_recipe(recipe))
+    return job
 
 
 def _zero_share(tensors: list[torch.Tensor]) -> float:
@@ -246,10 +295,13 @@ def _zero_fraction_of(pruner: MaskPruner) -> float:
 
 def _finish(job: Job) -> dict:
     """Final figures: validation and test top-1, exact sparsity; report; final checkpoint."""
-    val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
+    val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner,
+                                 shard=job.shard)
     test_acc, test_loss = evaluate(job.model, job.splits.test, device=job.device,
-                                   pruner=job.pruner)
+                                   pruner=job.pruner, shard=job.shard)
     pruner = job.pruner
+    if pruner is not None:
+        distributed.check_identical(job.shard, pruner.masks, "pruning masks")
     summary = {
         "run": str(job.run.path),
         "model": job.recipe.model,
@@ -264,10 +316,12 @@ def _finish(job: Job) -> dict:
         "empty_layers": [n for n in pruner.weights if not pruner.masks[n].any()] if pruner
         else [],
         "test_samples": len(job.splits.test),
+        "processes": job.shard.world,
     }
     job.run.log("final", **summary)
-    save_checkpoint(_checkpoint(job, job.recipe.epochs, summary), job.run.checkpoint)
-    write_report(job.run)
+    job.save(_checkpoint(job, job.recipe.epochs, summary))
+    if job.shard.main:
+        write_report(job.run)
     return summary
 
 
@@ -282,6 +336,8 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
                   console: Console | None = None, show_progress: bool = True,
                   on_epoch: Callable[[EpochResult], None] | None = None) -> dict:
     """One-shot magnitude pruning of a trained checkpoint, optionally fine-tuned."""
+    if distributed.from_env().active:
+        raise CompressError("compress prune runs in one process; run it without torchrun")
     if method != "magnitude":
         raise CompressError(f"prune method {method!r} is not available; available: magnitude")
     if not 0.0 <= sparsity < 1.0:

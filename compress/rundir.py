@@ -19,8 +19,12 @@ REPORT_NAME = "report.md"
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
+    """``writer=False`` (torchrun ranks other than 0) reads the directory but never writes:
+    creating, logging and writing files do nothing there."""
+
+    def __init__(self, path: str | Path, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
 
     @property
     def checkpoint(self) -> Path:
@@ -36,6 +40,8 @@ class RunDir:
 
     def create(self, resumable: bool = True) -> RunDir:
         """Make a fresh run directory, refusing to clobber anything already there."""
+        if not self.writer:
+            return self
         if self.path.exists() and not self.path.is_dir():
             raise CompressError(f"--out {self.path} exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()):
@@ -67,10 +73,14 @@ class RunDir:
         return self
 
     def log(self, event: str, **fields) -> None:
+        if not self.writer:
+            return
         with open(self.metrics, "a") as f:
             f.write(json.dumps({"event": event, **fields}) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
+        if not self.writer:
+            return
         atomic_write_text(self.path / name, text)
 
     def read_events(self) -> list[dict]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.distributed import SINGLE, Shard, sum_over_ranks
 from compress.errors import CompressError
 from compress.methods import DPF, MaskPruner
 
@@ -79,20 +80,22 @@ def lr_factor(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> Calla
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, batch_size: int = 512, device: torch.device | None = None,
-             pruner: MaskPruner | None = None) -> tuple[float, float]:
-    """(top-1, mean loss) on ``split``; a DPF model is evaluated pruned, dense weights kept."""
+             pruner: MaskPruner | None = None, shard: Shard = SINGLE) -> tuple[float, float]:
+    """(top-1, mean loss) on ``split``; a DPF model is evaluated pruned, dense weights kept.
+    Under torchrun each process takes its share of the split and the counts are summed."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct, loss_sum, seen = 0, 0.0, 0
     with pruner.pruned() if pruner else nullcontext():
-        for x, y in split.batches(batch_size):
+        for x, y in split.batches(batch_size, shard=(shard.rank, shard.world)):
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
     model.train(was_training)
+    correct, loss_sum, seen = sum_over_ranks(shard, [correct, loss_sum, seen])
     return (correct / seen, loss_sum / seen) if seen else (0.0, float("nan"))
 
 
@@ -118,21 +121,29 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
                 generator: torch.Generator, device: torch.device, epoch: int,
                 pruner: MaskPruner | None = None,
                 on_step: Callable[[int, float, float], None] | None = None,
-                on_refresh: Callable[[dict], None] | None = None) -> tuple[float, float]:
-    """One pass over ``split``; returns (mean loss, accuracy) of the pruned network."""
+                on_refresh: Callable[[dict], None] | None = None,
+                shard: Shard = SINGLE) -> tuple[float, float]:
+    """One pass over ``split``; returns (mean loss, accuracy) of the pruned network.
+
+    Under torchrun ``model`` is the DistributedDataParallel wrapper, each process reads its
+    shard of every batch, and the divergence check uses the loss of all processes so that
+    they all stop at the same step."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in split.batches(cfg.batch_size, shuffle=True, generator=generator):
+    for x, y in split.batches(cfg.batch_size, shuffle=True, generator=generator,
+                              shard=(shard.rank, shard.world)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with pruner.pruned() if pruner else nullcontext():
             out = model(x)
             loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
-                value = float(loss.detach())
-                raise Diverged(f"training diverged: loss is {value} in epoch {epoch + 1}; "
-                               f"lower --lr (now {cfg.lr})")
+            if not shard.active and not torch.isfinite(loss):
+                _diverged(float(loss.detach()), epoch, cfg)
             loss.backward()
+        if shard.active:
+            total = sum_over_ranks(shard, [float(loss.detach())])[0]
+            if not math.isfinite(total):
+                _diverged(total, epoch, cfg)
         optimizer.step()
         scheduler.step()
         if pruner is not None:
@@ -145,7 +156,13 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
         seen += batch
         if on_step:
             on_step(batch, loss_sum / seen, correct / seen)
+    loss_sum, correct, seen = sum_over_ranks(shard, [loss_sum, correct, seen])
     return loss_sum / max(1, seen), correct / max(1, seen)
+
+
+def _diverged(loss: float, epoch: int, cfg: OptimConfig) -> None:
+    raise Diverged(f"training diverged: loss is {loss} in epoch {epoch + 1}; lower --lr "
+                   f"(now {cfg.lr})")
 
 
 def dense_values(pruner: MaskPruner | None) -> dict[str, torch.Tensor] | None:

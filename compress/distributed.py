@@ -1,0 +1,121 @@
+"""Data-parallel training under ``torchrun``: the same command, N processes.
+
+``torchrun --no-python --nproc_per_node=N compress train-prune ...`` starts N copies; each
+reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from the environment, joins one process group
+(NCCL on CUDA, Gloo on CPU), trains a DistributedDataParallel copy of the model on its own
+shard of every batch, and only rank 0 writes the run directory. ``--batch-size`` is per
+process, so one step sees ``N x batch-size`` images, exactly the batch a single process
+with ``--batch-size N x B`` would see (the shards of a step are interleaved slices of the
+same shuffled order). Masks are computed from weights that DDP keeps identical on every
+rank, and the final masks are checked to agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world`` processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Shard()
+
+
+def from_env() -> Shard:
+    """The shard torchrun describes in the environment (a single process without it)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise CompressError("RANK and WORLD_SIZE must be integers (as torchrun sets "
+                            "them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise CompressError(f"RANK {rank} does not fit WORLD_SIZE {world}")
+    return Shard(rank, world)
+
+
+def is_main_process() -> bool:
+    """True outside torchrun and on rank 0: the process that prints and writes."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def start(shard: Shard, device_name: str) -> torch.device:
+    """Join the process group (if there is more than one process); the device to use."""
+    cuda = device_name.startswith("cuda")
+    if not shard.active:
+        return torch.device(device_name)
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return device
+
+
+def stop(shard: Shard) -> None:
+    if shard.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(shard: Shard, error: BaseException | None) -> None:
+    """Raise on every rank if any rank failed, so that none waits for the others forever."""
+    if not shard.active:
+        if error is not None:
+            raise error
+        return
+    failed = _to_backend(torch.tensor([0 if error is None else 1], dtype=torch.int64))
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed.item()):
+        raise CompressError("another process of this torchrun job failed; see its message")
+
+
+def sum_over_ranks(shard: Shard, values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all processes (the values themselves alone)."""
+    if not shard.active:
+        return values
+    tensor = _to_backend(torch.tensor(values, dtype=torch.float64))
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def check_identical(shard: Shard, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Fail loudly if ``tensors`` differ between processes (compared by checksum)."""
+    if not shard.active:
+        return
+    checksum = sum(float(t.double().sum()) + float((t.double() ** 2).sum())
+                   for t in tensors.values())
+    extremes = []
+    for op in (dist.ReduceOp.MIN, dist.ReduceOp.MAX):
+        value = _to_backend(torch.tensor([checksum], dtype=torch.float64))
+        dist.all_reduce(value, op=op)
+        extremes.append(float(value.item()))
+    if extremes[0] != extremes[1]:
+        raise CompressError(f"the {what} differ between torchrun processes")
+
+
+def _to_backend(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
