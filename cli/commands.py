@@ -33,6 +33,8 @@ def train_prune(
     device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
     resume: Annotated[bool, Opt(help="Continue the run in --out.")] = False,
     scope: Annotated[str | None, Opt(help="global (one threshold) or layer.")] = None,
+    layer_floor: Annotated[float | None, Opt(help="Least fraction of each layer the global "
+                                                  "threshold keeps [default: 0].")] = None,
     refresh_every: Annotated[int | None, Opt(help="Mask refresh period in steps.")] = None,
     prune_start: Annotated[float | None, Opt(help="Fraction of training when pruning "
                                                   "starts.")] = None,
@@ -69,6 +71,7 @@ def train_prune(
     overrides = dict(model=model, data=data, data_dir=data_dir, method=method,
                      sparsity=sparsity, epochs=epochs, batch_size=batch_size, lr=lr,
                      weights=weights, seed=seed, device=device, scope=scope,
+                     layer_floor=layer_floor,
                      refresh_every=refresh_every, prune_start=prune_start,
                      prune_end=prune_end, freeze_at=freeze_at,
                      feedback_decay=feedback_decay, skip_first=skip_first,
@@ -119,6 +122,8 @@ def prune(
                                               "mask.")] = 0,
     out_dir: Annotated[str, Opt("--out", help="Run directory to create.")] = "runs/pruned",
     scope: Annotated[str, Opt(help="global or layer.")] = "global",
+    layer_floor: Annotated[float, Opt(help="Least fraction of each layer the global "
+                                           "threshold keeps.")] = 0.0,
     lr: Annotated[float | None, Opt(help="Fine-tune learning rate (default: the run's "
                                          "lr / 10).")] = None,
     batch_size: Annotated[int | None, Opt()] = None,
@@ -148,6 +153,7 @@ def prune(
                          f"{finetune_epochs} fine-tune epoch(s), {checkpoint} -> {out_dir}"),
                   highlight=False, soft_wrap=True)
     summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
+                            layer_floor=layer_floor,
                             finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                             seed=seed, coverage=Coverage(skip_first, skip_classifier),
                             data_overrides={"data": data, "data_dir": data_dir},

@@ -67,11 +67,14 @@ def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
-                    scope: str = "global") -> dict[str, torch.Tensor]:
+                    scope: str = "global", layer_floor: float = 0.0) -> dict[str, torch.Tensor]:
     """Boolean keep-masks that remove the smallest ``|w|`` at exactly ``sparsity``.
 
     ``scope="global"`` ranks all tensors together (one threshold); ``"layer"`` removes the
-    same fraction from each tensor.
+    same fraction from each tensor. ``layer_floor`` (global scope) makes every tensor keep
+    at least that fraction of its weights (and at least one): its largest ones are kept
+    first, the rest of the budget goes by the global ranking, so the total is still exact.
+    A global threshold would otherwise empty a small layer at high sparsity.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -85,12 +88,30 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
                 for name, w in weights.items()
             }
         flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
-        keep_flat = _keep_top(flat, flat.numel() - pruned_count(sparsity, flat.numel()))
+        keep = flat.numel() - pruned_count(sparsity, flat.numel())
+        if layer_floor > 0:
+            flat = _reserve_floor(flat, weights, layer_floor, keep)
+        keep_flat = _keep_top(flat, keep)
         masks, offset = {}, 0
         for name, w in weights.items():
             masks[name] = keep_flat[offset:offset + w.numel()].view_as(w)
             offset += w.numel()
         return masks
+
+
+def _reserve_floor(flat: torch.Tensor, weights: dict[str, torch.Tensor], floor: float,
+                   keep: int) -> torch.Tensor:
+    """Scores with each tensor's ``floor`` share of largest entries raised to +inf."""
+    reserved = {name: max(1, int(floor * w.numel())) for name, w in weights.items()}
+    if sum(reserved.values()) > keep:
+        raise ValueError(f"a layer floor of {floor} keeps more weights ({sum(reserved.values())})"
+                         f" than the sparsity target allows ({keep})")
+    scores, offset = flat.clone(), 0
+    for name, w in weights.items():
+        segment = scores[offset:offset + w.numel()]
+        segment[torch.topk(segment, reserved[name], sorted=False).indices] = float("inf")
+        offset += w.numel()
+    return scores
 
 
 def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:

@@ -62,6 +62,7 @@ def make_pruner(recipe: Recipe, model: nn.Module, total_steps: int) -> MaskPrune
                              round(recipe.prune_end * total_steps))
     freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
     common = dict(refresh_every=recipe.refresh_every, scope=recipe.scope,
+                  layer_floor=recipe.layer_floor,
                   coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
                   freeze_step=freeze)
     try:
@@ -332,7 +333,8 @@ def _zero_fraction(model: nn.Module, coverage: Coverage) -> float:
 def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "magnitude",
                   scope: str = "global", finetune_epochs: int = 0, lr: float | None = None,
                   batch_size: int | None = None, seed: int = 0,
-                  coverage: Coverage = Coverage(), data_overrides: dict | None = None,
+                  coverage: Coverage = Coverage(), layer_floor: float = 0.0,
+                  data_overrides: dict | None = None,
                   console: Console | None = None, show_progress: bool = True,
                   on_epoch: Callable[[EpochResult], None] | None = None) -> dict:
     """One-shot magnitude pruning of a trained checkpoint, optionally fine-tuned."""
@@ -348,7 +350,7 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
     source = load_checkpoint(checkpoint)
     base = recipe_from_mapping(source.recipe) if source.recipe else Recipe(model=source.model_spec)
     recipe = recipe_from_mapping({
-        "method": "gmp", "sparsity": sparsity, "scope": scope,
+        "method": "gmp", "sparsity": sparsity, "scope": scope, "layer_floor": layer_floor,
         "epochs": max(1, finetune_epochs), "lr": lr if lr is not None else base.lr / 10,
         "batch_size": batch_size or base.batch_size, "seed": seed, "weights": None,
         "skip_first": coverage.skip_first, "skip_classifier": coverage.skip_classifier,
@@ -370,7 +372,11 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
         if existing > sparsity:
             raise CompressError(f"{checkpoint} is already {existing:.4f} sparse, more than "
                                 f"--sparsity {sparsity}; one-shot pruning only removes weights")
-        job.pruner = OneShotMagnitude(job.model, sparsity, scope=scope, coverage=coverage)
+        try:
+            job.pruner = OneShotMagnitude(job.model, sparsity, scope=scope, coverage=coverage,
+                                          layer_floor=layer_floor)
+        except ValueError as exc:
+            raise CompressError(str(exc)) from None
     except BaseException:
         run.discard_if_unused()
         raise

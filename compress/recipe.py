@@ -21,6 +21,12 @@ from compress.errors import CompressError
 METHODS = ("dpf", "gmp", "none")
 
 
+def check_layer_floor(floor: float, sparsity: float) -> None:
+    if not (math.isfinite(floor) and 0.0 <= floor <= 1.0 - sparsity):
+        raise CompressError(f"--layer-floor must be between 0 and 1 - sparsity "
+                            f"({1.0 - sparsity:.4g}), got {floor}")
+
+
 @dataclass
 class Recipe:
     # what to train, on what
@@ -37,6 +43,7 @@ class Recipe:
     method: str = "dpf"
     sparsity: float = 0.9
     scope: str = "global"
+    layer_floor: float = 0.0  # least fraction of each layer a global threshold keeps
     refresh_every: int = 16
     prune_start: float = 0.0
     prune_end: float = 0.75
@@ -66,6 +73,7 @@ class Recipe:
             raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.scope not in ("global", "layer"):
             raise CompressError(f"--scope must be global or layer, got {self.scope!r}")
+        check_layer_floor(self.layer_floor, self.sparsity)
         if self.lr_schedule not in ("cosine", "step", "constant"):
             raise CompressError(f"--lr-schedule must be cosine, step or constant, "
                                 f"got {self.lr_schedule!r}")

@@ -259,6 +259,8 @@ def test_user_text_is_not_read_as_markup(cli, tmp_path):
     (["--num-classes", "0", "--data", "synthetic"], "--num-classes"),
     (["--lr", "nan"], "--lr"),
     (["--momentum", "5"], "--momentum"),
+    (["--layer-floor", "0.5"], "--layer-floor"),
+    (["--layer-floor", "-0.1"], "--layer-floor"),
 ])
 def test_bad_numbers(cli, tmp_path, args, fragment):
     assert_clean_failure(cli("train-prune", *QUICK, *args, "--out", tmp_path / "o"), fragment)
@@ -269,3 +271,14 @@ def test_emptied_layers_are_reported(cli, tmp_path):
                  "--quiet", *SLICE, "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output
     assert "no weight left" in result.stdout and "1.weight" in result.stdout
+
+
+def test_layer_floor_keeps_every_layer_alive(cli, tmp_path):
+    result = cli("train-prune", "--model", "mlpnet", "--sparsity", "0.999", "--epochs", "1",
+                 "--layer-floor", "0.0005", "--quiet", *SLICE, "--out", tmp_path / "f",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["empty_layers"] == [] and summary["sparsity"] == pytest.approx(0.999, abs=1e-4)
+    layers = json.loads(cli("inspect", tmp_path / "f", "--json").stdout)["layers"]
+    assert all(layer["nonzero"] >= 1 for layer in layers if layer["name"].endswith("weight"))

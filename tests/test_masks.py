@@ -72,3 +72,18 @@ def test_flip_fraction_and_canonical_zeros():
     w = torch.tensor([-1.0, 2.0]) * torch.tensor([0.0, 1.0])
     assert torch.signbit(w[0])
     assert not torch.signbit(canonical_zeros(w)[0])
+
+
+def test_layer_floor_keeps_a_share_of_every_layer_and_the_exact_total():
+    torch.manual_seed(0)
+    weights = {"big": torch.randn(200, 100), "small": torch.randn(10, 10) * 1e-3}
+    plain = magnitude_masks(weights, 0.9)
+    assert not plain["small"].any()  # the tiny layer is emptied by one global threshold
+    floored = magnitude_masks(weights, 0.9, layer_floor=0.05)
+    assert int(floored["small"].sum()) == 5
+    total = sum(int(m.sum()) for m in floored.values())
+    assert total == sum(int(m.sum()) for m in plain.values())  # same exact budget
+    kept_small = weights["small"].abs()[floored["small"]]
+    assert kept_small.min() >= weights["small"].abs()[~floored["small"]].max()
+    with pytest.raises(ValueError, match="layer floor"):
+        magnitude_masks(weights, 0.99, layer_floor=0.05)

@@ -55,13 +55,14 @@ class MaskPruner:
 
     def __init__(self, model: nn.Module, schedule: CubicSchedule, *, refresh_every: int = 16,
                  scope: str = "global", coverage: Coverage = Coverage(),
-                 freeze_step: int | None = None) -> None:
+                 freeze_step: int | None = None, layer_floor: float = 0.0) -> None:
         if refresh_every < 1:
             raise ValueError("refresh_every must be at least 1")
         self.model = model
         self.schedule = schedule
         self.refresh_every = refresh_every
         self.scope = scope
+        self.layer_floor = layer_floor
         self.coverage = coverage
         self.freeze_step = schedule.end_step if freeze_step is None else freeze_step
         if self.freeze_step < schedule.end_step:
@@ -69,6 +70,8 @@ class MaskPruner:
         self.weights = prunable_weights(model, coverage)
         if not self.weights:
             raise ValueError("the model has no conv or linear weights to prune")
+        if layer_floor > 0:  # fail now rather than at the last refresh
+            magnitude_masks(self.scores(), schedule.final_sparsity, scope, layer_floor)
         self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
         self.step_count = 0
         self.history: list[Refresh] = []
@@ -82,7 +85,7 @@ class MaskPruner:
     def refresh(self) -> Refresh:
         """Recompute the masks for the current step's target sparsity."""
         target = self.schedule(self.step_count)
-        new = magnitude_masks(self.scores(), target, self.scope)
+        new = magnitude_masks(self.scores(), target, self.scope, self.layer_floor)
         event = Refresh(self.step_count, target, mask_sparsity(new),
                         flip_fraction(self.masks, new))
         self.masks = new

@@ -19,6 +19,6 @@ class OneShotMagnitude(GMP):
     name = "magnitude"
 
     def __init__(self, model: nn.Module, sparsity: float, *, scope: str = "global",
-                 coverage: Coverage = Coverage()) -> None:
+                 coverage: Coverage = Coverage(), layer_floor: float = 0.0) -> None:
         super().__init__(model, constant_schedule(sparsity), refresh_every=1, scope=scope,
-                         coverage=coverage, freeze_step=0)
+                         coverage=coverage, freeze_step=0, layer_floor=layer_floor)
