@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
 out="runs/dpf-lenet5-$(date +%Y%m%d-%H%M%S)"
+previous=""
+for arg in "$@"; do  # an --out among the arguments wins; inspect that directory then
+    if [ "$previous" = "--out" ]; then out="$arg"; fi
+    case "$arg" in --out=*) out="${arg#--out=}" ;; esac
+    previous="$arg"
+done
 .venv/bin/compress train-prune --model lenet5 --data fashion-mnist --method dpf \
     --sparsity 0.9 --out "$out" "$@"
 .venv/bin/compress inspect "$out"

@@ -162,6 +162,11 @@ def prune(
     show_summary(summary, json_out)
 
 
+def _warn_unfinished(note: str | None) -> None:
+    if note:
+        err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
+
+
 @app.command()
 @friendly_errors
 def inspect(
@@ -184,6 +189,7 @@ def inspect(
         from compress.inspection import inspect_checkpoint
 
         report = inspect_checkpoint(path)
+        _warn_unfinished(report["metadata"].get("unfinished"))
     if json_out:
         print_json(report)
         return
@@ -228,6 +234,7 @@ def evaluate(
         from compress.inspection import evaluate_checkpoint
 
         result = evaluate_checkpoint(path, data, data_dir, batch_size)
+        _warn_unfinished(result.get("unfinished"))
     if json_out:
         print_json(result)
     else:
@@ -265,6 +272,7 @@ def export_onnx(
                                measure_accuracy=verify, quantize=quantize,
                                calibration_samples=calibration_samples)
     accuracy = result.accuracy
+    _warn_unfinished(result.unfinished)
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
                "values": result.values, "quantize": quantize, "opset": result.opset,
                "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy}

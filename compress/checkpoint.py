@@ -79,6 +79,17 @@ class Checkpoint:
         return model
 
 
+def unfinished_note(ckpt: Checkpoint) -> str | None:
+    """A warning for a training run that stopped before its last epoch, else None."""
+    done = (ckpt.training_state or {}).get("epoch")
+    planned = (ckpt.recipe or {}).get("epochs")
+    if done is None or planned is None or "test_top1" in (ckpt.metrics or {}) or \
+            done >= planned:
+        return None
+    return (f"this run stopped after epoch {done} of {planned}, so its sparsity may be short "
+            "of the target; continue it with `compress train-prune --out RUN --resume`")
+
+
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(ckpt.to_payload(), tmp))
 

@@ -65,6 +65,11 @@ def start(shard: Shard, device_name: str) -> torch.device:
         return torch.device(device_name)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not torch.cuda.is_available():
+            raise CompressError("--device cuda asked for, but torch sees no CUDA device")
+        if local >= torch.cuda.device_count():
+            raise CompressError(f"process {local} of this machine has no GPU of its own: "
+                                f"{torch.cuda.device_count()} visible; lower --nproc_per_node")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.checkpoint import load_checkpoint
+from compress.checkpoint import load_checkpoint, unfinished_note
 from compress.data import DATASETS, load_splits
 from compress.errors import CompressError
 from compress.stats import count_macs, layer_stats, rows_as_dicts, summarise
@@ -30,6 +30,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "metrics": ckpt.metrics,
             "recipe": ckpt.recipe,
             "versions": ckpt.versions,
+            "unfinished": unfinished_note(ckpt),
         },
     }
 
@@ -51,4 +52,4 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None,
     model = ckpt.build_model()
     top1, loss = evaluate(model, splits.test, batch_size)
     return {"top1": top1, "loss": loss, "samples": len(splits.test), "split": "test",
-            "data": config.name}
+            "data": config.name, "unfinished": unfinished_note(ckpt)}

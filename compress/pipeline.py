@@ -146,6 +146,12 @@ def _restore(job: Job, ckpt: Checkpoint) -> None:
     state = ckpt.training_state or {}
     if not state:
         raise CompressError(f"{job.run.checkpoint} holds no training state to resume from")
+    trained_by = int(state.get("processes", 1))
+    if trained_by != job.shard.world:  # the batches, steps and schedule depend on it
+        how = (f"torchrun --nproc_per_node={trained_by}" if trained_by > 1
+               else "one process, without torchrun")
+        raise CompressError(f"{job.run.path} was trained by {trained_by} process(es) and this "
+                            f"is {job.shard.world}; resume it with {how}")
     job.model.load_state_dict(ckpt.state_dict)
     if job.pruner is not None:
         job.pruner.load_state_dict(state["pruner"])
@@ -173,6 +179,7 @@ def _checkpoint(job: Job, epoch: int, metrics: dict) -> Checkpoint:
         "torch_rng": torch.get_rng_state(),
         "pruner": pruner.state_dict() if pruner else None,
         "dense_weights": pruner.dense_state() if isinstance(pruner, DPF) else None,
+        "processes": job.shard.world,
     }
     return Checkpoint(
         model_spec=job.recipe.model, data=job.splits.config,
@@ -279,7 +286,9 @@ def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Sha
         raise
     if job.start_epoch >= recipe.epochs:
         raise CompressError(f"{run.path} already finished its {recipe.epochs} epochs")
-    if not resume:
+    if resume:
+        run.keep_events_through_epoch(job.start_epoch)
+    else:
         run.write_text("recipe.yaml", dump_recipe(recipe))
     return job
 

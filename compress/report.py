@@ -87,7 +87,7 @@ def write_report(run: RunDir) -> None:
         f"{total['prunable_params']} prunable weights are zero); overall sparsity "
         f"{total['sparsity']:.4f} of {total['params']} parameters",
         f"- coverage: {m.get('coverage') or 'dense run, nothing pruned'}",
-        f"- seed {ckpt.recipe.get('seed')}, {ckpt.recipe.get('epochs')} epoch(s) of "
+        f"- seed {ckpt.recipe.get('seed')}, {_count(ckpt.recipe.get('epochs'), 'epoch')} of "
         f"{'fine-tuning' if ckpt.method == 'magnitude' else 'training'}, "
         f"torch {ckpt.versions.get('torch')}",
         "",
@@ -95,7 +95,7 @@ def write_report(run: RunDir) -> None:
     if epochs:
         seconds = sum(e["seconds"] for e in epochs)
         lines += ["![accuracy and sparsity](plots/training.png)", "",
-                  f"Training time: {seconds:.1f} s over {len(epochs)} epochs.", ""]
+                  f"Training time: {seconds:.1f} s over {_count(len(epochs), 'epoch')}.", ""]
     if refreshes:
         late = refreshes[-max(1, len(refreshes) // 10):]
         lines += [f"Mask refreshes: {len(refreshes)}; mean fraction of the mask flipped per "
@@ -105,3 +105,7 @@ def write_report(run: RunDir) -> None:
     lines += [f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.params} | {r.nonzero} | "
               f"{r.sparsity:.4f} |" for r in rows if r.prunable]
     run.write_text(REPORT_NAME, "\n".join(lines) + "\n")
+
+
+def _count(n, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -78,6 +78,22 @@ class RunDir:
         with open(self.metrics, "a") as f:
             f.write(json.dumps({"event": event, **fields}) + "\n")
 
+    def keep_events_through_epoch(self, epoch: int) -> None:
+        """Drop the metrics logged after ``epoch`` ended (a resumed run redoes them)."""
+        if not self.writer or not self.metrics.exists():
+            return
+        lines = self.metrics.read_text().splitlines(keepends=True)
+        cut = 0
+        for i, line in enumerate(lines):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "epoch" and event.get("epoch") == epoch:
+                cut = i + 1
+        if cut < len(lines):
+            atomic_write_text(self.metrics, "".join(lines[:cut]))
+
     def write_text(self, name: str, text: str) -> None:
         if not self.writer:
             return

@@ -21,7 +21,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compress.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
+from compress.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    unfinished_note,
+)
 from compress.errors import CompressError, first_line
 from compress.fileio import usual_file_mode
 from export.metadata import set_model_metadata, set_tensor_metadata
@@ -51,6 +56,7 @@ class ExportResult:
     opset: int = 20
     verify: VerifyReport | None = None
     accuracy: dict | None = None
+    unfinished: str | None = None  # the source run stopped before its last epoch
 
 
 def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
@@ -159,6 +165,7 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
         "input_std": ckpt.data.std,
         "packed_values": "qdq-int8" if quantization else values,
         "packed_weights": len(packed),
+        "training_finished": unfinished_note(ckpt) is None,
         **({"quantization": quantization} if quantization else {}),
     }
 
@@ -194,6 +201,9 @@ def _check_target(out: Path, source_path: Path, file_format: str, overwrite: boo
     if file_format == "onnx" and out.suffix.lower() == ".ort":
         raise CompressError(f"{out.name} ends in .ort, the ORT format's name; pass --format ort "
                             "or use .onnx")
+    if file_format == "onnx" and out.suffix.lower() != ".onnx":
+        raise CompressError(f"--onnx {out.name}: give the file a name ending in .onnx (the "
+                            "other commands tell files apart by their ending)")
 
 
 def _check_options(pack: str, values: str, opset: int, file_format: str, quantize: str,
@@ -289,6 +299,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     result = ExportResult(str(out), out.stat().st_size, packed if file_format == "onnx" else [],
                           values, opset, report)
     result.accuracy = accuracy
+    result.unfinished = unfinished_note(ckpt)
     return result
 
 

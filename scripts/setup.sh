@@ -19,10 +19,12 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 
+# the stamp lives inside .venv, so a new .venv is always installed into
+stamp=.venv/.setup-stamp
 stamp_value="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ ! -f .setup-stamp ] || [ "$(cat .setup-stamp)" != "$stamp_value" ]; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$stamp_value" ] || [ ! -x .venv/bin/compress ]; then
     echo "setup: installing compress and its dependencies into .venv (torch is large: minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[dev]"
-    echo "$stamp_value" > .setup-stamp
+    echo "$stamp_value" > "$stamp"
 fi

@@ -86,8 +86,20 @@ def test_resume_continues_an_interrupted_run(cli, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_prune(recipe, str(tmp_path / "cut"), show_progress=False,
                     on_epoch=stop_after_first)
+    warned = cli("inspect", tmp_path / "cut")
+    assert "warning: this run stopped after epoch 1 of 2" in warned.stderr
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    with open(metrics, "a") as f:  # as if it had died in epoch 2 after a refresh
+        f.write(json.dumps({"event": "refresh", "step": 999, "flips": 0.5}) + "\n")
     resumed = cli("train-prune", "--out", tmp_path / "cut", "--resume", "--quiet")
     assert resumed.exit_code == 0, resumed.output
+
+    def events(run):
+        return [(e["event"], e.get("step"), e.get("epoch")) for e in
+                map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert events("cut") == events("whole")  # the stale refresh is gone, nothing doubled
+    assert "warning" not in cli("inspect", tmp_path / "cut").stderr
     whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     for key, value in whole["state_dict"].items():
@@ -282,3 +294,17 @@ def test_layer_floor_keeps_every_layer_alive(cli, tmp_path):
     assert summary["empty_layers"] == [] and summary["sparsity"] == pytest.approx(0.999, abs=1e-4)
     layers = json.loads(cli("inspect", tmp_path / "f", "--json").stdout)["layers"]
     assert all(layer["nonzero"] >= 1 for layer in layers if layer["name"].endswith("weight"))
+
+
+def test_resume_refuses_another_process_count(cli, tmp_path, dpf_run):
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(dpf_run, run)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["training_state"]["processes"] = 2
+    ckpt["training_state"]["epoch"] = 0
+    ckpt["metrics"].pop("test_top1", None)
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert_clean_failure(cli("train-prune", "--out", run, "--resume"),
+                         "torchrun --nproc_per_node=2")

@@ -328,6 +328,7 @@ def current_umask() -> int:
 @pytest.mark.parametrize("args, fragment", [
     (["--onnx", "x.onnx", "--format", "ort"], "ending in .ort"),
     (["--onnx", "x.ort"], "--format ort"),
+    (["--onnx", "x.txt"], "ending in .onnx"),
     (["--onnx", "x.onnx", "--pack", "none", "--values", "int8"], "--values"),
     (["--onnx", "x.ort", "--format", "ort", "--values", "fp16"], "--values"),
 ])
