@@ -34,6 +34,7 @@ from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
 from export.onnx_export import export_checkpoint
 from export.packing import read_stream
+from export.session import open_session
 
 
 def entropy_bound_bytes(run: Path) -> tuple[float, float]:
@@ -62,12 +63,8 @@ def stored_mask(path: Path) -> tuple[int, int]:
 
 
 def session(path: Path) -> tuple[ort.InferenceSession, float]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
     started = time.perf_counter()
-    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    s = open_session(path, threads=1)
     return s, time.perf_counter() - started
 
 

@@ -109,9 +109,8 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                shard: distributed.Shard = distributed.SINGLE) -> Job:
-    device = resolve_device(recipe.device)
-    if shard.active:
-        device = distributed.start(shard, recipe.device)
+    device = distributed.start(shard, recipe.device) if shard.active \
+        else resolve_device(recipe.device)
     generator = seed_everything(recipe.seed)
     splits = load_splits(data_config(recipe))
     model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)

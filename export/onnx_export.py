@@ -143,7 +143,7 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
 
 
 def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
-              quantization: dict | None) -> dict:
+              quantization: dict | None, unfinished: str | None) -> dict:
     from compress import __version__
 
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -165,7 +165,7 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
         "input_std": ckpt.data.std,
         "packed_values": "qdq-int8" if quantization else values,
         "packed_weights": len(packed),
-        "training_finished": unfinished_note(ckpt) is None,
+        "training_finished": unfinished is None,
         **({"quantization": quantization} if quantization else {}),
     }
 
@@ -273,7 +273,9 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         model = quantize_int8(model, calibration_batches(ckpt, samples))
         quantization = settings(samples)
     packed = _pack(model, pack, values)  # with "none" it only annotates the tensors
-    set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization))
+    unfinished = unfinished_note(ckpt)
+    set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization,
+                                        unfinished))
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -299,7 +301,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     result = ExportResult(str(out), out.stat().st_size, packed if file_format == "onnx" else [],
                           values, opset, report)
     result.accuracy = accuracy
-    result.unfinished = unfinished_note(ckpt)
+    result.unfinished = unfinished
     return result
 
 

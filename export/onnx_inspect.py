@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from compress.errors import CompressError
 from export.metadata import model_metadata, tensor_metadata
 from export.packing import PREFIX, decode, read_stream
-from export.quantize import quantization_parameters, quantized_weights
+from export.quantize import dequantized_sources, quantization_parameters, quantized_weights
 
 # float weights and biases, and the int32 biases of a QDQ-quantized model
 PARAMETER_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT32)
@@ -39,9 +39,7 @@ def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
     """Every float initializer of rank >= 1 as a dense array, packed ones decoded."""
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, tuple[np.ndarray, dict]] = {}
-    stream_meta = tensor_metadata(inits[PREFIX + "values"]) if PREFIX + "values" in inits \
-        else {}
-    if stream_meta:
+    if PREFIX + "values" in inits:
         try:
             stream = read_stream(model)
             decoded = decode(stream)
@@ -73,8 +71,7 @@ def _macs(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, dict]]) -
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in
                 vi.type.tensor_type.shape.dim]
         shapes[vi.name] = dims
-    dequantized = {n.output[0]: n.input[0] for n in model.graph.node
-                   if n.op_type == "DequantizeLinear"}  # QDQ: Conv reads DQ(int8 weight)
+    dequantized = dequantized_sources(model)
     dense = nonzero = 0
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
@@ -98,8 +95,7 @@ def _model_order(model: onnx.ModelProto, names) -> list[str]:
     """``names`` in the order the graph's layers read them (packed weights are produced by
     the decoder, which comes first; int8 ones are read through a DequantizeLinear, which the
     quantizer places anywhere)."""
-    dequantized = {n.output[0]: n.input[0] for n in model.graph.node
-                   if n.op_type == "DequantizeLinear"}
+    dequantized = dequantized_sources(model)
     first: dict[str, int] = {}
     for index, node in enumerate(model.graph.node):
         if node.op_type == "DequantizeLinear":

@@ -116,9 +116,10 @@ def occupancy_tree(mask: np.ndarray, levels: int) -> tuple[np.ndarray, list[np.n
     return np.packbits(occupied, bitorder="little"), nibbles[::-1]
 
 
-def _tree_bytes(mask: np.ndarray, levels: int) -> int:
-    top, nibbles = occupancy_tree(mask, levels)
-    return top.nbytes + sum(n.nbytes for n in nibbles) + NODE_BYTES * levels
+def _tree_cost(tree: tuple[np.ndarray, list[np.ndarray]]) -> int:
+    """Bytes of a tree plus what its decoder levels cost in nodes."""
+    top, nibbles = tree
+    return top.nbytes + sum(n.nbytes for n in nibbles) + NODE_BYTES * len(nibbles)
 
 
 def encode(weights: list[tuple[str, np.ndarray]], values: str = "fp32",
@@ -145,9 +146,8 @@ def encode(weights: list[tuple[str, np.ndarray]], values: str = "fp32",
         masks.append(mask)
         offset += flat.size
     mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
-    if levels is None:
-        levels = min(range(MAX_LEVELS + 1), key=lambda n: _tree_bytes(mask, n))
-    top, nibbles = occupancy_tree(mask, levels)
+    depths = range(MAX_LEVELS + 1) if levels is None else [levels]
+    top, nibbles = min((occupancy_tree(mask, n) for n in depths), key=_tree_cost)
     dtype = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[values]
     all_values = np.concatenate(stored).astype(dtype) if stored else np.zeros(0, dtype)
     return PackedStream(tensors, all_values, top, nibbles, raw_int8)

@@ -34,11 +34,12 @@ def layer_names(path: Path) -> dict[str, str]:
     try:
         import onnx
 
+        from export.quantize import dequantized_sources
+
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
         return {}
-    dequantized = {n.output[0]: n.input[0] for n in model.graph.node
-                   if n.op_type == "DequantizeLinear"}
+    dequantized = dequantized_sources(model)
     names: dict[str, str] = {}
     for node in model.graph.node:
         if node.op_type in WEIGHT_OPS and len(node.input) > 1:

@@ -103,6 +103,12 @@ def quantized_weights(model: onnx.ModelProto) -> set[str]:
             and len(inits[n.input[0]].dims) >= 2}
 
 
+def dequantized_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """Output -> input of every DequantizeLinear: in a QDQ graph a Conv reads DQ(weight)."""
+    return {n.output[0]: n.input[0] for n in model.graph.node
+            if n.op_type == "DequantizeLinear"}
+
+
 def quantization_parameters(model: onnx.ModelProto) -> set[str]:
     """Names of scale and zero-point inputs of QuantizeLinear/DequantizeLinear."""
     return {name for n in model.graph.node
