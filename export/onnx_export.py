@@ -128,7 +128,8 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
     stream = encode(chosen, values)
     nodes, inits = decoder(stream)
     stored = "qdq-int8" if stream.raw_int8 else values
-    set_tensor_metadata(inits[0], {"levels": stream.levels, "values": stored})
+    set_tensor_metadata(inits[0], {"levels": stream.levels, "values": stored,
+                                   "value_coding": stream.value_coding})
     for packed, shape_init in zip(stream.tensors, inits[1:], strict=False):
         # where the weight sits in the stream (and its int8 scale) is read from the graph
         set_tensor_metadata(shape_init, {

@@ -39,7 +39,7 @@ def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
     """Every float initializer of rank >= 1 as a dense array, packed ones decoded."""
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, tuple[np.ndarray, dict]] = {}
-    if PREFIX + "values" in inits:
+    if PREFIX + "top" in inits:
         try:
             stream = read_stream(model)
             decoded = decode(stream)

@@ -16,7 +16,7 @@ from compress.recipe import Recipe
 from export import verify as verify_module
 from export.metadata import model_metadata, tensor_metadata
 from export.onnx_export import export_checkpoint
-from export.packing import DECODER_OPS, PREFIX, decode, encode
+from export.packing import DECODER_OPS, PREFIX, decode, decoder, encode, exponent_width, read_stream
 
 SMALL = dict(model="lenet5", epochs=1, batch_size=64, refresh_every=4,
              max_train_samples=1200, max_test_samples=300)
@@ -78,8 +78,9 @@ def test_no_negative_zeros_and_metadata(runs, tmp_path):
     annotated = [tensor_metadata(t) for t in model.graph.initializer
                  if not t.name.startswith(PREFIX)]
     stream = tensor_metadata(next(t for t in model.graph.initializer
-                                  if t.name == PREFIX + "values"))
+                                  if t.name == PREFIX + "top"))
     assert stream["levels"] in range(4) and stream["values"] == "fp32"
+    assert stream["value_coding"] in ("plain", "exponent1", "exponent2", "exponent4")
     encodings = [m["encoding"] for m in annotated if "encoding" in m]
     assert any(e.startswith("bitmask") for e in encodings)
     assert all({"sparsity", "pattern", "encoding"} <= set(m) for m in annotated if m)
@@ -212,6 +213,55 @@ def test_encode_decode_exact_pattern(levels):
             assert np.array_equal(back[name] != 0, w != 0), (values, name)
     back = decode(encode(weights, "fp32", levels))
     assert all(np.array_equal(back[name], w) for name, w in weights)
+
+
+def _decoder_model(stream) -> onnx.ModelProto:
+    """The decoder alone, its weights as the graph's outputs."""
+    nodes, inits = decoder(stream)
+    outputs = [onnx.helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, t.shape)
+               for t in stream.tensors]
+    graph = onnx.helper.make_graph(nodes, "decoder", [], outputs, inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)],
+                                  ir_version=10)
+
+
+@pytest.mark.parametrize("octaves, width", [(1, 1), (3, 2), (9, 4), (40, 0)])
+def test_exponent_coded_values_decode_bit_exact_in_onnxruntime(octaves, width):
+    """fp32 values with few exponents are stored in 24 + width bits and come back from
+    onnxruntime bit for bit, signs included; too many exponents keep plain fp32."""
+    rng = np.random.default_rng(octaves)
+    weights = []
+    for i, shape in enumerate([(120, 70), (40, 6, 3, 3)]):
+        magnitude = np.ldexp(1 + rng.random(shape), rng.integers(-octaves, 0, shape) - 3)
+        keep = rng.random(shape) > 0.7
+        signed = magnitude * rng.choice([-1, 1], shape)
+        weights.append((f"w{i}", np.where(keep, signed, 0).astype(np.float32)))
+    stream = encode(weights)
+    assert stream.exponent_width == width
+    model = _decoder_model(stream)
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rebuilt = dict(zip([o.name for o in session.get_outputs()], session.run(None, {}),
+                       strict=True))
+    back = decode(read_stream(model))
+    for name, w in weights:
+        assert np.array_equal(rebuilt[name].view(np.uint32), w.view(np.uint32)), name
+        assert np.array_equal(back[name].view(np.uint32), w.view(np.uint32)), name
+    plain = len(_decoder_model(encode(weights, code_exponents=False)).SerializeToString())
+    if width:
+        assert len(model.SerializeToString()) < plain
+        assert encode([(n, w[:2]) for n, w in weights]).exponent_width == 0  # too few to pay
+
+
+def test_exponent_width_refuses_what_it_cannot_code_exactly():
+    one = np.float32(1.0)
+    assert exponent_width(np.array([0.5, -0.75], np.float32)) == 1
+    assert exponent_width(np.array([1, 2, 4], np.float32)) == 2
+    assert exponent_width(np.array([1, 2, 4, 8, 16], np.float32)) == 4
+    assert exponent_width(np.ldexp(one, np.arange(17)).astype(np.float32)) == 0
+    for odd in (0.0, 1e-45, np.inf, np.nan):  # zero, subnormal, not finite
+        assert exponent_width(np.array([1.0, odd], np.float32)) == 0
+    assert exponent_width(np.array([1.0], np.float16)) == 0
 
 
 def test_mask_tree_depth_follows_sparsity():
