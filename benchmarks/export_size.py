@@ -4,9 +4,11 @@ For DPF LeNet-5 and magnitude-pruned ResNet-20 (both on Fashion-MNIST) at sparsi
 0.95 and 0.98 it exports: dense (--pack none), bitmask with fp32, fp16 and int8 values,
 and reports the gzip -9 size of the dense file and an entropy bound: per prunable tensor
 ``N * H(sparsity) + nnz * 32`` bits (mask entropy plus fp32 values), plus 32 bits per
-parameter that is not prunable. It then opens packed and dense fp32 files in onnxruntime
-(1 thread, batch 1) alternately and reports session start time and p50 latency side by
-side, as ratios measured in the same run.
+parameter that is not prunable. Packed fp32 values are exact but may take fewer than 32
+bits (exponent-coded, see export/packing.py); the table gives the bits they take.
+It then opens packed and dense fp32 files in onnxruntime (1 thread, batch 1) alternately
+and reports session start time and p50 latency side by side, as ratios measured in the
+same run.
 
 Sizes do not depend on how well a model is trained, so models train briefly here:
 LeNet-5 with DPF for 2 epochs on the full training set; ResNet-20 dense for 1 epoch on
@@ -56,10 +58,12 @@ def entropy_bound_bytes(run: Path) -> tuple[float, float]:
     return bits / 8, mask_bits / 8
 
 
-def stored_mask(path: Path) -> tuple[int, int]:
-    """(bytes of the packed mask in the file, depth of its occupancy tree)."""
+def stored_stream(path: Path) -> tuple[int, int, int]:
+    """(bytes of the packed mask in the file, depth of its occupancy tree, bits per stored
+    fp32 value: 32, or 24 + the exponent index width)."""
     stream = read_stream(onnx.load(str(path)))
-    return stream.mask_bytes, stream.levels
+    bits = 24 + stream.exponent_width if stream.exponent_width else 32
+    return stream.mask_bytes, stream.levels, bits
 
 
 def session(path: Path) -> tuple[ort.InferenceSession, float]:
@@ -115,9 +119,9 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}; latency: 1 thread, batch 1, {args.rounds} "
           f"alternating rounds of {args.runs} runs after 20 warm-up runs\n")
     print("| model | sparsity | dense | gzip dense | packed fp32 | fp16 | int8 | entropy bound "
-          "| fp32 / bound | mask / its entropy (tree levels) | start packed / dense (ms) "
-          "| p50 packed / dense (ms) | p50 ratio |")
-    print("|---" * 13 + "|")
+          "| fp32 / bound | fp32 value bits | mask / its entropy (tree levels) "
+          "| start packed / dense (ms) | p50 packed / dense (ms) | p50 ratio |")
+    print("|---" * 14 + "|")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for (model, s), run in make_runs(tmp, args.sparsities).items():
@@ -130,7 +134,7 @@ def main() -> None:
             size = {k: p.stat().st_size for k, p in files.items()}
             gz = len(gzip.compress(files["dense"].read_bytes(), compresslevel=9))
             bound, mask_entropy = entropy_bound_bytes(run)
-            mask, levels = stored_mask(files["fp32"])
+            mask, levels, value_bits = stored_stream(files["fp32"])
             shape = load_checkpoint(run).data.input_shape
             rt = compare_runtime(files["fp32"], files["dense"], shape, args.rounds, args.runs)
 
@@ -140,7 +144,8 @@ def main() -> None:
             print(f"| {model} | {s} | {kb(size['dense'])} | {kb(gz)} | {kb(size['fp32'])} "
                   f"({size['fp32'] / size['dense']:.3f}) | {kb(size['fp16'])} | "
                   f"{kb(size['int8'])} ({size['int8'] / size['dense']:.3f}) | {kb(bound)} | "
-                  f"{size['fp32'] / bound:.3f} | {mask / mask_entropy:.2f} ({levels}) | "
+                  f"{size['fp32'] / bound:.3f} | {value_bits} | "
+                  f"{mask / mask_entropy:.2f} ({levels}) | "
                   f"{rt['start_ms']['packed']:.1f} / "
                   f"{rt['start_ms']['dense']:.1f} | {rt['p50_ms']['packed']:.3f} / "
                   f"{rt['p50_ms']['dense']:.3f} | {rt['p50_ratio']:.3f} |", flush=True)

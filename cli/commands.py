@@ -274,12 +274,15 @@ def export_onnx(
     accuracy = result.accuracy
     _warn_unfinished(result.unfinished)
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
-               "values": result.values, "quantize": quantize, "opset": result.opset,
+               "values": result.values, "exponent_width": result.exponent_width,
+               "quantize": quantize, "opset": result.opset,
                "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy}
     if json_out:
         print_json(payload)
         return
     stored = "int8 (QDQ)" if quantize == "int8" else result.values
+    if result.exponent_width:
+        stored += f" (exact, exponent-coded in {24 + result.exponent_width} bits)"
     what = ("ORT format, weights unpacked" if file_format == "ort" else
             f"{len(result.packed)} weights packed, values {stored}")
     out.print(escape(f"wrote {result.path}: {result.file_bytes:,} bytes, {what}, opset "

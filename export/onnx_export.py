@@ -30,7 +30,7 @@ from compress.checkpoint import (
 from compress.errors import CompressError, first_line
 from compress.fileio import usual_file_mode
 from export.metadata import set_model_metadata, set_tensor_metadata
-from export.packing import VALUE_TYPES, decoder, encode, worth_packing
+from export.packing import VALUE_TYPES, PackedStream, decoder, encode, worth_packing
 from export.quantize import (
     DEFAULT_CALIBRATION_SAMPLES,
     QUANT_MODES,
@@ -53,6 +53,7 @@ class ExportResult:
     file_bytes: int
     packed: list[str] = field(default_factory=list)
     values: str = "fp32"
+    exponent_width: int = 0  # > 0: fp32 values stored exactly in 24 + this many bits
     opset: int = 20
     verify: VerifyReport | None = None
     accuracy: dict | None = None
@@ -91,6 +92,42 @@ def _strip_exporter_notes(model: onnx.ModelProto) -> None:
         del value.metadata_props[:]
 
 
+# Attributes whose default the ONNX spec states only in words: absent means all zeros
+# (pads) or all ones (strides, dilations) along every spatial axis.
+_SPATIAL_DEFAULTS = {"pads": 0, "strides": 1, "dilations": 1}
+_SPATIAL_OPS = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
+
+
+def _drop_default_attributes(model: onnx.ModelProto) -> None:
+    """Remove attributes that repeat their default: the exporter writes every one of them
+    on every node, about 100 bytes per convolution or pooling node."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or opset is None:
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset)
+        except onnx.defs.SchemaError:
+            continue
+        keep = [a for a in node.attribute if not _is_default(node.op_type, a, schema)]
+        if len(keep) < len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+
+
+def _is_default(op_type: str, attribute: onnx.AttributeProto, schema) -> bool:
+    if op_type in _SPATIAL_OPS and attribute.name in _SPATIAL_DEFAULTS:
+        ints = list(attribute.ints)
+        return attribute.type == onnx.AttributeProto.INTS and bool(ints) and \
+            all(v == _SPATIAL_DEFAULTS[attribute.name] for v in ints)
+    known = schema.attributes.get(attribute.name)
+    if known is None or not known.default_value.name:
+        return False
+    default = known.default_value
+    return attribute.type == default.type and \
+        onnx.helper.get_attribute_value(attribute) == onnx.helper.get_attribute_value(default)
+
+
 def _canonical_zeros(model: onnx.ModelProto) -> None:
     for i, tensor in enumerate(model.graph.initializer):
         if tensor.data_type != onnx.TensorProto.FLOAT:
@@ -102,7 +139,7 @@ def _canonical_zeros(model: onnx.ModelProto) -> None:
             model.graph.initializer[i].CopyFrom(fixed)
 
 
-def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
+def _pack(model: onnx.ModelProto, mode: str, values: str) -> PackedStream | None:
     """Replace sparse weight initializers by one packed stream and its shared decoder."""
     graph = model.graph
     int8_weights = quantized_weights(model)  # empty unless quantized: then only these pack
@@ -124,7 +161,7 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
                                          "pattern": "unstructured", "encoding": "dense"})
         kept.append(tensor)
     if not chosen:
-        return []
+        return None
     stream = encode(chosen, values)
     nodes, inits = decoder(stream)
     stored = "qdq-int8" if stream.raw_int8 else values
@@ -140,7 +177,7 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> list[str]:
     existing = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + existing)
-    return [t.name for t in stream.tensors]
+    return stream
 
 
 def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
@@ -267,13 +304,15 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     model = _torch_to_onnx(ckpt, opset)
     _set_ir_version(model)
     _strip_exporter_notes(model)
+    _drop_default_attributes(model)
     _canonical_zeros(model)
     quantization = None
     if quantize == "int8":
         samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
         model = quantize_int8(model, calibration_batches(ckpt, samples))
         quantization = settings(samples)
-    packed = _pack(model, pack, values)  # with "none" it only annotates the tensors
+    stream = _pack(model, pack, values)  # with "none" it only annotates the tensors
+    packed = [t.name for t in stream.tensors] if stream else []
     unfinished = unfinished_note(ckpt)
     set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization,
                                         unfinished))
@@ -299,11 +338,10 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     finally:
         tmp.unlink(missing_ok=True)
         ort_tmp.unlink(missing_ok=True)
-    result = ExportResult(str(out), out.stat().st_size, packed if file_format == "onnx" else [],
-                          values, opset, report)
-    result.accuracy = accuracy
-    result.unfinished = unfinished
-    return result
+    in_file = file_format == "onnx"
+    width = stream.exponent_width if stream and in_file else 0
+    return ExportResult(str(out), out.stat().st_size, packed if in_file else [], values,
+                        width, opset, report, accuracy, unfinished)
 
 
 def validation_accuracy(ckpt: Checkpoint, path: Path) -> dict:

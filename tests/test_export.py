@@ -52,6 +52,8 @@ def test_round_trip_parity_and_folding(runs, method, tmp_path):
     assert model.ir_version <= 10 and model.opset_import[0].version == 20
     ops = {n.op_type for n in model.graph.node}
     assert "BatchNormalization" not in ops
+    defaults = {"group", "dilations", "auto_pad", "ceil_mode", "storage_order"}
+    assert not {a.name for n in model.graph.node for a in n.attribute} & defaults
     if method != "none":
         assert result.packed and ops & DECODER_OPS
     after = optimized_ops(path, tmp_path)
