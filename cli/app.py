@@ -7,6 +7,7 @@ Every command exits 0 on success; on a user error it prints one line to stderr a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,8 +21,19 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune image classifiers (DPF, magnitude, ...) and report what it cost.")
-out = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich wraps at 80 columns when the output is not a terminal; logs and pipes read
+    better with whole lines, so they get 160 (an explicit COLUMNS still wins)."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=160)
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 STATE = {"debug": False}
 EXIT_USER_ERROR = 2
 
@@ -61,6 +73,10 @@ def friendly_errors(command: Callable) -> Callable:
         except Exception as exc:  # a bug: one line by default, the traceback on --debug
             if STATE["debug"]:
                 traceback.print_exc()
+            if type(exc).__module__.startswith("onnxruntime"):  # the model, not our code
+                err.print(f"[red]error:[/red] onnxruntime could not run the model: "
+                          f"{escape(first_line(exc, 300))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(EXIT_USER_ERROR) from None
             first = first_line(exc, 300)
             err.print(f"[red]error:[/red] internal error {type(exc).__name__}: "
                       f"{escape(first[:300])} (run with --debug for the traceback)",

@@ -210,6 +210,20 @@ def inspect(
     out.print(table)
     out.print(f"MACs per sample: {t['macs']:,} as dense kernels run it; {t['nonzero_macs']:,} "
               "involve a non-zero weight", highlight=False, soft_wrap=True)
+    if "file_bytes" in t:
+        out.print(escape(f"file: {t['file_bytes']:,} bytes; {_packing_line(report['packing'])}"),
+                  highlight=False, soft_wrap=True)
+    for note in report.get("warnings", []):
+        err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
+
+
+def _packing_line(packing: dict | None) -> str:
+    if packing is None:
+        return "no weight is packed"
+    coding = ", exact, exponent-coded" if packing["value_coding"] != "plain" else ""
+    return (f"{packing['weights']} weights packed in one stream: mask {packing['mask_bytes']:,}"
+            f" bytes ({packing['mask_levels']}-level tree), {packing['values_stored']:,} "
+            f"values {packing['values']}{coding} in {packing['value_bits']} bits each")
 
 
 @app.command()
@@ -287,7 +301,7 @@ def export_onnx(
             f"{len(result.packed)} weights packed, values {stored}")
     out.print(escape(f"wrote {result.path}: {result.file_bytes:,} bytes, {what}, opset "
                      f"{result.opset}"),
-              highlight=False)
+              highlight=False, soft_wrap=True)
     if result.verify:
         v = result.verify
         if quantize == "int8":

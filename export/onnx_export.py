@@ -167,11 +167,12 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> PackedStream | None
     stored = "qdq-int8" if stream.raw_int8 else values
     set_tensor_metadata(inits[0], {"levels": stream.levels, "values": stored,
                                    "value_coding": stream.value_coding})
+    exponents = f"-exponent{stream.exponent_width}" if stream.exponent_width else ""
     for packed, shape_init in zip(stream.tensors, inits[1:], strict=False):
         # where the weight sits in the stream (and its int8 scale) is read from the graph
         set_tensor_metadata(shape_init, {
             "sparsity": round(sparsities[packed.name], 6), "pattern": "unstructured",
-            "encoding": f"bitmask-tree{stream.levels}-{stored}"})
+            "encoding": f"bitmask-tree{stream.levels}-{stored}{exponents}"})
     del graph.initializer[:]
     graph.initializer.extend(kept + inits)
     existing = list(graph.node)
@@ -297,6 +298,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     measured on the file before it is renamed into place.
     """
     _check_options(pack, values, opset, file_format, quantize, calibration_samples)
+    if not str(out).strip():
+        raise CompressError("--onnx needs a file name, e.g. --onnx model.onnx")
     out = Path(out)
     source_path = resolve_checkpoint_path(source)
     _check_target(out, source_path, file_format, overwrite)

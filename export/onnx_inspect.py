@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from export.metadata import model_metadata, tensor_metadata
-from export.packing import PREFIX, decode, read_stream
+from export.packing import PREFIX, PackedStream, decode, read_stream
 from export.quantize import dequantized_sources, quantization_parameters, quantized_weights
 
 # float weights and biases, and the int32 biases of a QDQ-quantized model
@@ -35,17 +35,27 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
-    """Every float initializer of rank >= 1 as a dense array, packed ones decoded."""
+def packed_stream(model: onnx.ModelProto) -> PackedStream | None:
+    """The file's packed stream, checked to be whole; None where nothing is packed."""
+    if not any(t.name == PREFIX + "top" for t in model.graph.initializer):
+        return None
+    try:
+        stream = read_stream(model)
+        decode(stream)
+    except (KeyError, ValueError, IndexError, StopIteration, ZeroDivisionError) as exc:
+        raise CompressError(f"its packed weights are damaged: {_damage(exc)}") from None
+    return stream
+
+
+def dense_weights(model: onnx.ModelProto, stream: PackedStream | None = None,
+                  ) -> dict[str, tuple[np.ndarray, dict]]:
+    """Every float initializer of rank >= 1 as a dense array, packed ones decoded
+    (``stream``: the file's packed stream where the caller has read it already)."""
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, tuple[np.ndarray, dict]] = {}
-    if PREFIX + "top" in inits:
-        try:
-            stream = read_stream(model)
-            decoded = decode(stream)
-        except (KeyError, ValueError, IndexError, StopIteration) as exc:
-            raise CompressError(f"the packed weights are damaged ({type(exc).__name__})") \
-                from None
+    stream = stream or packed_stream(model)
+    if stream is not None:
+        decoded = decode(stream)
         for t in stream.tensors:
             shape_init = inits.get(f"{t.name}__shape")
             meta = tensor_metadata(shape_init) if shape_init is not None else {}
@@ -58,6 +68,16 @@ def dense_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, dict]]:
         if tensor.data_type in PARAMETER_TYPES or name in int8_weights:
             out[name] = (numpy_helper.to_array(tensor), tensor_metadata(tensor))
     return out
+
+
+def _damage(exc: Exception) -> str:
+    """What is wrong with a packed stream, in words."""
+    if isinstance(exc, KeyError):
+        return f"tensor {exc.args[0]} is missing"
+    if isinstance(exc, StopIteration):
+        return f"the graph has no Split of {PREFIX}split"
+    return first_line(exc) if isinstance(exc, ValueError) else \
+        f"its arrays do not fit together ({first_line(exc)})"
 
 
 def _macs(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, dict]]) -> tuple[int, int]:
@@ -105,9 +125,42 @@ def _model_order(model: onnx.ModelProto, names) -> list[str]:
     return sorted(names, key=lambda name: first.get(name, len(model.graph.node)))
 
 
+_VALUE_NAMES = {"float32": "fp32", "float16": "fp16", "int8": "int8"}
+
+
+def packing_summary(stream: PackedStream | None) -> dict | None:
+    """How the file stores its packed weights."""
+    if stream is None:
+        return None
+    bits = 24 + stream.exponent_width if stream.exponent_width else \
+        8 * stream.values.itemsize
+    return {"weights": len(stream.tensors), "mask_levels": stream.levels,
+            "mask_bytes": stream.mask_bytes,
+            "values": "qdq-int8" if stream.raw_int8 else _VALUE_NAMES[stream.values.dtype.name],
+            "value_coding": stream.value_coding, "value_bits": bits,
+            "values_stored": int(stream.values.size)}
+
+
+def _stale_metadata(weights: dict[str, tuple[np.ndarray, dict]]) -> list[str]:
+    """Tensors whose recorded sparsity is not what the file holds."""
+    notes = []
+    for name, (array, meta) in weights.items():
+        recorded = meta.get("sparsity")
+        if isinstance(recorded, int | float) and array.size:
+            actual = 1.0 - np.count_nonzero(array) / array.size
+            if abs(actual - recorded) > 5e-6:
+                notes.append(f"{name}: its metadata records sparsity {recorded}, the file "
+                             f"holds {actual:.6f}")
+    return notes
+
+
 def inspect_onnx(path: str | Path) -> dict:
     model = load_onnx(path)
-    weights = dense_weights(model)
+    try:
+        stream = packed_stream(model)
+    except CompressError as exc:
+        raise CompressError(f"{path}: {exc}") from None
+    weights = dense_weights(model, stream)
     layers = []
     for name in _model_order(model, weights):
         array, meta = weights[name]
@@ -131,6 +184,8 @@ def inspect_onnx(path: str | Path) -> dict:
                   "macs": macs[0], "nonzero_macs": macs[1],
                   "file_bytes": Path(path).stat().st_size},
         "layers": layers,
+        "packing": packing_summary(stream),
+        "warnings": _stale_metadata(weights),
         "metadata": {**model_metadata(model), "ir_version": model.ir_version,
                      "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}},
     }

@@ -8,7 +8,7 @@ import numpy as np
 
 from compress.errors import CompressError
 from export.metadata import model_metadata
-from export.onnx_inspect import load_onnx
+from export.onnx_inspect import load_onnx, packed_stream
 from export.session import open_session
 
 
@@ -61,6 +61,11 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
     from compress.data import load_splits
 
     config = data_config_from_onnx(path, data, data_dir)
+    if not str(path).lower().endswith(".ort"):
+        try:  # a damaged stream can still run, and would give a wrong figure
+            packed_stream(load_onnx(path))
+        except CompressError as exc:
+            raise CompressError(f"{path}: {exc}") from None
     session = ort_session(path)
     splits = load_splits(config)
     return {"top1": split_top1(session, splits.test, batch_size), "samples": len(splits.test),

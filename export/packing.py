@@ -359,12 +359,24 @@ def _exponent_decoder(b: _Builder, code: ExponentCode) -> str:
 
 
 def _read_values(inits: dict[str, TensorProto], count: int) -> tuple[np.ndarray, int]:
-    """(the stored non-zeros, exponent index width or 0) of a file's stream."""
+    """(the stored non-zeros, exponent index width or 0) of a file's stream, which must
+    hold exactly as many values as its mask has non-zeros."""
     if PREFIX + "high" not in inits:
-        return numpy_helper.to_array(inits[PREFIX + "values"])[1:], 0  # drop the padding 0
+        values = numpy_helper.to_array(inits[PREFIX + "values"])[1:]  # drop the padding 0
+        if values.size != count:
+            raise ValueError(f"the mask has {count} non-zeros but {values.size} values are "
+                             "stored")
+        return values, 0
     array = {k: numpy_helper.to_array(inits[PREFIX + k])
              for k in ("low", "high", "indices", "powers")}
     width = int(array["powers"].size // 2).bit_length() - 1
+    if width not in EXPONENT_WIDTHS or array["powers"].size != 2 << width:
+        raise ValueError(f"{PREFIX}powers has {array['powers'].size} entries, not 4, 8 or 32")
+    stored = array["indices"].size * (8 // width)
+    if not array["low"].size == array["high"].size == stored or \
+            not count <= stored < count + 8 // width:
+        raise ValueError(f"the mask has {count} non-zeros but the exponent code stores "
+                         f"{array['low'].size}, {array['high'].size} and {stored} fields")
     code = ExponentCode(array["low"], array["high"], array["indices"], array["powers"], width)
     return exponent_decode(code, count), width
 

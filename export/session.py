@@ -22,7 +22,7 @@ def open_session(path: str | Path, *, threads: int | None = None, basic_only: bo
     if not path.is_file():
         raise CompressError(f"no model file at {path}")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # its errors reach the user as one line, not as a log
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -309,7 +309,7 @@ def test_failed_export_keeps_existing_file(runs, tmp_path, monkeypatch, cli):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--pack", "zip"], "--pack"), (["--values", "int4"], "--values"),
-    (["--opset", "11"], "--opset"),
+    (["--opset", "11"], "--opset"), (["--onnx", ""], "needs a file name"),
 ])
 def test_bad_export_options(runs, tmp_path, cli, args, fragment):
     result = cli("export", runs["dpf"], "--onnx", tmp_path / "x.onnx", *args)
@@ -332,6 +332,65 @@ def test_bad_sources_and_onnx_files(runs, tmp_path, cli):
             result = cli(command, tmp_path / name)
             assert result.exit_code == 2, (name, command, result.output)
             assert "Traceback" not in result.output and "error:" in result.output
+
+
+def _damaged_copy(good: Path, out: Path, name: str, change) -> Path:
+    model = onnx.load(str(good))
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == PREFIX + name:
+            array = change(onnx.numpy_helper.to_array(tensor))
+            model.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_damaged_packed_streams_are_refused(runs, tmp_path, cli):
+    """Every inconsistency between mask and values is caught before anything is counted
+    or evaluated, with one line naming the file: a stream that still runs would give
+    wrong figures."""
+    good = tmp_path / "good.onnx"
+    export_checkpoint(runs["dpf"], good, pack="bitmask", verify=False)
+    assert tensor_metadata(next(t for t in onnx.load(str(good)).graph.initializer
+                                if t.name == PREFIX + "top"))["value_coding"] != "plain"
+    damage = {"powers": lambda a: a[:2], "low": lambda a: a[:-5], "indices": lambda a: a[:-1],
+              "level0": np.zeros_like, "top": lambda a: a[:-1]}
+    for name, change in damage.items():
+        bad = _damaged_copy(good, tmp_path / f"bad-{name}.onnx", name, change)
+        for command in ("inspect", "evaluate"):
+            result = cli(command, bad)
+            assert result.exit_code == 2, (name, command, result.output)
+            assert "damaged" in result.output and str(bad) in result.output, result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+    result = cli("bench", tmp_path / "bad-powers.onnx", "--runs", "5", "--warmup", "1")
+    assert result.exit_code == 2 and "onnxruntime" in result.output
+    assert "Traceback" not in result.output and "\x1b[" not in result.output
+
+
+def test_inspect_onnx_reports_packing_and_stale_metadata(runs, tmp_path, cli):
+    path = tmp_path / "p.onnx"
+    export_checkpoint(runs["dpf"], path, pack="bitmask", verify=False)
+    report = json.loads(cli("inspect", path, "--json").stdout)
+    packing = report["packing"]
+    assert packing["values"] == "fp32" and packing["value_bits"] == 24 + int(
+        packing["value_coding"].removeprefix("exponent"))
+    assert packing["values_stored"] == report["total"]["prunable_nonzero"]
+    assert report["warnings"] == []
+    encodings = {r["encoding"] for r in report["layers"] if r["prunable"]}
+    assert all(e.startswith("bitmask-tree") and e.endswith(packing["value_coding"])
+               for e in encodings)
+    text = cli("inspect", path).output
+    assert f"{path.stat().st_size:,} bytes" in text and "exponent-coded" in text
+    model = onnx.load(str(path))
+    shape = next(t for t in model.graph.initializer if t.name.endswith("__shape"))
+    next(p for p in shape.metadata_props if p.key.endswith("sparsity")).value = "0.5"
+    onnx.save(model, str(path))
+    result = cli("inspect", path)
+    assert result.exit_code == 0 and "warning: " + shape.name.removesuffix("__shape") in \
+        result.output and "records sparsity 0.5" in result.output
+    dense = tmp_path / "d.onnx"
+    export_checkpoint(runs["dpf"], dense, pack="none", verify=False)
+    assert json.loads(cli("inspect", dense, "--json").stdout)["packing"] is None
+    assert "no weight is packed" in cli("inspect", dense).output
 
 
 def test_ort_format_for_minimal_builds(runs, tmp_path, cli):
