@@ -343,8 +343,9 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         ort_tmp.unlink(missing_ok=True)
     in_file = file_format == "onnx"
     width = stream.exponent_width if stream and in_file else 0
-    return ExportResult(str(out), out.stat().st_size, packed if in_file else [], values,
-                        width, opset, report, accuracy, unfinished)
+    return ExportResult(str(out), out.stat().st_size, packed=packed if in_file else [],
+                        values=values, exponent_width=width, opset=opset, verify=report,
+                        accuracy=accuracy, unfinished=unfinished)
 
 
 def validation_accuracy(ckpt: Checkpoint, path: Path) -> dict:

@@ -35,27 +35,30 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-def packed_stream(model: onnx.ModelProto) -> PackedStream | None:
-    """The file's packed stream, checked to be whole; None where nothing is packed."""
+Packed = tuple[PackedStream, dict[str, np.ndarray]]  # a stream and the weights it decodes to
+
+
+def read_packed(model: onnx.ModelProto) -> Packed | None:
+    """The file's packed stream and the weights it decodes to, checked to fit together;
+    None where nothing is packed."""
     if not any(t.name == PREFIX + "top" for t in model.graph.initializer):
         return None
     try:
         stream = read_stream(model)
-        decode(stream)
+        return stream, decode(stream)
     except (KeyError, ValueError, IndexError, StopIteration, ZeroDivisionError) as exc:
         raise CompressError(f"its packed weights are damaged: {_damage(exc)}") from None
-    return stream
 
 
-def dense_weights(model: onnx.ModelProto, stream: PackedStream | None = None,
-                  ) -> dict[str, tuple[np.ndarray, dict]]:
+def dense_weights(model: onnx.ModelProto,
+                  packed: Packed | None = None) -> dict[str, tuple[np.ndarray, dict]]:
     """Every float initializer of rank >= 1 as a dense array, packed ones decoded
-    (``stream``: the file's packed stream where the caller has read it already)."""
+    (``packed``: what `read_packed` gave, where the caller has read it already)."""
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, tuple[np.ndarray, dict]] = {}
-    stream = stream or packed_stream(model)
-    if stream is not None:
-        decoded = decode(stream)
+    packed = packed or read_packed(model)
+    if packed is not None:
+        stream, decoded = packed
         for t in stream.tensors:
             shape_init = inits.get(f"{t.name}__shape")
             meta = tensor_metadata(shape_init) if shape_init is not None else {}
@@ -157,10 +160,10 @@ def _stale_metadata(weights: dict[str, tuple[np.ndarray, dict]]) -> list[str]:
 def inspect_onnx(path: str | Path) -> dict:
     model = load_onnx(path)
     try:
-        stream = packed_stream(model)
+        packed = read_packed(model)
     except CompressError as exc:
         raise CompressError(f"{path}: {exc}") from None
-    weights = dense_weights(model, stream)
+    weights = dense_weights(model, packed)
     layers = []
     for name in _model_order(model, weights):
         array, meta = weights[name]
@@ -184,7 +187,7 @@ def inspect_onnx(path: str | Path) -> dict:
                   "macs": macs[0], "nonzero_macs": macs[1],
                   "file_bytes": Path(path).stat().st_size},
         "layers": layers,
-        "packing": packing_summary(stream),
+        "packing": packing_summary(packed[0] if packed else None),
         "warnings": _stale_metadata(weights),
         "metadata": {**model_metadata(model), "ir_version": model.ir_version,
                      "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}},

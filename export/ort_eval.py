@@ -8,7 +8,7 @@ import numpy as np
 
 from compress.errors import CompressError
 from export.metadata import model_metadata
-from export.onnx_inspect import load_onnx, packed_stream
+from export.onnx_inspect import load_onnx, read_packed
 from export.session import open_session
 
 
@@ -63,7 +63,7 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
     config = data_config_from_onnx(path, data, data_dir)
     if not str(path).lower().endswith(".ort"):
         try:  # a damaged stream can still run, and would give a wrong figure
-            packed_stream(load_onnx(path))
+            read_packed(load_onnx(path))
         except CompressError as exc:
             raise CompressError(f"{path}: {exc}") from None
     session = ort_session(path)
