@@ -102,8 +102,10 @@ def _drop_default_attributes(model: onnx.ModelProto) -> None:
     """Remove attributes that repeat their default: the exporter writes every one of them
     on every node, about 100 bytes per convolution or pooling node."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or opset is None:
+        if node.domain not in ("", "ai.onnx"):
             continue
         try:
             schema = onnx.defs.get_schema(node.op_type, opset)

@@ -173,12 +173,16 @@ def encode(weights: list[tuple[str, np.ndarray]], values: str = "fp32",
     return PackedStream(tensors, all_values, top, nibbles, raw_int8, width)
 
 
+def _biased_exponents(values: np.ndarray) -> np.ndarray:
+    return ((values.view(np.uint32) >> MANTISSA_BITS) & 0xFF).astype(np.int64)
+
+
 def exponent_width(values: np.ndarray) -> int:
     """Bits of the smallest exponent index that codes ``values`` exactly; 0 where none
     does (a zero, subnormal, infinite or NaN value, or more than 16 exponents)."""
     if values.dtype != np.float32 or values.size == 0:
         return 0
-    exponents = (values.view(np.uint32) >> MANTISSA_BITS) & 0xFF
+    exponents = _biased_exponents(values)
     if exponents.min() == 0 or exponents.max() == 0xFF:
         return 0
     distinct = np.unique(exponents).size
@@ -203,7 +207,7 @@ def exponent_code(values: np.ndarray, width: int) -> ExponentCode:
     count = -(-values.size // per_byte) * per_byte
     bits = np.zeros(count, dtype=np.uint32)
     bits[: values.size] = values.view(np.uint32)
-    biased = ((bits >> MANTISSA_BITS) & 0xFF).astype(np.int64)
+    biased = _biased_exponents(bits.view(np.float32))
     distinct = np.unique(biased[: values.size])
     index = np.searchsorted(distinct, biased).clip(0, distinct.size - 1).astype(np.uint8)
     index[values.size:] = 0
