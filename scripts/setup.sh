@@ -14,6 +14,16 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
+# torch comes with its CUDA libraries (the registry's torchvision needs them), so the
+# environment takes about 6 GB while it installs; fail early and clearly where it cannot fit.
+if [ ! -x .venv/bin/compress ]; then
+    free_mb=$(df --output=avail -B1M . | tail -1 | tr -d ' ')
+    if [ "$free_mb" -lt 6000 ]; then
+        echo "setup: error: .venv needs about 6 GB free on the disk holding $(pwd); only ${free_mb} MB are free" >&2
+        exit 1
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv
