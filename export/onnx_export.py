@@ -152,7 +152,7 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> PackedStream | None
         array = numpy_helper.to_array(tensor) if wanted else None
         prunable = array is not None and array.ndim >= 2
         sparsity = 1.0 - np.count_nonzero(array) / array.size if prunable else 0.0
-        do_pack = prunable and sparsity > 0 and np.count_nonzero(array) > 0 and (
+        do_pack = prunable and sparsity > 0 and (
             mode == "bitmask" or (mode == "auto" and worth_packing(array, values)))
         if do_pack:
             chosen.append((tensor.name, array))

@@ -417,9 +417,10 @@ def read_stream(model: onnx.ModelProto) -> PackedStream:
 
 
 def worth_packing(weight: np.ndarray, values: str) -> bool:
-    """True when the weight's values and a plain mask are smaller than it is dense."""
+    """True when the weight's values and a plain mask are smaller than it is dense (an
+    all-zero weight, a layer pruned away, is always worth it: it costs only its mask)."""
     nonzero = int(np.count_nonzero(weight))
-    if nonzero == 0 or weight.ndim < 2:
+    if weight.ndim < 2:
         return False
     width = 1 if weight.dtype == np.int8 else _VALUE_BYTES[values]
     packed = nonzero * width + -(-weight.size // 8) + 64  # + its shape node

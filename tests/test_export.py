@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
 from export import verify as verify_module
@@ -268,6 +269,42 @@ def test_exponent_coded_values_decode_bit_exact_in_onnxruntime(octaves, width):
     if width:
         assert len(model.SerializeToString()) < plain
         assert encode([(n, w[:2]) for n, w in weights]).exponent_width == 0  # too few to pay
+
+
+@pytest.mark.parametrize("values", ["fp32", "fp16", "int8"])
+def test_weights_pruned_away_entirely_decode_in_onnxruntime(values):
+    """A layer with no weight left decodes to zeros, alone in a stream or beside others."""
+    rng = np.random.default_rng(3)
+    kept = (rng.standard_normal((30, 20)) * (rng.random((30, 20)) > 0.9)).astype(np.float32)
+    empty = np.zeros((64, 50), np.float32)
+    for weights in ([("empty", empty), ("kept", kept)], [("empty", empty)]):
+        stream = encode(weights, values)
+        model = _decoder_model(stream)
+        onnx.checker.check_model(model, full_check=True)
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        rebuilt = dict(zip([o.name for o in session.get_outputs()], session.run(None, {}),
+                           strict=True))
+        assert not rebuilt["empty"].any() and rebuilt["empty"].shape == empty.shape
+        if "kept" in rebuilt:
+            assert np.array_equal(rebuilt["kept"] != 0, kept != 0)
+
+
+def test_export_packs_a_layer_pruned_away(runs, tmp_path):
+    """Global pruning can empty a layer; `--pack auto` must not store its zeros densely."""
+    ckpt = load_checkpoint(runs["magnitude"])
+    ckpt.state_dict["classifier.1.weight"].zero_()
+    ckpt.masks["classifier.1.weight"].zero_()
+    save_checkpoint(ckpt, tmp_path / "emptied.pt")
+    path = tmp_path / "emptied.onnx"
+    result = export_checkpoint(tmp_path / "emptied.pt", path)
+    assert "classifier.1.weight" in result.packed
+    assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance
+    dense_bytes = 120 * 400 * 4
+    assert path.stat().st_size < 0.2 * dense_bytes
+    shape_init = next(t for t in onnx.load(str(path)).graph.initializer
+                      if t.name == "classifier.1.weight__shape")
+    assert tensor_metadata(shape_init)["sparsity"] == 1.0
 
 
 def test_exponent_width_refuses_what_it_cannot_code_exactly():
