@@ -49,41 +49,48 @@ def friendly_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def wrapper(*args, **kwargs):
-        from compress.errors import CompressError, first_line
-
         try:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
-        except CompressError as exc:
-            if STATE["debug"]:
-                traceback.print_exc()
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
-            err.print("interrupted (a training run keeps its last completed epoch; no "
-                      "half-written file is left)")
-            raise typer.Exit(130) from None
-        except ModuleNotFoundError as exc:
-            if exc.name not in OPTIONAL_MODULES:
-                raise
-            err.print(f"[red]error:[/red] this command needs {exc.name}, which is not installed "
-                      f"here; {OPTIONAL_MODULES[exc.name]}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-        except Exception as exc:  # a bug: one line by default, the traceback on --debug
-            if STATE["debug"]:
-                traceback.print_exc()
-            if type(exc).__module__.startswith("onnxruntime"):  # the model, not our code
-                err.print(f"[red]error:[/red] onnxruntime could not run the model: "
-                          f"{escape(first_line(exc, 300))}", highlight=False, soft_wrap=True)
-                raise typer.Exit(EXIT_USER_ERROR) from None
-            first = first_line(exc, 300)
-            err.print(f"[red]error:[/red] internal error {type(exc).__name__}: "
-                      f"{escape(first[:300])} (run with --debug for the traceback)",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _exit_interrupted()
+        except Exception as exc:
+            _exit_with_one_line(exc)
 
     return wrapper
+
+
+def _exit_interrupted() -> None:
+    err.print("interrupted (a training run keeps its last completed epoch; no "
+              "half-written file is left)")
+    raise typer.Exit(130) from None
+
+
+def _exit_with_one_line(exc: Exception) -> None:
+    """Exit 2 for what the user or the machine can fix, 1 for a bug in compress."""
+    from compress.errors import CompressError, causes, first_line
+
+    if any(isinstance(e, KeyboardInterrupt) for e in causes(exc)):
+        _exit_interrupted()  # Ctrl-C inside a library that wraps every error (torch.onnx)
+    if STATE["debug"]:
+        traceback.print_exc()
+    code, text = EXIT_USER_ERROR, None
+    if isinstance(exc, CompressError):
+        text = str(exc)
+    elif isinstance(exc, ModuleNotFoundError) and exc.name in OPTIONAL_MODULES:
+        text = (f"this command needs {exc.name}, which is not installed here; "
+                f"{OPTIONAL_MODULES[exc.name]}")
+    elif isinstance(exc, OSError) and exc.strerror:  # the machine (disk full, permissions)
+        text = f"{exc.filename or 'a file'}: {exc.strerror}"
+    elif type(exc).__module__.startswith("onnxruntime"):  # the model, not our code
+        text = f"onnxruntime could not run the model: {first_line(exc, 300)}"
+    else:  # a bug: one line by default, the traceback on --debug
+        code = 1
+        text = (f"internal error {type(exc).__name__}: {first_line(exc, 300)} (run with "
+                "--debug for the traceback)")
+    err.print(f"[red]error:[/red] {escape(text)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
 
 
 OPTIONAL_MODULES = {  # what still works on a device without them

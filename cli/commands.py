@@ -145,20 +145,19 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
-    from compress.checkpoint import resolve_checkpoint_path
+    def banner() -> None:  # once the inputs are checked: a bad one is one line alone
+        if not json_out:
+            err.print(escape(f"compress prune: {method} to sparsity {sparsity}, "
+                             f"{finetune_epochs} fine-tune epoch(s), {checkpoint} -> {out_dir}"),
+                      highlight=False, soft_wrap=True)
 
-    resolve_checkpoint_path(checkpoint)  # a missing source is one error line, no header
-    if not json_out:
-        err.print(escape(f"compress prune: {method} to sparsity {sparsity}, "
-                         f"{finetune_epochs} fine-tune epoch(s), {checkpoint} -> {out_dir}"),
-                  highlight=False, soft_wrap=True)
     summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
                             layer_floor=layer_floor,
                             finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                             seed=seed, coverage=Coverage(skip_first, skip_classifier),
                             data_overrides={"data": data, "data_dir": data_dir},
                             console=err, show_progress=not quiet and not json_out,
-                            on_epoch=on_epoch)
+                            on_epoch=on_epoch, on_start=banner)
     show_summary(summary, json_out)
 
 
@@ -181,8 +180,10 @@ def inspect(
                             "export it was made from")
     if path.lower().endswith(".onnx"):
         from export.onnx_inspect import inspect_onnx
+        from export.ort_eval import unfinished_export_note
 
         report = inspect_onnx(path)
+        _warn_unfinished(unfinished_export_note(report["metadata"]))
         report["metadata"].setdefault("model", path)
         report["metadata"].setdefault("method", "unknown")
     else:
@@ -244,6 +245,7 @@ def evaluate(
         from export.ort_eval import evaluate_onnx
 
         result = evaluate_onnx(path, data, data_dir, batch_size)
+        _warn_unfinished(result.get("unfinished"))
     else:
         from compress.inspection import evaluate_checkpoint
 
@@ -274,7 +276,10 @@ def export_onnx(
     quantize: Annotated[str, Opt(help="none, or int8: static QDQ, per-channel weights, "
                                       "calibrated on training images.")] = "none",
     calibration_samples: Annotated[int | None, Opt(help="Training images that calibrate "
-                                                        "--quantize int8 [default: 512].")]
+                                                        "--quantize int8.", show_default="512")]
+    = None,
+    data_dir: Annotated[str | None, Opt(help="Where the run's data set lies now, if it "
+                                             "moved (calibration and the accuracy check).")]
     = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
@@ -284,7 +289,7 @@ def export_onnx(
     result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
                                verify=verify, file_format=file_format, overwrite=overwrite,
                                measure_accuracy=verify, quantize=quantize,
-                               calibration_samples=calibration_samples)
+                               calibration_samples=calibration_samples, data_dir=data_dir)
     accuracy = result.accuracy
     _warn_unfinished(result.unfinished)
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
@@ -392,6 +397,8 @@ def bench(
                            on_progress=lambda done, total: progress.update(task,
                                                                            completed=done))
     result = budget_verdict(result, budget_ms, percentile)
+    for note in result["warnings"]:
+        err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
     if json_out:
         print_json(result)
     else:

@@ -100,6 +100,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         path = path / CHECKPOINT_NAME
     if not path.exists():
         raise CompressError(f"no checkpoint at {path}")
+    if path.suffix.lower() in (".onnx", ".ort"):
+        raise CompressError(f"{path} is an exported model; this command reads a run directory "
+                            "or its checkpoint.pt")
     return path
 
 

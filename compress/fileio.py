@@ -7,20 +7,42 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from compress.errors import CompressError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_beside(path)
     try:
         write(tmp)
         os.chmod(tmp, usual_file_mode())  # mkstemp makes 0600
-        os.replace(tmp, path)
+        replace_or_explain(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def temporary_beside(path: Path, option: str = "") -> Path:
+    """A new empty file in ``path``'s directory (so that a rename onto ``path`` is atomic);
+    a directory that cannot take it is a user error, found before any long work."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        label = f"{option} {path}" if option else str(path)
+        raise CompressError(f"cannot write {label}: {path.parent} does not take new files "
+                            f"({exc.strerror})") from None
+    os.close(fd)
+    return Path(name)
+
+
+def replace_or_explain(tmp: Path, path: Path, option: str = "") -> None:
+    """Rename ``tmp`` onto ``path``; a refusal (an immutable or busy file) is one line."""
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        label = f"{option} {path}" if option else str(path)
+        raise CompressError(f"cannot replace {label}: {exc.strerror}") from None
 
 
 def usual_file_mode() -> int:

@@ -263,7 +263,10 @@ def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shar
     try:
         _run_epochs(job, console, show_progress, on_epoch)
     except Diverged as exc:
-        raise CompressError(f"{exc}; the partial run is kept in {out}") from None
+        kept = (f"the run up to its last good epoch is kept in {out}"
+                if run.checkpoint.exists() else
+                f"no epoch finished, so {out} holds only its recipe and log")
+        raise CompressError(f"{exc}; {kept}") from None
     return _finish(job)
 
 
@@ -284,7 +287,8 @@ def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Sha
         run.discard_if_unused()  # a bad model or data set must not block the same --out
         raise
     if job.start_epoch >= recipe.epochs:
-        raise CompressError(f"{run.path} already finished its {recipe.epochs} epochs")
+        raise CompressError(f"{run.path} already finished all {recipe.epochs} epoch(s) of its "
+                            "recipe; there is nothing to resume")
     if resume:
         run.keep_events_through_epoch(job.start_epoch)
     else:
@@ -344,8 +348,12 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
                   coverage: Coverage = Coverage(), layer_floor: float = 0.0,
                   data_overrides: dict | None = None,
                   console: Console | None = None, show_progress: bool = True,
-                  on_epoch: Callable[[EpochResult], None] | None = None) -> dict:
-    """One-shot magnitude pruning of a trained checkpoint, optionally fine-tuned."""
+                  on_epoch: Callable[[EpochResult], None] | None = None,
+                  on_start: Callable[[], None] | None = None) -> dict:
+    """One-shot magnitude pruning of a trained checkpoint, optionally fine-tuned.
+
+    ``on_start`` is called once every input has been checked, before any work (a command
+    line prints its banner there, so that a bad input is one line alone)."""
     if distributed.from_env().active:
         raise CompressError("compress prune runs in one process; run it without torchrun")
     if method != "magnitude":
@@ -388,6 +396,8 @@ def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "
     except BaseException:
         run.discard_if_unused()
         raise
+    if on_start:
+        on_start()
     job.recipe.method = "magnitude"
     job.recipe.epochs = finetune_epochs
     run.write_text("recipe.yaml", dump_recipe(job.recipe))

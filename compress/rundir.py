@@ -45,7 +45,8 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise CompressError(f"--out {self.path} exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()):
-            hint = " or pass --resume to continue that run" if resumable else ""
+            hint = " or pass --resume to continue that run" if resumable and \
+                self.checkpoint.exists() else ""
             raise CompressError(f"--out {self.path} already holds files; choose a new "
                                 f"directory{hint}")
         self.created_here = not self.path.exists()

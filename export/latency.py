@@ -8,6 +8,7 @@ hits both alike, and the ratio of their p50s is reported.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -133,6 +134,7 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
                              "session_start_ms": other.session_start_ms,
                              "latency_ms": other.latency()}
         result["ratio_p50"] = first.latency()["p50"] / other.latency()["p50"]
+    result["warnings"] = _warnings(measurements, threads)
     result["profile"] = None
     if profile_runs:
         from export.profile import profile
@@ -142,12 +144,27 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     return result
 
 
+def _warnings(measurements: list[Measurement], threads: int) -> list[str]:
+    """What makes the figures mean less than they seem to (they are still measured)."""
+    notes = []
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        notes.append(f"--threads {threads} is more than the {cores} CPU cores here; the "
+                     "threads contend for cores, so the figures measure that contention")
+    if len(measurements) == 2 and measurements[0].input_shape != measurements[1].input_shape:
+        shapes = " and ".join(str(tuple(m.input_shape)) for m in measurements)
+        notes.append(f"the two models take different inputs ({shapes}), so their ratio "
+                     "compares different work")
+    return notes
+
+
 def budget_verdict(result: dict, budget_ms: float | None, percentile: str) -> dict:
     if percentile not in PERCENTILES:
         raise CompressError(f"--percentile must be one of {', '.join(PERCENTILES)}, "
                             f"got {percentile!r}")
-    if budget_ms is not None and not budget_ms > 0:
-        raise CompressError(f"--budget-ms must be positive, got {budget_ms}")
+    if budget_ms is not None and not 0 < budget_ms < math.inf:
+        raise CompressError(f"--budget-ms must be a positive number of milliseconds, got "
+                            f"{budget_ms}")
     within = None if budget_ms is None else result["latency_ms"][percentile] <= budget_ms
     return {**result, "budget_ms": budget_ms, "budget_percentile": percentile,
             "within_budget": within}

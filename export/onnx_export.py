@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,8 @@ from compress.checkpoint import (
     resolve_checkpoint_path,
     unfinished_note,
 )
-from compress.errors import CompressError, first_line
-from compress.fileio import usual_file_mode
+from compress.errors import CompressError, causes, first_line, raise_if_interrupted
+from compress.fileio import replace_or_explain, temporary_beside, usual_file_mode
 from export.metadata import set_model_metadata, set_tensor_metadata
 from export.packing import VALUE_TYPES, PackedStream, decoder, encode, worth_packing
 from export.quantize import (
@@ -74,10 +73,17 @@ def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
                                         dynamic_shapes=({0: batch},), opset_version=opset,
                                         verbose=False)
     except Exception as exc:
-        plain = Exception(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
-        raise CompressError(f"torch could not export {ckpt.model_spec!r} to ONNX: "
-                            f"{first_line(plain)}") from None
+        raise_if_interrupted(exc)
+        raise CompressError(f"torch could not export {ckpt.model_spec!r} to ONNX"
+                            f"{_failing_line(exc)}: {first_line(causes(exc)[-1], 300)}") from None
     return program.model_proto
+
+
+def _failing_line(exc: Exception) -> str:
+    """' at FILE line N (`code`)' where torch's exporter names the model code it stopped at."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r'call raised this error:\s+File "(.+?)", line (\d+), in \w+\s+(.+)', text)
+    return f" at {found[1]} line {found[2]} (`{found[3].strip()}`)" if found else ""
 
 
 def _strip_exporter_notes(model: onnx.ModelProto) -> None:
@@ -292,12 +298,14 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
                       values: str = "fp32", opset: int = 20, verify: bool = True,
                       file_format: str = "onnx", overwrite: bool = False,
                       measure_accuracy: bool = False, quantize: str = "none",
-                      calibration_samples: int | None = None) -> ExportResult:
+                      calibration_samples: int | None = None,
+                      data_dir: str | None = None) -> ExportResult:
     """Export, [quantize], pack, annotate, verify; the target appears only if every step
     succeeded.
 
     With ``measure_accuracy`` the validation top-1 of PyTorch and of onnxruntime are
-    measured on the file before it is renamed into place.
+    measured on the file before it is renamed into place. ``data_dir`` replaces the data
+    directory the run recorded (for calibration and that accuracy).
     """
     _check_options(pack, values, opset, file_format, quantize, calibration_samples)
     if not str(out).strip():
@@ -305,28 +313,27 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     out = Path(out)
     source_path = resolve_checkpoint_path(source)
     _check_target(out, source_path, file_format, overwrite)
-    ckpt = load_checkpoint(source_path)
-    model = _torch_to_onnx(ckpt, opset)
-    _set_ir_version(model)
-    _strip_exporter_notes(model)
-    _drop_default_attributes(model)
-    _canonical_zeros(model)
-    quantization = None
-    if quantize == "int8":
-        samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
-        model = quantize_int8(model, calibration_batches(ckpt, samples))
-        quantization = settings(samples)
-    stream = _pack(model, pack, values)  # with "none" it only annotates the tensors
-    packed = [t.name for t in stream.tensors] if stream else []
-    unfinished = unfinished_note(ckpt)
-    set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization,
-                                        unfinished))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_beside(out, "--onnx")  # an unwritable directory fails now, not minutes on
     ort_tmp = tmp.with_name(tmp.name + ".ort")  # onnxruntime recognises the format by name
-    accuracy = None
     try:
+        ckpt = load_checkpoint(source_path)
+        if data_dir is not None:  # the data set moved since training
+            ckpt.data.data_dir = data_dir
+        model = _torch_to_onnx(ckpt, opset)
+        _set_ir_version(model)
+        _strip_exporter_notes(model)
+        _drop_default_attributes(model)
+        _canonical_zeros(model)
+        quantization = None
+        if quantize == "int8":
+            samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
+            model = quantize_int8(model, calibration_batches(ckpt, samples))
+            quantization = settings(samples)
+        stream = _pack(model, pack, values)  # with "none" it only annotates the tensors
+        packed = [t.name for t in stream.tensors] if stream else []
+        unfinished = unfinished_note(ckpt)
+        set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization,
+                                            unfinished))
         onnx.save(model, str(tmp))
         report = verify_export(tmp, ckpt, "int8" if quantize == "int8" else values) \
             if verify else None
@@ -336,10 +343,9 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
             if verify:
                 _check_ort_file(ort_tmp, tmp, ckpt.data.input_shape)
             final = ort_tmp
-        if measure_accuracy:
-            accuracy = validation_accuracy(ckpt, final)
+        accuracy = validation_accuracy(ckpt, final) if measure_accuracy else None
         os.chmod(final, usual_file_mode())  # mkstemp makes 0600
-        os.replace(final, out)
+        replace_or_explain(final, out, "--onnx")
     finally:
         tmp.unlink(missing_ok=True)
         ort_tmp.unlink(missing_ok=True)

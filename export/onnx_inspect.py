@@ -23,6 +23,8 @@ PARAMETER_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.Tensor
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     path = Path(path)
+    if path.is_dir():
+        raise CompressError(f"{path} is a directory, not an ONNX file")
     if not path.is_file():
         raise CompressError(f"no ONNX file at {path}")
     try:

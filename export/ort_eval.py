@@ -44,7 +44,7 @@ def data_config_from_onnx(path: str | Path, data: str | None, data_dir: str | No
         meta = model_metadata(load_onnx(path))
     recorded = meta.get("dataset")
     if data is None and not isinstance(recorded, dict):
-        raise CompressError(f"{path} records no data set; pass --data")
+        raise CompressError(f"{path} records no readable data set; pass --data")
     config = DataConfig.from_dict(recorded) if isinstance(recorded, dict) else DataConfig()
     if data is not None:
         if data not in DATASETS:
@@ -61,12 +61,24 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
     from compress.data import load_splits
 
     config = data_config_from_onnx(path, data, data_dir)
+    unfinished = None
     if not str(path).lower().endswith(".ort"):
+        model = load_onnx(path)
         try:  # a damaged stream can still run, and would give a wrong figure
-            read_packed(load_onnx(path))
+            read_packed(model)
         except CompressError as exc:
             raise CompressError(f"{path}: {exc}") from None
+        unfinished = unfinished_export_note(model_metadata(model))
     session = ort_session(path)
     splits = load_splits(config)
     return {"top1": split_top1(session, splits.test, batch_size), "samples": len(splits.test),
-            "split": "test", "data": config.name, "runtime": "onnxruntime"}
+            "split": "test", "data": config.name, "runtime": "onnxruntime",
+            "unfinished": unfinished}
+
+
+def unfinished_export_note(metadata: dict) -> str | None:
+    """A warning for a file exported from a run that stopped before its last epoch."""
+    if metadata.get("training_finished") is not False:
+        return None
+    return ("this file was exported from a run that stopped before its last epoch, so its "
+            "sparsity and accuracy may be short of the target")

@@ -35,6 +35,7 @@ def test_json_keys_and_against_ratio(cli, models):
     ratio = payload["latency_ms"]["p50"] / payload["against"]["latency_ms"]["p50"]
     assert payload["ratio_p50"] == pytest.approx(ratio)
     assert payload["budget_ms"] is None and payload["within_budget"] is None
+    assert payload["warnings"] == []
 
 
 def test_budget_gate_exit_codes(cli, models):
@@ -46,6 +47,33 @@ def test_budget_gate_exit_codes(cli, models):
     assert within.exit_code == 0 and json.loads(within.stdout)["within_budget"] is True
     bad = cli("bench", packed, "--percentile", "p75")
     assert bad.exit_code == 2 and "--percentile" in bad.output
+    for budget in ("inf", "nan", "0"):
+        bad = cli("bench", packed, "--budget-ms", budget)
+        assert bad.exit_code == 2 and "--budget-ms must be a positive" in bad.output, budget
+
+
+def test_warns_where_figures_mean_less(cli, models, tmp_path):
+    """Oversubscribed threads and a comparison of models with different inputs still run,
+    and say what is wrong with them."""
+    import onnx
+
+    packed, _ = models
+    info = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["n", 3, 8, 8])
+            for n in ("x", "y")]
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   info[:1], info[1:])
+    other = tmp_path / "other.onnx"
+    onnx.save(onnx.helper.make_model(graph, ir_version=10,
+                                     opset_imports=[onnx.helper.make_opsetid("", 20)]),
+              str(other))
+    threads = (os.cpu_count() or 1) + 1
+    result = cli("bench", packed, "--against", other, "--threads", threads, "--runs", "10",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    warnings = json.loads(result.stdout)["warnings"]
+    assert len(warnings) == 2 and f"--threads {threads} is more than" in warnings[0]
+    assert "(1, 1, 28, 28) and (1, 3, 8, 8)" in warnings[1]
+    assert "warning: the two models take different inputs" in result.stderr
 
 
 def test_bench_without_torch(models):

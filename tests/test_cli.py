@@ -88,6 +88,12 @@ def test_resume_continues_an_interrupted_run(cli, tmp_path):
                     on_epoch=stop_after_first)
     warned = cli("inspect", tmp_path / "cut")
     assert "warning: this run stopped after epoch 1 of 2" in warned.stderr
+    onnx_file = tmp_path / "cut.onnx"
+    assert cli("export", tmp_path / "cut", "--onnx", onnx_file, "--no-verify").exit_code == 0
+    for command in ("inspect", "evaluate"):
+        warned = cli(command, onnx_file)
+        assert warned.exit_code == 0, warned.output
+        assert "exported from a run that stopped before its last epoch" in warned.stderr
     metrics = tmp_path / "cut" / "metrics.jsonl"
     with open(metrics, "a") as f:  # as if it had died in epoch 2 after a refresh
         f.write(json.dumps({"event": "refresh", "step": 999, "flips": 0.5}) + "\n")

@@ -1,5 +1,6 @@
 """ONNX export of real runs, checked in a real onnxruntime session."""
 
+import errno
 import json
 import os
 import subprocess
@@ -342,6 +343,72 @@ def test_failed_export_keeps_existing_file(runs, tmp_path, monkeypatch, cli):
     assert result.exit_code == 2 and "differs" in result.output
     assert target.read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.onnx"]
+
+
+def test_unwritable_target_is_one_line_before_any_work(runs, tmp_path, monkeypatch, cli):
+    """A directory that takes no new file (read-only, immutable) is found before export."""
+    import compress.fileio
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(compress.fileio.tempfile, "mkstemp", refuse)
+    result = cli("export", runs["dpf"], "--onnx", tmp_path / "x.onnx")
+    assert result.exit_code == 2, result.output
+    assert "does not take new files (Read-only file system)" in result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_onnxruntime_reason_survives_in_one_line(tmp_path, cli):
+    """onnxruntime's C++ source location is dropped, its reason kept."""
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    info = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4])
+            for n in ("x", "y")]
+    graph = onnx.helper.make_graph([node], "g", info[:1], info[1:])
+    path = tmp_path / "too-new.onnx"
+    onnx.save(onnx.helper.make_model(graph, ir_version=14), str(path))  # ORT 1.31 reads <= 13
+    for args in (["bench", path, "--runs", "5"], ["evaluate", path, "--data", "fashion-mnist"]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert "Unsupported model IR version: 14" in result.output, result.output
+        assert "onnxruntime_src" not in result.output
+
+
+def test_model_torch_cannot_export_is_named_with_its_line(tmp_path, monkeypatch, cli):
+    (tmp_path / "branchy.py").write_text(
+        "import torch\n\n\n"
+        "class Branchy(torch.nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, num_classes)\n\n"
+        "    def forward(self, x):\n"
+        "        if x.sum() > 0:  # data-dependent: torch.export cannot trace it\n"
+        "            return self.fc(x.flatten(1))\n"
+        "        return -self.fc(x.flatten(1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = Recipe(model="branchy:Branchy", data="synthetic", method="none", epochs=1,
+                    batch_size=16, max_train_samples=32, max_test_samples=16).validate()
+    train_prune(recipe, str(tmp_path / "run"), show_progress=False)
+    result = cli("export", tmp_path / "run", "--onnx", tmp_path / "b.onnx")
+    assert result.exit_code == 2, result.output
+    assert "branchy.py line 10 (`if x.sum() > 0:" in result.output, result.output
+    assert "data-dependent" in result.output and not (tmp_path / "b.onnx").exists()
+
+
+def test_ctrl_c_inside_the_exporter_is_an_interruption(runs, tmp_path, monkeypatch, cli):
+    """torch.onnx wraps every error it meets, Ctrl-C included; it must still read as one."""
+    import torch
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Failed to export the model with torch.export.") from exc
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    result = cli("export", runs["dpf"], "--onnx", tmp_path / "x.onnx")
+    assert result.exit_code == 130 and "interrupted" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, fragment", [
