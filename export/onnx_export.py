@@ -294,6 +294,20 @@ def _set_ir_version(model: onnx.ModelProto) -> None:
     model.ir_version = min(max(model.ir_version, needed, 10), MAX_IR)
 
 
+def _clean_model(ckpt: Checkpoint, opset: int, quantize: str,
+                 calibration_samples: int | None) -> tuple[onnx.ModelProto, dict | None]:
+    """The exported graph, tidied and [int8-quantized], with what the quantization did."""
+    model = _torch_to_onnx(ckpt, opset)
+    _set_ir_version(model)
+    _strip_exporter_notes(model)
+    _drop_default_attributes(model)
+    _canonical_zeros(model)
+    if quantize != "int8":
+        return model, None
+    samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
+    return quantize_int8(model, calibration_batches(ckpt, samples)), settings(samples)
+
+
 def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto",
                       values: str = "fp32", opset: int = 20, verify: bool = True,
                       file_format: str = "onnx", overwrite: bool = False,
@@ -319,16 +333,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         ckpt = load_checkpoint(source_path)
         if data_dir is not None:  # the data set moved since training
             ckpt.data.data_dir = data_dir
-        model = _torch_to_onnx(ckpt, opset)
-        _set_ir_version(model)
-        _strip_exporter_notes(model)
-        _drop_default_attributes(model)
-        _canonical_zeros(model)
-        quantization = None
-        if quantize == "int8":
-            samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
-            model = quantize_int8(model, calibration_batches(ckpt, samples))
-            quantization = settings(samples)
+        model, quantization = _clean_model(ckpt, opset, quantize, calibration_samples)
         stream = _pack(model, pack, values)  # with "none" it only annotates the tensors
         packed = [t.name for t in stream.tensors] if stream else []
         unfinished = unfinished_note(ckpt)
