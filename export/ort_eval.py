@@ -30,18 +30,14 @@ def split_top1(session, split, batch_size: int = 512) -> float:
     return correct / seen if seen else 0.0
 
 
-def data_config_from_onnx(path: str | Path, data: str | None, data_dir: str | None):
+def data_config_from_onnx(path: str | Path, meta: dict, data: str | None,
+                          data_dir: str | None):
+    """The data set to evaluate on: ``--data`` or what the file's metadata ``meta`` records."""
     from compress.data import DATASETS, DataConfig
 
-    if not Path(path).is_file():
-        raise CompressError(f"no model file at {path}")
-    if str(path).lower().endswith(".ort"):
-        if data is None:
-            raise CompressError(f"{path} is an ORT-format file, which carries no metadata; "
-                                "pass --data (and --data-dir)")
-        meta = {}
-    else:
-        meta = model_metadata(load_onnx(path))
+    if str(path).lower().endswith(".ort") and data is None:
+        raise CompressError(f"{path} is an ORT-format file, which carries no metadata; "
+                            "pass --data (and --data-dir)")
     recorded = meta.get("dataset")
     if data is None and not isinstance(recorded, dict):
         raise CompressError(f"{path} records no readable data set; pass --data")
@@ -60,15 +56,18 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
     """Test-split top-1 of the ONNX model, in onnxruntime."""
     from compress.data import load_splits
 
-    config = data_config_from_onnx(path, data, data_dir)
-    unfinished = None
+    if not Path(path).is_file():
+        raise CompressError(f"no model file at {path}")
+    meta = {}
     if not str(path).lower().endswith(".ort"):
         model = load_onnx(path)
+        meta = model_metadata(model)
         try:  # a damaged stream can still run, and would give a wrong figure
             read_packed(model)
         except CompressError as exc:
             raise CompressError(f"{path}: {exc}") from None
-        unfinished = unfinished_export_note(model_metadata(model))
+    config = data_config_from_onnx(path, meta, data, data_dir)
+    unfinished = unfinished_export_note(meta)
     session = ort_session(path)
     splits = load_splits(config)
     return {"top1": split_top1(session, splits.test, batch_size), "samples": len(splits.test),
