@@ -9,13 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app, err, friendly_errors, out, parse_shape, print_json, show_summary
+from cli.output import err, out, parse_shape, print_json, show_summary
 
 Opt = typer.Option
 
 
-@app.command("train-prune")
-@friendly_errors
 def train_prune(
     model: Annotated[str | None, Opt(help="Registered name or module:callable.")] = None,
     data: Annotated[str | None, Opt(help="fashion-mnist, mnist, cifar10, cifar100, "
@@ -112,30 +110,49 @@ def train_prune(
         show_summary(summary, json_out)
 
 
-@app.command()
-@friendly_errors
 def prune(
-    checkpoint: Annotated[str, typer.Argument(help="Run directory or checkpoint file.")],
-    method: Annotated[str, Opt(help="magnitude (one-shot global magnitude).")] = "magnitude",
-    sparsity: Annotated[float, Opt(help="Fraction of prunable weights removed.")] = 0.9,
-    finetune_epochs: Annotated[int, Opt(help="Epochs of fine-tuning under the fixed "
-                                              "mask.")] = 0,
+    checkpoint: Annotated[str | None, typer.Argument(
+        help="Run directory or checkpoint (or give --model).", show_default=False)] = None,
+    method: Annotated[str, Opt(help="magnitude (weights), l1-filter or l2-filter (channels), "
+                                    "shrink (channels emptied by unstructured pruning).")]
+    = "magnitude",
+    sparsity: Annotated[float | None, Opt(help="Fraction of prunable weights (magnitude) or of "
+                                               "channels (l1/l2-filter) removed.",
+                                          show_default="0.9 for weights, 0.5 for channels")]
+    = None,
+    target_macs: Annotated[float | None, Opt(help="Channels: keep at most this fraction of the "
+                                                  "dense MACs instead of --sparsity.")] = None,
+    model: Annotated[str | None, Opt(help="Prune this model (registered name or "
+                                          "module:callable) instead of a run.")] = None,
+    weights: Annotated[str | None, Opt(help="With --model: its weights (state_dict or "
+                                            "compress checkpoint).")] = None,
+    finetune_epochs: Annotated[int, Opt(help="Epochs of fine-tuning after pruning (pruned "
+                                             "weights stay zero).")] = 0,
     out_dir: Annotated[str, Opt("--out", help="Run directory to create.")] = "runs/pruned",
-    scope: Annotated[str, Opt(help="global or layer.")] = "global",
+    scope: Annotated[str | None, Opt(help="global or layer.", show_default="global for "
+                                          "weights, layer for channels")] = None,
     layer_floor: Annotated[float, Opt(help="Least fraction of each layer the global "
                                            "threshold keeps.")] = 0.0,
+    round_to: Annotated[int, Opt(help="Channels: kept widths are multiples of this (ORT's "
+                                      "kernels are fastest on multiples of 8).")] = 8,
+    min_channels: Annotated[int | None, Opt(help="Channels: no layer keeps fewer.")] = None,
     lr: Annotated[float | None, Opt(help="Fine-tune learning rate (default: the run's "
                                          "lr / 10).")] = None,
     batch_size: Annotated[int | None, Opt()] = None,
     data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
     data_dir: Annotated[str | None, Opt()] = None,
+    input_shape: Annotated[str | None, Opt(help="C,H,W for synthetic data.")] = None,
+    num_classes: Annotated[int | None, Opt(help="Classes of synthetic data.")] = None,
+    max_train_samples: Annotated[int | None, Opt(help="Use a slice of the training set.")]
+    = None,
+    max_test_samples: Annotated[int | None, Opt(help="Use a slice of the test set.")] = None,
     skip_first: Annotated[bool, Opt("--skip-first/--prune-first")] = False,
     skip_classifier: Annotated[bool, Opt("--skip-classifier/--prune-classifier")] = False,
     seed: Annotated[int, Opt()] = 0,
     json_out: Annotated[bool, Opt("--json")] = False,
     quiet: Annotated[bool, Opt()] = False,
 ) -> None:
-    """Prune a trained checkpoint in one shot, then optionally fine-tune it."""
+    """Prune a model in one shot (weights or whole channels), then optionally fine-tune."""
     from compress.masks import Coverage
     from compress.pipeline import prune_oneshot
 
@@ -145,19 +162,27 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
+    amount = f"MAC budget {target_macs}" if target_macs is not None else \
+        f"sparsity {sparsity}" if sparsity is not None else "default sparsity"
+
     def banner() -> None:  # once the inputs are checked: a bad one is one line alone
         if not json_out:
-            err.print(escape(f"compress prune: {method} to sparsity {sparsity}, "
-                             f"{finetune_epochs} fine-tune epoch(s), {checkpoint} -> {out_dir}"),
+            err.print(escape(f"compress prune: {method}, {amount}, {finetune_epochs} "
+                             f"fine-tune epoch(s), {checkpoint or model} -> {out_dir}"),
                       highlight=False, soft_wrap=True)
 
+    overrides = {"data": data, "data_dir": data_dir, "input_shape": parse_shape(input_shape),
+                 "num_classes": num_classes, "max_train_samples": max_train_samples,
+                 "max_test_samples": max_test_samples}
     summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
-                            layer_floor=layer_floor,
-                            finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size,
-                            seed=seed, coverage=Coverage(skip_first, skip_classifier),
-                            data_overrides={"data": data, "data_dir": data_dir},
-                            console=err, show_progress=not quiet and not json_out,
-                            on_epoch=on_epoch, on_start=banner)
+                            layer_floor=layer_floor, round_to=round_to,
+                            min_channels=min_channels, target_macs=target_macs, model=model,
+                            weights=weights, finetune_epochs=finetune_epochs, lr=lr,
+                            batch_size=batch_size, seed=seed,
+                            coverage=Coverage(skip_first, skip_classifier),
+                            data_overrides=overrides, console=err,
+                            show_progress=not quiet and not json_out, on_epoch=on_epoch,
+                            on_start=banner)
     show_summary(summary, json_out)
 
 
@@ -166,8 +191,6 @@ def _warn_unfinished(note: str | None) -> None:
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
 
 
-@app.command()
-@friendly_errors
 def inspect(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     json_out: Annotated[bool, Opt("--json")] = False,
@@ -211,11 +234,33 @@ def inspect(
     out.print(table)
     out.print(f"MACs per sample: {t['macs']:,} as dense kernels run it; {t['nonzero_macs']:,} "
               "involve a non-zero weight", highlight=False, soft_wrap=True)
+    if report.get("structure"):
+        _print_structure(report["structure"])
     if "file_bytes" in t:
         out.print(escape(f"file: {t['file_bytes']:,} bytes; {_packing_line(report['packing'])}"),
                   highlight=False, soft_wrap=True)
     for note in report.get("warnings", []):
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
+
+
+def _print_structure(structure: dict) -> None:
+    """Channel widths before and after the cut, and what the cut saved."""
+    table = Table(title="channel groups cut (leader and its coupled layers)")
+    for col in ("leading layer", "original", "kept", "share kept"):
+        table.add_column(col, justify="left" if col == "leading layer" else "right")
+    for row in structure["widths"]:
+        table.add_row(escape(row["layer"]), str(row["original"]), str(row["kept"]),
+                      f"{row['kept'] / row['original']:.3f}" if row["original"] else "-")
+    out.print(table)
+    parts = []
+    if structure.get("params_ratio") is not None:
+        parts.append(f"params {structure['params_ratio']:.3f} of the original "
+                     f"{structure['original_params']:,}")
+    if structure.get("macs_ratio") is not None:
+        parts.append(f"MACs {structure['macs_ratio']:.3f} of the original "
+                     f"{structure['original_macs']:,}")
+    if parts:
+        out.print("structured: " + "; ".join(parts), highlight=False, soft_wrap=True)
 
 
 def _packing_line(packing: dict | None) -> str:
@@ -227,8 +272,6 @@ def _packing_line(packing: dict | None) -> str:
             f"values {packing['values']}{coding} in {packing['value_bits']} bits each")
 
 
-@app.command()
-@friendly_errors
 def evaluate(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
@@ -258,8 +301,6 @@ def evaluate(
                   f"{result['data']}", highlight=False)
 
 
-@app.command("export")
-@friendly_errors
 def export_onnx(
     source: Annotated[str, typer.Argument(help="Run directory or checkpoint.")],
     onnx_path: Annotated[str, Opt("--onnx", help="ONNX file to write.")],
@@ -366,8 +407,6 @@ def _print_profile(summary: dict, model: str) -> None:
     out.print(nodes)
 
 
-@app.command()
-@friendly_errors
 def bench(
     model: Annotated[str, typer.Argument(help="ONNX (or .ort) file to time.")],
     against: Annotated[str | None, Opt(help="A second model, timed interleaved.")] = None,

@@ -1,8 +1,12 @@
-"""The compress checkpoint: weights with masks applied, masks, recipe, data, versions.
+"""The compress checkpoint: weights with masks applied, masks, recipe, data, versions, and
+the pruned structure of a model whose channels were cut.
 
 Saved with ``torch.save`` to a temporary file and renamed; loaded with
 ``weights_only=True`` so that a checkpoint can never run code. Every field is a tensor,
 a number, a string, a list or a dict.
+
+Format 2 adds ``structure``: the channel cuts as plain numbers (`Structure`), replayed onto
+a freshly built model before its weights load. Format 1 files (no structure) still load.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from compress.masks import canonical_zeros
 from compress.models import build_model
 
 FORMAT = "compress.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -50,6 +54,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     versions: dict = field(default_factory=library_versions)
     training_state: dict | None = None
+    structure: dict | None = None  # `Structure.to_dict()` of a channel-pruned model
 
     def to_payload(self) -> dict:
         return {
@@ -65,11 +70,12 @@ class Checkpoint:
             "metrics": self.metrics,
             "versions": self.versions,
             "training_state": self.training_state,
+            "structure": self.structure,
         }
 
     def build_model(self) -> nn.Module:
         """Rebuild the network and load the (pruned) weights into it."""
-        model = build_model(self.model_spec, self.data.num_classes, self.data.input_shape)
+        model = self.build_architecture()
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
@@ -77,6 +83,22 @@ class Checkpoint:
             raise CompressError(f"checkpoint weights do not fit model {self.model_spec!r}: "
                                 f"{first[1].strip() if len(first) > 1 else first[0]}") from None
         return model
+
+    def build_architecture(self) -> nn.Module:
+        """The network as the checkpoint holds it (thinner where channels were cut), with
+        fresh weights."""
+        model = build_model(self.model_spec, self.data.num_classes, self.data.input_shape)
+        return apply_structure(model, self.structure, self.data.input_shape)
+
+
+def apply_structure(model: nn.Module, structure: dict | None,
+                    input_shape: tuple[int, ...]) -> nn.Module:
+    """Cut ``model``'s channels as ``structure`` records (nothing when it is None)."""
+    if not structure:
+        return model
+    from compress.structured.engine import Structure, rebuild
+
+    return rebuild(model, Structure.from_dict(structure), tuple(input_shape))
 
 
 def unfinished_note(ckpt: Checkpoint) -> str | None:
@@ -149,19 +171,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             metrics=payload.get("metrics") or {},
             versions=payload.get("versions") or {},
             training_state=payload.get("training_state"),
+            structure=payload.get("structure"),
         )
     except (KeyError, TypeError) as exc:
         raise CompressError(f"{path} is a damaged compress checkpoint (missing {exc})") from None
 
 
-def load_weights_into(model: nn.Module, path: str | Path) -> None:
-    """Initialise ``model`` from a compress checkpoint or a plain state_dict file."""
+def load_weights_into(model: nn.Module, path: str | Path) -> dict | None:
+    """Initialise ``model`` from a compress checkpoint or a plain state_dict file; a
+    channel-pruned checkpoint cuts ``model`` to its structure first, which is returned."""
     path = resolve_checkpoint_path(path)
     payload = read_torch_file(path)
     state = payload.get("state_dict") if isinstance(payload, dict) and \
         payload.get("format") == FORMAT else payload
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CompressError(f"{path} holds neither a compress checkpoint nor a state_dict")
+    structure = payload.get("structure") if state is not payload else None
+    if structure:  # a channel-pruned checkpoint: cut the fresh model the same way first
+        input_shape = tuple(payload["data"]["input_shape"])
+        apply_structure(model, structure, input_shape)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -169,3 +197,4 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
         raise CompressError(f"weights in {path} do not fit the model: "
                             f"{detail.split(':')[0][:200]}") from None
+    return structure

@@ -23,6 +23,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
     return {
         "total": summarise(rows, macs),
         "layers": rows_as_dicts(rows),
+        "structure": structure_summary(ckpt.structure, macs[0],
+                                       sum(r.params for r in rows)),
         "metadata": {
             "model": ckpt.model_spec,
             "method": ckpt.method,
@@ -32,6 +34,22 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "versions": ckpt.versions,
             "unfinished": unfinished_note(ckpt),
         },
+    }
+
+
+def structure_summary(structure: dict | None, macs: int, params: int) -> dict | None:
+    """Widths before and after each channel cut, and params / MACs against the original;
+    None for a model whose channels were never cut."""
+    if not structure:
+        return None
+    original = structure.get("original") or {}
+    o_params, o_macs = original.get("params"), original.get("macs")
+    return {
+        "widths": [{"layer": root, "original": first, "kept": kept}
+                   for root, (first, kept) in structure.get("widths", {}).items()],
+        "original_params": o_params, "original_macs": o_macs,
+        "params_ratio": params / o_params if o_params else None,
+        "macs_ratio": macs / o_macs if o_macs else None,
     }
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.selection import select
+
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-SCOPES = ("global", "layer")
 
 
 @dataclass(frozen=True)
@@ -54,18 +55,6 @@ def prunable_weights(model: nn.Module, coverage: Coverage = Coverage()) -> dict[
     return {f"{name}.weight": m.weight for name, m in prunable_layers(model, coverage).items()}
 
 
-def pruned_count(sparsity: float, total: int) -> int:
-    """Exact number of weights to remove out of ``total`` at ``sparsity``."""
-    return min(total, int(round(sparsity * total)))
-
-
-def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if keep > 0:
-        mask[torch.topk(scores.flatten(), keep, sorted=False).indices] = True
-    return mask
-
-
 def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
                     scope: str = "global", layer_floor: float = 0.0) -> dict[str, torch.Tensor]:
     """Boolean keep-masks that remove the smallest ``|w|`` at exactly ``sparsity``.
@@ -76,42 +65,8 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
     first, the rest of the budget goes by the global ranking, so the total is still exact.
     A global threshold would otherwise empty a small layer at high sparsity.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    with torch.no_grad():
-        if scope == "layer":
-            return {
-                name: _keep_top(w.abs(), w.numel() - pruned_count(sparsity, w.numel()))
-                .view_as(w)
-                for name, w in weights.items()
-            }
-        flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
-        keep = flat.numel() - pruned_count(sparsity, flat.numel())
-        if layer_floor > 0:
-            flat = _reserve_floor(flat, weights, layer_floor, keep)
-        keep_flat = _keep_top(flat, keep)
-        masks, offset = {}, 0
-        for name, w in weights.items():
-            masks[name] = keep_flat[offset:offset + w.numel()].view_as(w)
-            offset += w.numel()
-        return masks
-
-
-def _reserve_floor(flat: torch.Tensor, weights: dict[str, torch.Tensor], floor: float,
-                   keep: int) -> torch.Tensor:
-    """Scores with each tensor's ``floor`` share of largest entries raised to +inf."""
-    reserved = {name: max(1, int(floor * w.numel())) for name, w in weights.items()}
-    if sum(reserved.values()) > keep:
-        raise ValueError(f"a layer floor of {floor} keeps more weights ({sum(reserved.values())})"
-                         f" than the sparsity target allows ({keep})")
-    scores, offset = flat.clone(), 0
-    for name, w in weights.items():
-        segment = scores[offset:offset + w.numel()]
-        segment[torch.topk(segment, reserved[name], sorted=False).indices] = float("inf")
-        offset += w.numel()
-    return scores
+    return select({name: w.detach().abs() for name, w in weights.items()}, sparsity,
+                  scope=scope, floor=layer_floor)
 
 
 def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:

@@ -16,16 +16,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from compress import distributed
-from compress.checkpoint import Checkpoint, load_checkpoint, load_weights_into, save_checkpoint
+from compress.checkpoint import (
+    Checkpoint,
+    apply_structure,
+    load_checkpoint,
+    load_weights_into,
+    save_checkpoint,
+)
 from compress.data import DataConfig, Splits, load_splits
 from compress.errors import CompressError
 from compress.masks import Coverage, prunable_weights
-from compress.methods import DPF, GMP, MaskPruner, OneShotMagnitude
+from compress.methods import REGISTRY, FixedMask, MaskPruner, method
+from compress.methods.registry import OneShotRequest, OneShotResult
 from compress.models import build_model
 from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_mapping
 from compress.report import write_report
 from compress.rundir import RunDir
-from compress.schedules import CubicSchedule
 from compress.training import (
     Diverged,
     EpochResult,
@@ -55,20 +61,10 @@ def optim_config(recipe: Recipe) -> OptimConfig:
 
 
 def make_pruner(recipe: Recipe, model: nn.Module, total_steps: int) -> MaskPruner | None:
-    """The pruner for ``recipe.method`` with its schedule in optimizer steps."""
-    if recipe.method == "none":
-        return None
-    schedule = CubicSchedule(recipe.sparsity, round(recipe.prune_start * total_steps),
-                             round(recipe.prune_end * total_steps))
-    freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
-    common = dict(refresh_every=recipe.refresh_every, scope=recipe.scope,
-                  layer_floor=recipe.layer_floor,
-                  coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
-                  freeze_step=freeze)
+    """The pruner of ``recipe.method`` (None for dense training), schedule in steps."""
+    spec = method(recipe.method, "training")
     try:
-        if recipe.method == "dpf":
-            return DPF(model, schedule, feedback_decay=recipe.feedback_decay, **common)
-        return GMP(model, schedule, **common)
+        return spec.build(model, recipe, total_steps)
     except ValueError as exc:
         raise CompressError(str(exc)) from None
 
@@ -95,6 +91,7 @@ class Job:
     start_epoch: int = 0
     shard: distributed.Shard = distributed.SINGLE
     train_model: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+    structure: dict | None = None  # the channel cuts the model carries (checkpoint format 2)
 
     def save(self, ckpt: Checkpoint) -> None:
         if self.shard.main:
@@ -114,8 +111,12 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
     generator = seed_everything(recipe.seed)
     splits = load_splits(data_config(recipe))
     model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
-    if recipe.weights and resume_state is None:
-        load_weights_into(model, recipe.weights)
+    structure = None
+    if resume_state is not None:
+        structure = resume_state.structure
+        apply_structure(model, structure, splits.config.input_shape)
+    elif recipe.weights:
+        structure = load_weights_into(model, recipe.weights)
     model.to(device)
     cfg = optim_config(recipe)
     steps_per_epoch = splits.train.num_batches(cfg.batch_size, shard.world)
@@ -125,7 +126,7 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg, total_steps, steps_per_epoch))
     job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
-              shard=shard)
+              shard=shard, structure=structure)
     if resume_state is not None:
         _restore(job, resume_state)
     job.train_model = model
@@ -153,12 +154,10 @@ def _restore(job: Job, ckpt: Checkpoint) -> None:
                             f"is {job.shard.world}; resume it with {how}")
     job.model.load_state_dict(ckpt.state_dict)
     if job.pruner is not None:
-        job.pruner.load_state_dict(state["pruner"])
-        dense = state.get("dense_weights") or {}
-        with torch.no_grad():
-            for name, w in job.pruner.weights.items():
-                if name in dense:
-                    w.copy_(dense[name])
+        pruner_state = dict(state["pruner"])
+        if state.get("dense_weights"):  # format 1 kept DPF's dense weights beside its state
+            pruner_state.setdefault("dense_weights", state["dense_weights"])
+        job.pruner.load_state_dict(pruner_state)
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     job.generator.set_state(state["generator"])
@@ -177,14 +176,14 @@ def _checkpoint(job: Job, epoch: int, metrics: dict) -> Checkpoint:
         "generator": job.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "pruner": pruner.state_dict() if pruner else None,
-        "dense_weights": pruner.dense_state() if isinstance(pruner, DPF) else None,
         "processes": job.shard.world,
     }
     return Checkpoint(
         model_spec=job.recipe.model, data=job.splits.config,
         state_dict={k: v.cpu() for k, v in state_dict.items()}, method=job.recipe.method,
         masks={k: v.cpu() for k, v in pruner.masks.items()} if pruner else None,
-        recipe=job.recipe.to_dict(), metrics=metrics, training_state=training_state)
+        recipe=job.recipe.to_dict(), metrics=metrics, training_state=training_state,
+        structure=job.structure)
 
 
 def _run_epochs(job: Job, console: Console, show_progress: bool,
@@ -275,7 +274,8 @@ def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Sha
     if resume:
         run.for_resume()
         resume_state = load_checkpoint(run.checkpoint)
-        if resume_state.method == "magnitude":
+        spec = REGISTRY.get(resume_state.method)
+        if spec is not None and spec.when == "one-shot":
             raise CompressError(f"{run.path} is a one-shot prune run; --resume is for "
                                 "train-prune runs")
         recipe = recipe_from_mapping(resume_state.recipe).validate()
@@ -342,71 +342,179 @@ def _zero_fraction(model: nn.Module, coverage: Coverage) -> float:
     return _zero_share([w.detach() for w in prunable_weights(model, coverage).values()])
 
 
-def prune_oneshot(checkpoint: str, out: str, sparsity: float, *, method: str = "magnitude",
-                  scope: str = "global", finetune_epochs: int = 0, lr: float | None = None,
+@dataclass
+class PruneSource:
+    """Where `prune_oneshot` takes its model from: a run directory or checkpoint, or a
+    model factory with optional weights (a plain state_dict or a compress checkpoint)."""
+
+    checkpoint: str | None = None
+    model: str | None = None
+    weights: str | None = None
+
+
+def _source_recipe(source: PruneSource) -> tuple[Recipe, Checkpoint | None]:
+    if source.checkpoint is not None:
+        if source.model or source.weights:
+            raise CompressError("give a run directory or checkpoint, or --model [--weights], "
+                                "not both")
+        ckpt = load_checkpoint(source.checkpoint)
+        base = recipe_from_mapping(ckpt.recipe) if ckpt.recipe else Recipe(model=ckpt.model_spec)
+        data = ckpt.data
+        return recipe_from_mapping({
+            "model": ckpt.model_spec, "data": data.name, "data_dir": data.data_dir,
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "max_train_samples": data.max_train_samples,
+            "max_test_samples": data.max_test_samples, "weights": None}, base), ckpt
+    if source.model is None:
+        raise CompressError("give a run directory or checkpoint to prune, or --model")
+    return Recipe(model=source.model, weights=source.weights), None
+
+
+def _source_model(source: PruneSource, ckpt: Checkpoint | None, recipe: Recipe,
+                  splits: Splits) -> tuple[nn.Module, dict | None, list[str]]:
+    """The model to prune, the structure it already carries, and warnings."""
+    if ckpt is not None:
+        return ckpt.build_model(), ckpt.structure, []
+    model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
+    if source.weights is None:
+        return model, None, [f"{recipe.model} has no trained weights (no --weights): it is "
+                             "pruned as initialised"]
+    return model, load_weights_into(model, source.weights), []
+
+
+def _prune_recipe(base: Recipe, name: str, request: OneShotRequest, finetune_epochs: int,
+                  lr: float | None, batch_size: int | None, seed: int,
+                  overrides: dict) -> Recipe:
+    """The recipe a prune run records: what was asked, and how it was fine-tuned."""
+    fields = {"method": name, "sparsity": request.sparsity or 0.0,
+              "scope": request.scope or "global", "layer_floor": request.layer_floor,
+              "round_to": request.round_to, "min_channels": request.min_channels,
+              "target_macs": request.target_macs, "epochs": finetune_epochs,
+              "lr": lr if lr is not None else base.lr / 10,
+              "batch_size": batch_size or base.batch_size, "seed": seed,
+              "skip_first": request.coverage.skip_first,
+              "skip_classifier": request.coverage.skip_classifier, "warmup_epochs": 0.0,
+              **{k: v for k, v in overrides.items() if v is not None}}
+    return recipe_from_mapping(fields, base).validate("one-shot")
+
+
+def _finetune_pruner(model: nn.Module, result: OneShotResult, source_sparse: bool,
+                     coverage: Coverage) -> MaskPruner | None:
+    """Fine-tuning keeps what pruning zeroed at zero; a thinner dense model trains freely."""
+    if result.masks is not None:
+        return FixedMask(model, result.masks, coverage)
+    if source_sparse:
+        return FixedMask.from_zeros(model, coverage)
+    return None
+
+
+def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = None, *,
+                  method: str = "magnitude", scope: str | None = None,
+                  finetune_epochs: int = 0, lr: float | None = None,
                   batch_size: int | None = None, seed: int = 0,
                   coverage: Coverage = Coverage(), layer_floor: float = 0.0,
-                  data_overrides: dict | None = None,
+                  round_to: int = 8, min_channels: int | None = None,
+                  target_macs: float | None = None, model: str | None = None,
+                  weights: str | None = None, data_overrides: dict | None = None,
                   console: Console | None = None, show_progress: bool = True,
                   on_epoch: Callable[[EpochResult], None] | None = None,
                   on_start: Callable[[], None] | None = None) -> dict:
-    """One-shot magnitude pruning of a trained checkpoint, optionally fine-tuned.
+    """Prune a trained model once with a registered one-shot method, optionally fine-tune.
 
     ``on_start`` is called once every input has been checked, before any work (a command
     line prints its banner there, so that a bad input is one line alone)."""
     if distributed.from_env().active:
         raise CompressError("compress prune runs in one process; run it without torchrun")
-    if method != "magnitude":
-        raise CompressError(f"prune method {method!r} is not available; available: magnitude")
-    if not 0.0 <= sparsity < 1.0:
+    spec = _one_shot_spec(method)  # the parameter shadows the registry's `method`
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise CompressError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if target_macs is not None and sparsity is not None:
+        raise CompressError("give --sparsity or --target-macs, not both")
+    if target_macs is not None and spec.granularity != "channels":
+        raise CompressError(f"--target-macs sets a channel budget; method {method} removes "
+                            f"{spec.granularity}")
+    if sparsity is None and target_macs is None and spec.name != "shrink":
+        sparsity = 0.5 if spec.granularity == "channels" else 0.9
     if finetune_epochs < 0:
         raise CompressError("--finetune-epochs must not be negative")
     console = console or Console(stderr=True)
-    source = load_checkpoint(checkpoint)
-    base = recipe_from_mapping(source.recipe) if source.recipe else Recipe(model=source.model_spec)
-    recipe = recipe_from_mapping({
-        "method": "gmp", "sparsity": sparsity, "scope": scope, "layer_floor": layer_floor,
-        "epochs": max(1, finetune_epochs), "lr": lr if lr is not None else base.lr / 10,
-        "batch_size": batch_size or base.batch_size, "seed": seed, "weights": None,
-        "skip_first": coverage.skip_first, "skip_classifier": coverage.skip_classifier,
-        "model": source.model_spec, "data": source.data.name, "data_dir": source.data.data_dir,
-        "input_shape": list(source.data.input_shape), "num_classes": source.data.num_classes,
-        "max_train_samples": source.data.max_train_samples,
-        "max_test_samples": source.data.max_test_samples,
-        **{k: v for k, v in (data_overrides or {}).items() if v is not None},
-    }, base).validate()
+    source = PruneSource(checkpoint, model, weights)
+    base, ckpt = _source_recipe(source)
+    request = OneShotRequest(sparsity=sparsity, scope=scope, coverage=coverage,
+                             layer_floor=layer_floor, round_to=round_to,
+                             min_channels=min_channels, target_macs=target_macs)
+    recipe = _prune_recipe(base, spec.name, request, finetune_epochs, lr, batch_size, seed,
+                           data_overrides or {})
+    request.input_shape = tuple(recipe.input_shape)
+    pruner = spec.build(request)
     run = RunDir(out).create(resumable=False)
     try:
-        job = _build_job(recipe, run, None)
-        try:
-            job.model.load_state_dict(source.state_dict)
-        except RuntimeError:
-            raise CompressError(f"the weights in {checkpoint} do not fit {source.model_spec!r} "
-                                f"on {recipe.data} (input {tuple(recipe.input_shape)})") from None
-        existing = _zero_fraction(job.model, coverage)
-        if existing > sparsity:
-            raise CompressError(f"{checkpoint} is already {existing:.4f} sparse, more than "
-                                f"--sparsity {sparsity}; one-shot pruning only removes weights")
-        try:
-            job.pruner = OneShotMagnitude(job.model, sparsity, scope=scope, coverage=coverage,
-                                          layer_floor=layer_floor)
-        except ValueError as exc:
-            raise CompressError(str(exc)) from None
+        device = resolve_device(recipe.device)
+        generator = seed_everything(recipe.seed)
+        splits = load_splits(data_config(recipe))
+        request.input_shape = splits.config.input_shape
+        net, structure, warnings = _source_model(source, ckpt, recipe, splits)
+        pruner.check(net)
     except BaseException:
         run.discard_if_unused()
         raise
     if on_start:
         on_start()
-    job.recipe.method = "magnitude"
-    job.recipe.epochs = finetune_epochs
-    run.write_text("recipe.yaml", dump_recipe(job.recipe))
+    for note in warnings:
+        console.print(f"warning: {note}", highlight=False, markup=False, soft_wrap=True)
+    source_sparse = _zero_fraction(net, coverage) > 0 and ckpt is not None and \
+        ckpt.method != "none"
+    started = time.perf_counter()
+    try:
+        result = pruner.prune(net, splits)
+    except BaseException:
+        run.discard_if_unused()  # nothing was written: the same --out works next time
+        raise
+    seconds = time.perf_counter() - started
+    run.write_text("recipe.yaml", dump_recipe(recipe))
+    structure = _merge_structure(structure, result.structure)
+    net.to(device)
+    job = _job_for(recipe, run, splits, net, _finetune_pruner(net, result, source_sparse,
+                                                              coverage),
+                   generator, device, structure)
     before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
-    run.log("oneshot", source=str(checkpoint), sparsity=job.pruner.sparsity, val_top1=before)
+    run.log("oneshot", source=str(checkpoint or model), method=spec.name, seconds=seconds,
+            val_top1=before, **result.details)
     if finetune_epochs > 0:
         _run_epochs(job, console, show_progress, on_epoch)
     summary = _finish(job)
+    summary.update(result.details)
     summary["val_top1_before_finetune"] = before
     summary["finetune_epochs"] = finetune_epochs
-    summary["source"] = str(checkpoint)
+    summary["source"] = str(checkpoint or model)
+    summary["prune_seconds"] = seconds
+    summary["notes"] = result.notes + warnings
     return summary
+
+
+def _one_shot_spec(name: str):
+    return method(name, "one-shot")
+
+
+def _merge_structure(before: dict | None, cut) -> dict | None:
+    if cut is None:
+        return before
+    from compress.structured.engine import Structure
+
+    if before:
+        cut = Structure.from_dict(before).merged(cut)
+    return cut.to_dict()
+
+
+def _job_for(recipe: Recipe, run: RunDir, splits: Splits, model: nn.Module,
+             pruner: MaskPruner | None, generator: torch.Generator, device: torch.device,
+             structure: dict | None) -> Job:
+    """A fine-tuning job around an already pruned model."""
+    cfg = optim_config(recipe)
+    cfg.epochs = max(1, cfg.epochs)  # the schedule needs a length even with no epochs
+    steps_per_epoch = splits.train.num_batches(cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs, steps_per_epoch))
+    return Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
+               structure=structure)

@@ -18,8 +18,6 @@ import yaml
 
 from compress.errors import CompressError
 
-METHODS = ("dpf", "gmp", "none")
-
 
 def check_layer_floor(floor: float, sparsity: float) -> None:
     if not (math.isfinite(floor) and 0.0 <= floor <= 1.0 - sparsity):
@@ -51,6 +49,10 @@ class Recipe:
     feedback_decay: float = 0.01
     skip_first: bool = False
     skip_classifier: bool = False
+    # structured pruning: widths rounded to a multiple, never below a floor; or a MAC budget
+    round_to: int = 8
+    min_channels: int | None = None
+    target_macs: float | None = None
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -66,9 +68,12 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self) -> Recipe:
-        if self.method not in METHODS:
-            raise CompressError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+    def validate(self, when: str = "training") -> Recipe:
+        """Check every field; ``when="one-shot"`` is the recipe of a `compress prune` run,
+        whose method is a one-shot method and whose epochs (of fine-tuning) may be 0."""
+        from compress.methods import method
+
+        method(self.method, when)
         if not 0.0 <= self.sparsity < 1.0:
             raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.scope not in ("global", "layer"):
@@ -77,8 +82,16 @@ class Recipe:
         if self.lr_schedule not in ("cosine", "step", "constant"):
             raise CompressError(f"--lr-schedule must be cosine, step or constant, "
                                 f"got {self.lr_schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.refresh_every < 1:
+        if self.epochs < (1 if when == "training" else 0) or self.batch_size < 1 or \
+                self.refresh_every < 1:
             raise CompressError("--epochs, --batch-size and --refresh-every must be at least 1")
+        if self.round_to < 1:
+            raise CompressError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.min_channels is not None and self.min_channels < 1:
+            raise CompressError(f"--min-channels must be at least 1, got {self.min_channels}")
+        if self.target_macs is not None and not (math.isfinite(self.target_macs)
+                                                 and 0.0 < self.target_macs <= 1.0):
+            raise CompressError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise CompressError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:

@@ -16,6 +16,18 @@ from compress.rundir import REPORT_NAME, RunDir  # noqa: E402
 from compress.stats import layer_stats, summarise  # noqa: E402
 
 
+def _no_mask_coverage(ckpt) -> str:
+    return "whole channels cut (below); no weight masked" if ckpt.structure else \
+        "dense run, nothing pruned"
+
+
+def _trains(method: str) -> bool:
+    from compress.methods import REGISTRY
+
+    spec = REGISTRY.get(method)
+    return spec is None or spec.when == "training"
+
+
 def _save_png(fig, path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -68,7 +80,8 @@ def write_report(run: RunDir) -> None:
     events = run.read_events()
     epochs = [e for e in events if e["event"] == "epoch"]
     refreshes = [e for e in events if e["event"] == "refresh"]
-    prunable = set(ckpt.masks or {})
+    prunable = set(ckpt.masks) if ckpt.masks else {
+        k for k, v in ckpt.state_dict.items() if k.endswith(".weight") and v.dim() > 1}
     rows = layer_stats(ckpt.state_dict, prunable)
     total = summarise(rows)
     (run.path / "plots").mkdir(exist_ok=True)
@@ -86,9 +99,9 @@ def write_report(run: RunDir) -> None:
         f"({total['prunable_params'] - total['prunable_nonzero']} of "
         f"{total['prunable_params']} prunable weights are zero); overall sparsity "
         f"{total['sparsity']:.4f} of {total['params']} parameters",
-        f"- coverage: {m.get('coverage') or 'dense run, nothing pruned'}",
+        f"- coverage: {m.get('coverage') or _no_mask_coverage(ckpt)}",
         f"- seed {ckpt.recipe.get('seed')}, {_count(ckpt.recipe.get('epochs'), 'epoch')} of "
-        f"{'fine-tuning' if ckpt.method == 'magnitude' else 'training'}, "
+        f"{'training' if _trains(ckpt.method) else 'fine-tuning'}, "
         f"torch {ckpt.versions.get('torch')}",
         "",
     ]
@@ -100,11 +113,35 @@ def write_report(run: RunDir) -> None:
         late = refreshes[-max(1, len(refreshes) // 10):]
         lines += [f"Mask refreshes: {len(refreshes)}; mean fraction of the mask flipped per "
                   f"refresh, last 10 %: {sum(r['flips'] for r in late) / len(late):.2e}.", ""]
+    lines += _structure_lines(ckpt)
     lines += ["![sparsity per layer](plots/layers.png)", "",
               "| layer | shape | params | non-zero | sparsity |", "|---|---|---|---|---|"]
     lines += [f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.params} | {r.nonzero} | "
               f"{r.sparsity:.4f} |" for r in rows if r.prunable]
     run.write_text(REPORT_NAME, "\n".join(lines) + "\n")
+
+
+def _structure_lines(ckpt) -> list[str]:
+    """Widths before and after each channel cut, params and MACs against the original."""
+    if not ckpt.structure:
+        return []
+    from compress.inspection import structure_summary
+    from compress.stats import count_macs
+
+    model = ckpt.build_model()
+    macs = count_macs(model, ckpt.data.input_shape)[0]
+    summary = structure_summary(ckpt.structure, macs, sum(p.numel() for p in model.parameters()))
+    lines = ["## Channels cut", ""]
+    if summary["macs_ratio"] is not None:
+        lines += [f"- MACs per sample: {macs:,}, {summary['macs_ratio']:.3f} of the original "
+                  f"{summary['original_macs']:,}",
+                  f"- parameters: {summary['params_ratio']:.3f} of the original "
+                  f"{summary['original_params']:,}", ""]
+    lines += ["| leading layer (and its coupled layers) | original width | kept | share |",
+              "|---|---|---|---|"]
+    lines += [f"| {w['layer']} | {w['original']} | {w['kept']} | "
+              f"{w['kept'] / w['original']:.3f} |" for w in summary["widths"] if w["original"]]
+    return lines + [""]
 
 
 def _count(n, noun: str) -> str:

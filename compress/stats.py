@@ -1,8 +1,9 @@
 """Per-layer parameter counts, sparsity and MACs of a model or a checkpoint.
 
 ``macs`` counts multiply-accumulates of one forward pass on one sample as the dense kernels
-run it (what ORT executes); ``nonzero_macs`` counts only those with a non-zero weight, the
-work a sparse kernel would do. Both cover conv and linear layers.
+run it (what ORT executes), with torch's own flop counter, which also sees attention's
+matrix products; ``nonzero_macs`` takes from that the conv and linear MACs whose weight is
+zero: the work a sparse kernel would do.
 """
 
 from __future__ import annotations
@@ -39,32 +40,33 @@ def layer_stats(state_dict: dict[str, torch.Tensor], prunable: set[str]) -> list
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
     """(dense MACs, MACs with non-zero weights) for one sample."""
-    totals = [0, 0]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    skipped = [0]  # conv/linear MACs whose weight is zero
 
     def hook(module: nn.Module, inputs, output) -> None:
         w = module.weight
         if isinstance(module, nn.Linear):
             positions = output.numel() // output.shape[-1]
-            per_out_dense, nonzero = w.shape[1] * w.shape[0], int(torch.count_nonzero(w))
         else:  # conv: each output position reads in/groups * kernel weights
             positions = output[0, 0].numel()
-            per_out_dense, nonzero = w.numel(), int(torch.count_nonzero(w))
-        totals[0] += positions * per_out_dense
-        totals[1] += positions * nonzero
+        skipped[0] += positions * (w.numel() - int(torch.count_nonzero(w)))
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, PRUNABLE_TYPES)]
     was_training = model.training
     model.eval()
+    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             device = next(model.parameters()).device
             model(torch.zeros(1, *input_shape, device=device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return totals[0], totals[1]
+    dense = int(counter.get_total_flops()) // 2
+    return dense, max(0, dense - skipped[0])
 
 
 def summarise(rows: list[LayerStats], macs: tuple[int, int] | None = None) -> dict:

@@ -1,8 +1,8 @@
 """A plain training loop: SGD with Nesterov momentum, a cosine or step schedule, a pruner.
 
-`fit` runs whole epochs, evaluates on the validation split after each, appends metrics to
-the run directory and saves a resumable checkpoint. The pruner hooks are the same three
-lines a user puts in their own loop (see `compress.methods.base`).
+`train_epoch` runs one epoch and `evaluate` one split; `compress.pipeline` strings them into
+a run. The pruner hooks are the same three lines a user puts in their own loop (see
+`compress.methods.base`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from compress.distributed import SINGLE, Shard, sum_over_ranks
 from compress.errors import CompressError
-from compress.methods import DPF, MaskPruner
+from compress.methods.base import MaskPruner
 
 
 @dataclass
@@ -163,7 +163,3 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
 def _diverged(loss: float, epoch: int, cfg: OptimConfig) -> None:
     raise Diverged(f"training diverged: loss is {loss} in epoch {epoch + 1}; lower --lr "
                    f"(now {cfg.lr})")
-
-
-def dense_values(pruner: MaskPruner | None) -> dict[str, torch.Tensor] | None:
-    return pruner.dense_state() if isinstance(pruner, DPF) else None

@@ -147,7 +147,16 @@ def _canonical_zeros(model: onnx.ModelProto) -> None:
             model.graph.initializer[i].CopyFrom(fixed)
 
 
-def _pack(model: onnx.ModelProto, mode: str, values: str) -> PackedStream | None:
+def _pattern(sparsity: float, structured: bool) -> str:
+    """How a weight was pruned: channels cut (``structured``), zeros inside (``unstructured``)
+    or both; a dense weight of an uncut model is ``unstructured`` at sparsity 0."""
+    if structured:
+        return "structured+unstructured" if sparsity > 0 else "structured"
+    return "unstructured"
+
+
+def _pack(model: onnx.ModelProto, mode: str, values: str,
+          structured: bool = False) -> PackedStream | None:
     """Replace sparse weight initializers by one packed stream and its shared decoder."""
     graph = model.graph
     int8_weights = quantized_weights(model)  # empty unless quantized: then only these pack
@@ -166,7 +175,8 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> PackedStream | None
             continue
         if prunable:
             set_tensor_metadata(tensor, {"sparsity": round(sparsity, 6),
-                                         "pattern": "unstructured", "encoding": "dense"})
+                                         "pattern": _pattern(sparsity, structured),
+                                         "encoding": "dense"})
         kept.append(tensor)
     if not chosen:
         return None
@@ -179,7 +189,8 @@ def _pack(model: onnx.ModelProto, mode: str, values: str) -> PackedStream | None
     for packed, shape_init in zip(stream.tensors, inits[1:], strict=False):
         # where the weight sits in the stream (and its int8 scale) is read from the graph
         set_tensor_metadata(shape_init, {
-            "sparsity": round(sparsities[packed.name], 6), "pattern": "unstructured",
+            "sparsity": round(sparsities[packed.name], 6),
+            "pattern": _pattern(sparsities[packed.name], structured),
             "encoding": f"bitmask-tree{stream.levels}-{stored}{exponents}"})
     del graph.initializer[:]
     graph.initializer.extend(kept + inits)
@@ -213,8 +224,17 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
         "packed_values": "qdq-int8" if quantization else values,
         "packed_weights": len(packed),
         "training_finished": unfinished is None,
+        "pattern": _pattern(1.0 if total and kept < total else 0.0, bool(ckpt.structure)),
+        **({"structure": _structure_metadata(ckpt.structure)} if ckpt.structure else {}),
         **({"quantization": quantization} if quantization else {}),
     }
+
+
+def _structure_metadata(structure: dict) -> dict:
+    """Original and kept widths of each cut layer, and the original params and MACs."""
+    return {"widths": {root: {"original": first, "kept": kept}
+                       for root, (first, kept) in structure.get("widths", {}).items()},
+            "original": structure.get("original", {})}
 
 
 def to_ort_format(onnx_path: Path, ort_path: Path) -> None:
@@ -334,7 +354,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         if data_dir is not None:  # the data set moved since training
             ckpt.data.data_dir = data_dir
         model, quantization = _clean_model(ckpt, opset, quantize, calibration_samples)
-        stream = _pack(model, pack, values)  # with "none" it only annotates the tensors
+        stream = _pack(model, pack, values, structured=bool(ckpt.structure))  # "none":
+        # it only annotates the tensors
         packed = [t.name for t in stream.tensors] if stream else []
         unfinished = unfinished_note(ckpt)
         set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization,

@@ -8,9 +8,9 @@ from compress.masks import (
     flip_fraction,
     magnitude_masks,
     prunable_weights,
-    pruned_count,
 )
 from compress.models import build_model
+from compress.selection import pruned_count
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.95, 0.98, 0.999])

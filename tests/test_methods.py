@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from compress import DPF, GMP, CubicSchedule, OneShotMagnitude
-from compress.masks import pruned_count
 from compress.models import build_model
+from compress.selection import pruned_count
 from compress.training import evaluate
 
 

@@ -163,3 +163,15 @@ class MaskPruner:
         self._sync_mask_cache()
         self.history = [Refresh(**h) for h in state["history"]]
         self.after_refresh()
+
+
+def schedule_options(recipe, total_steps: int) -> tuple[CubicSchedule, dict]:
+    """The cubic schedule and the common `MaskPruner` options a training recipe asks for."""
+    schedule = CubicSchedule(recipe.sparsity, round(recipe.prune_start * total_steps),
+                             round(recipe.prune_end * total_steps))
+    freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
+    options = dict(refresh_every=recipe.refresh_every, scope=recipe.scope,
+                   layer_floor=recipe.layer_floor,
+                   coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
+                   freeze_step=freeze)
+    return schedule, options

@@ -28,7 +28,8 @@ from contextlib import contextmanager
 
 import torch
 
-from compress.methods.base import MaskPruner
+from compress.methods.base import MaskPruner, schedule_options
+from compress.methods.registry import MethodSpec, register
 
 
 class DPF(MaskPruner):
@@ -74,6 +75,25 @@ class DPF(MaskPruner):
             for name, w in self.weights.items():
                 w.data = dense[name]
 
-    def dense_state(self) -> dict[str, torch.Tensor]:
-        """The dense weights, which a resumed run needs to keep its feedback."""
-        return {n: w.detach().clone() for n, w in self.weights.items()}
+    def state_dict(self) -> dict:
+        """Masks and telemetry, plus the dense weights a resumed run needs for its feedback
+        (the checkpoint's weights are the pruned ones)."""
+        return {**super().state_dict(),
+                "dense_weights": {n: w.detach().clone() for n, w in self.weights.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        dense = state.get("dense_weights") or {}
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                if name in dense:
+                    w.copy_(dense[name])
+
+
+def _build(model, recipe, total_steps: int) -> DPF:
+    schedule, options = schedule_options(recipe, total_steps)
+    return DPF(model, schedule, feedback_decay=recipe.feedback_decay, **options)
+
+
+register(MethodSpec("dpf", "weights", "training",
+                    "Dynamic Pruning with Feedback: pruned weights keep learning", _build))

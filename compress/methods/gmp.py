@@ -11,7 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
-from compress.methods.base import MaskPruner
+from compress.methods.base import MaskPruner, schedule_options
+from compress.methods.registry import MethodSpec, register
 
 
 class GMP(MaskPruner):
@@ -36,3 +37,14 @@ class GMP(MaskPruner):
         with torch.no_grad():
             for name, w in self.weights.items():
                 w.mul_(self._float_masks[name])
+
+
+def _build(model, recipe, total_steps: int) -> GMP:
+    schedule, options = schedule_options(recipe, total_steps)
+    return GMP(model, schedule, **options)
+
+
+register(MethodSpec("gmp", "weights", "training",
+                    "gradual magnitude pruning, same schedule, no feedback", _build))
+register(MethodSpec("none", "none", "training", "dense training, nothing pruned",
+                    lambda model, recipe, total_steps: None))

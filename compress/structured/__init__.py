@@ -1,0 +1,1 @@
+"""Structured pruning: the channel engine and the rules that let it cut any classifier."""

@@ -1,0 +1,498 @@
+"""Structural rules that make torch-pruning's DependencyGraph work on torchvision classifiers.
+
+``rules_for(model)`` inspects the module tree (types and structure, never the model's name) and
+returns what ``tp.pruner.MetaPruner`` / ``tp.DependencyGraph.build_dependency`` need so that
+pruning keeps the classifier's outputs, keeps the model runnable and can be replayed from
+``pruning_history()`` onto a fresh copy of the same model. ``after_prune(model)`` then fixes
+attributes that forward() reads but torch-pruning does not update.
+
+Typical use::
+
+    rules = rules_for(model)
+    pruner = tp.pruner.MetaPruner(model, x, importance=..., pruning_ratio=0.5, round_to=8,
+                                  **rules.pruner_kwargs())
+    pruner.step()
+    after_prune(model)
+    # reload: build the same model, rules_for(fresh), then
+    dg = tp.DependencyGraph().build_dependency(fresh, x, **rules_for(fresh).graph_kwargs())
+    dg.load_pruning_history(history)
+    after_prune(fresh)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch_pruning.pruner import BasePruner
+from torch_pruning.pruner import function as tp_function
+from torchvision.models import maxvit as tv_maxvit
+from torchvision.models import shufflenetv2 as tv_shufflenet
+from torchvision.models import swin_transformer as tv_swin
+from torchvision.models import vision_transformer as tv_vit
+from torchvision.models.convnext import CNBlock
+
+CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+
+# Models of torchvision.models.list_models(module=torchvision.models) that these rules do not
+# make prunable, with the reason. Filled from /tmp/zoo sweeps; see results.md there.
+NOT_COVERED: dict[str, str] = {}
+
+
+@dataclass
+class EngineRules:
+    """Everything torch-pruning needs for one model, decided from its module tree."""
+
+    ignored_layers: list[nn.Module] = field(default_factory=list)
+    unwrapped_parameters: dict[nn.Parameter, int] = field(default_factory=dict)
+    customized_pruners: dict = field(default_factory=dict)
+    num_heads: dict[nn.Module, int] = field(default_factory=dict)
+    root_module_types: tuple = CONV_OR_LINEAR
+    notes: list[str] = field(default_factory=list)
+    # Forward used while tracing (tp calls it as forward_fn(model, example_inputs)). None means
+    # a plain model(x). It must also be used when replaying a pruning history.
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+
+    def graph_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``tp.DependencyGraph().build_dependency``."""
+        kwargs: dict[str, Any] = {
+            # tp iterates this as (param, dim) pairs; a dict would be iterated by key only.
+            "unwrapped_parameters": list(self.unwrapped_parameters.items()) or None,
+            "customized_pruners": dict(self.customized_pruners) or None,
+        }
+        if self.forward_fn is not None:
+            kwargs["forward_fn"] = self.forward_fn
+        return kwargs
+
+    def pruner_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``tp.pruner.MetaPruner`` (and its subclasses)."""
+        kwargs = self.graph_kwargs()
+        kwargs.update(
+            ignored_layers=list(self.ignored_layers),
+            num_heads=dict(self.num_heads),
+            root_module_types=list(self.root_module_types),
+        )
+        return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Small tensor helpers for the customized pruners
+
+
+def _keep(n: int, idxs: Sequence[int]) -> list[int]:
+    drop = set(int(i) for i in idxs)
+    return [i for i in range(n) if i not in drop]
+
+
+def _select(param: nn.Parameter | None, keep: Sequence[int], dim: int) -> nn.Parameter | None:
+    if param is None:
+        return None
+    index = torch.as_tensor(list(keep), dtype=torch.long, device=param.device)
+    return nn.Parameter(param.data.index_select(dim, index), requires_grad=param.requires_grad)
+
+
+def _prune_linear(layer: nn.Linear, keep_out: Sequence[int] | None,
+                  keep_in: Sequence[int] | None) -> None:
+    if keep_out is not None:
+        layer.weight = _select(layer.weight, keep_out, 0)
+        if layer.bias is not None:
+            layer.bias = _select(layer.bias, keep_out, 0)
+        layer.out_features = len(keep_out)
+    if keep_in is not None:
+        layer.weight = _select(layer.weight, keep_in, 1)
+        layer.in_features = len(keep_in)
+
+
+def _prune_layernorm(norm: nn.LayerNorm, keep: Sequence[int]) -> None:
+    if norm.elementwise_affine:
+        norm.weight = _select(norm.weight, keep, 0)
+        if norm.bias is not None:
+            norm.bias = _select(norm.bias, keep, 0)
+    norm.normalized_shape = (*tuple(norm.normalized_shape)[:-1], len(keep))
+
+
+def _repeat(keep: Sequence[int], width: int, times: int) -> list[int]:
+    """Indices of ``keep`` inside each of ``times`` stacked blocks of ``width`` (q|k|v, x0..x3)."""
+    return [k + t * width for t in range(times) for k in keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Customized pruners. Each treats one attention-like module as a single node whose input and
+# output width is the residual width (prune_in == prune_out), so tp never looks inside it.
+
+
+class _HeadGroupedMHAPruner(tp_function.MultiheadAttentionPruner):
+    """nn.MultiheadAttention pruned head-aligned: every head loses the same positions.
+
+    tp's own MHA pruner removes arbitrary embedding dims, which shifts dims across head
+    boundaries and only keeps ``embed_dim % num_heads == 0`` by luck of the ratio. Reporting
+    ``num_heads`` channel groups makes MetaPruner rank and remove dims per head slot.
+    """
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return layer.num_heads
+
+    get_in_channel_groups = get_out_channel_groups
+
+
+class _WindowAttentionPruner(tp_function.BasePruningFunc):
+    """torchvision Swin ShiftedWindowAttention(V2): qkv/proj are applied with F.linear.
+
+    Its forward splits qkv into (3, heads, C // heads) with C the *input* width, so the
+    q/k/v width, the proj width and the residual width are one and the same dimension.
+    """
+
+    TARGET_MODULES = tv_swin.ShiftedWindowAttention
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        width = layer.qkv.in_features
+        keep = _keep(width, idxs)
+        _prune_linear(layer.qkv, _repeat(keep, width, 3), keep)
+        _prune_linear(layer.proj, keep, keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.qkv.in_features
+
+    get_in_channels = get_out_channels
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return layer.num_heads
+
+    get_in_channel_groups = get_out_channel_groups
+
+
+class _RelPosAttentionPruner(tp_function.BasePruningFunc):
+    """MaxViT RelativePositionalMultiHeadAttention: to_qkv is chunked on the last dim and the
+    heads are merged back with reshape(B, G, P, D) using the input width D, so q/k/v width,
+    merge width and residual width are tied. Heads are kept; head_dim shrinks."""
+
+    TARGET_MODULES = tv_maxvit.RelativePositionalMultiHeadAttention
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        width = layer.to_qkv.in_features
+        keep = _keep(width, idxs)
+        _prune_linear(layer.to_qkv, _repeat(keep, width, 3), keep)
+        _prune_linear(layer.merge, keep, keep)
+        layer.head_dim = len(keep) // layer.n_heads
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.to_qkv.in_features
+
+    get_in_channels = get_out_channels
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return layer.n_heads
+
+    get_in_channel_groups = get_out_channel_groups
+
+
+class _PatchMergingPruner(tp_function.BasePruningFunc):
+    """Swin PatchMerging(V2): cat of four strided slices on the channel dim (C -> 4C), then a
+    Linear 4C -> 2C. Input channel i lives at i, C+i, 2C+i, 3C+i of the Linear's input, which tp
+    cannot map through the slices and the last-dim cat."""
+
+    TARGET_MODULES = (tv_swin.PatchMerging, tv_swin.PatchMergingV2)
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        width = layer.reduction.in_features // 4
+        keep4 = _repeat(_keep(width, idxs), width, 4)
+        _prune_linear(layer.reduction, None, keep4)
+        if layer.norm.normalized_shape[-1] == 4 * width:  # v1 normalises before reduction
+            _prune_layernorm(layer.norm, keep4)
+        layer.dim = width - len(set(idxs))
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        width = layer.reduction.out_features
+        keep = _keep(width, idxs)
+        _prune_linear(layer.reduction, keep, None)
+        if layer.norm.normalized_shape[-1] == width:  # v2 normalises after reduction
+            _prune_layernorm(layer.norm, keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.reduction.out_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.reduction.in_features // 4
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing helpers
+
+
+class _Opaque(torch.autograd.Function):
+    """Runs ``fn(x)`` as one autograd node whose only input is ``x``.
+
+    tp walks grad_fn chains; inside Swin/MaxViT attention it would meet slices on the H axis
+    of NHWC tensors and last-dim cat/chunk that it maps as channel ops. One opaque node makes
+    the module a single graph node that its customized pruner handles as a whole."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]):
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # never used: tracing does not backprop
+        return None, None
+
+
+_TENSOR_CHUNK = torch.Tensor.chunk
+_TENSOR_SPLIT = torch.Tensor.split
+_TORCH_CHUNK = torch.chunk
+
+
+def _split_with_sizes(x: torch.Tensor, size: int, dim: int) -> tuple[torch.Tensor, ...]:
+    length = x.shape[dim]
+    return _TENSOR_SPLIT(x, [min(size, length - i) for i in range(0, length, size)], dim)
+
+
+def _chunk(x: torch.Tensor, chunks: int, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    return _split_with_sizes(x, -(-x.shape[dim] // chunks), dim)
+
+
+def _split(x: torch.Tensor, split_size: Any, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    if isinstance(split_size, int):
+        return _split_with_sizes(x, split_size, dim)
+    return _TENSOR_SPLIT(x, split_size, dim)
+
+
+@contextlib.contextmanager
+def _explicit_split_sizes() -> Iterator[None]:
+    """Trace chunk()/split(int) as split_with_sizes.
+
+    With torch 2.14 the SplitBackward0 node of chunk()/split(int) only saves ``_saved_split_size``
+    and ``_saved_self_sym_sizes``; tp 1.6 then falls back to guessing each piece's width from
+    its consumers, which is wrong when a piece goes into a cat (ShuffleNetV2: x1 -> cat) and
+    later fails with IndexError. SplitWithSizesBackward0 saves the sizes tp reads."""
+    try:
+        torch.Tensor.chunk = _chunk
+        torch.Tensor.split = _split
+        torch.chunk = _chunk
+        yield
+    finally:
+        torch.Tensor.chunk = _TENSOR_CHUNK
+        torch.Tensor.split = _TENSOR_SPLIT
+        torch.chunk = _TORCH_CHUNK
+
+
+@dataclass
+class _TraceForward:
+    """forward_fn for tp: exact split sizes, opaque modules, opaque channel shuffle, aux heads."""
+
+    opaque: list[nn.Module] = field(default_factory=list)
+    shuffle_globals: list[dict] = field(default_factory=list)
+    aux_heads: bool = False
+
+    @contextlib.contextmanager
+    def _patched(self, model: nn.Module) -> Iterator[None]:
+        saved_shuffles = [(g, g["channel_shuffle"]) for g in self.shuffle_globals]
+        was_training = model.training
+        try:
+            for module in self.opaque:
+                original = module.forward
+                module.forward = (lambda x, _f=original: _Opaque.apply(x, _f))
+            for namespace, shuffle in saved_shuffles:
+                namespace["channel_shuffle"] = (
+                    lambda x, groups, _s=shuffle: _Opaque.apply(x, lambda t: _s(t, groups))
+                )
+            if self.aux_heads:
+                # Only the top module: its forward runs the aux heads when training, while BN
+                # and dropout below stay in eval mode (no running-stat updates).
+                model.training = True
+            yield
+        finally:
+            model.training = was_training
+            for namespace, shuffle in saved_shuffles:
+                namespace["channel_shuffle"] = shuffle
+            for module in self.opaque:
+                module.__dict__.pop("forward", None)
+
+    def __call__(self, model: nn.Module, example_inputs: Any) -> Any:
+        with self._patched(model), _explicit_split_sizes():
+            if isinstance(example_inputs, dict):
+                return model(**example_inputs)
+            if isinstance(example_inputs, (list, tuple)):
+                return model(*example_inputs)
+            return model(example_inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+
+
+def _convs_and_linears(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, CONV_OR_LINEAR)]
+
+
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def classifier_layers(model: nn.Module) -> list[nn.Module]:
+    """The final classifier plus auxiliary classifiers, found structurally.
+
+    The final one is the last Conv/Linear registered (Linear for most, a 1x1 Conv for
+    SqueezeNet). An aux head is the last Conv/Linear of a direct child that holds a Linear and
+    has the same output width (GoogLeNet aux1/aux2, Inception3 AuxLogits)."""
+    layers = _convs_and_linears(model)
+    if not layers:
+        return []
+    final = layers[-1]
+    num_classes = _out_width(final)
+    heads = [final]
+    for child in model.children():
+        inner = _convs_and_linears(child)
+        if (inner and inner[-1] is not final and _out_width(inner[-1]) == num_classes
+                and any(isinstance(m, nn.Linear) for m in inner)):
+            heads.append(inner[-1])
+    return heads
+
+
+def _exact_types(model: nn.Module, base: type | tuple[type, ...]) -> list[type]:
+    """Concrete classes present in the model that derive from ``base``.
+
+    tp looks customized pruners up by ``module.__class__`` (no isinstance), so a user's
+    subclass has to be registered under its own class."""
+    seen: list[type] = []
+    for m in model.modules():
+        if isinstance(m, base) and type(m) not in seen:
+            seen.append(type(m))
+    return seen
+
+
+def rules_for(model: nn.Module) -> EngineRules:
+    """Detect by module types/structure (NOT by the model's name string) which rules apply."""
+    rules = EngineRules()
+    trace = _TraceForward()
+
+    heads = classifier_layers(model)
+    rules.ignored_layers.extend(heads)
+    if heads:
+        rules.notes.append(
+            f"protect {len(heads)} classifier layer(s) with {_out_width(heads[0])} outputs: the "
+            "class count must not change (with round_to=8 and 10 classes tp would skip them "
+            "anyway, with 100 classes it would prune them)")
+
+    if len(heads) > 1:
+        trace.aux_heads = True
+        rules.notes.append(
+            "trace with the top module in training mode so the aux heads run: otherwise their "
+            "input convs are not in the graph and keep the unpruned width (train forward fails)")
+
+    # ShuffleNetV2: channel_shuffle = view(B, 2, C/2, H, W) + transpose + view. tp's reshape
+    # index mapping divides by zero on the 5-D view, and any map through it would be a guess.
+    shuffle_blocks = [m for m in model.modules() if isinstance(m, tv_shufflenet.InvertedResidual)]
+    if shuffle_blocks:
+        for block in shuffle_blocks:
+            for branch in (block.branch1, block.branch2):
+                convs = [m for m in branch.modules() if isinstance(m, nn.Conv2d)]
+                if convs:
+                    rules.ignored_layers.append(convs[-1])
+        for cls in _exact_types(model, tv_shufflenet.InvertedResidual):
+            namespace = cls.forward.__globals__
+            if "channel_shuffle" in namespace and namespace not in trace.shuffle_globals:
+                trace.shuffle_globals.append(namespace)
+        rules.notes.append(
+            "ShuffleNetV2: channel_shuffle traced as one opaque op; the last conv of each branch "
+            "(its output is concatenated then shuffled) is never pruned, so only branch-internal "
+            "widths, the stem and conv5 shrink")
+
+    # nn.MultiheadAttention (ViT): head-aligned pruning of the shared embedding width.
+    for cls in _exact_types(model, nn.MultiheadAttention):
+        rules.customized_pruners[cls] = _HeadGroupedMHAPruner()
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        rules.notes.append("nn.MultiheadAttention: pruned per head slot (num_heads groups)")
+
+    if isinstance(model, tv_vit.VisionTransformer):
+        rules.unwrapped_parameters[model.class_token] = 2
+        rules.unwrapped_parameters[model.encoder.pos_embedding] = 2
+        rules.notes.append(
+            "ViT: class_token and pos_embedding (1, *, hidden) pruned on dim 2; after_prune "
+            "sets VisionTransformer.hidden_dim, which _process_input reshapes with")
+
+    # Swin: attention and patch merging become opaque nodes with their own pruners.
+    for cls in _exact_types(model, tv_swin.ShiftedWindowAttention):
+        rules.customized_pruners[cls] = _WindowAttentionPruner()
+    for cls in _exact_types(model, (tv_swin.PatchMerging, tv_swin.PatchMergingV2)):
+        rules.customized_pruners[cls] = _PatchMergingPruner()
+    for cls in _exact_types(model, tv_maxvit.RelativePositionalMultiHeadAttention):
+        rules.customized_pruners[cls] = _RelPosAttentionPruner()
+    opaque_types = tuple(t for t in rules.customized_pruners if not issubclass(
+        t, nn.MultiheadAttention))
+    if opaque_types:
+        trace.opaque = [m for m in model.modules() if isinstance(m, opaque_types)]
+        rules.notes.append(
+            "opaque customized nodes for " + ", ".join(sorted({t.__name__ for t in opaque_types}))
+            + ": residual width drives q/k/v/proj together, heads kept, head_dim shrinks")
+
+    # ConvNeXt layer scale: (C, 1, 1) parameter multiplied into the residual branch.
+    for block in model.modules():
+        if isinstance(block, CNBlock):
+            rules.unwrapped_parameters[block.layer_scale] = 0
+    if any(isinstance(m, CNBlock) for m in model.modules()):
+        rules.notes.append("ConvNeXt: CNBlock.layer_scale (C, 1, 1) pruned on dim 0")
+
+    rules.forward_fn = trace
+    return rules
+
+
+class GroupedRoundingPruner(BasePruner):
+    """tp's BasePruner (= MetaPruner) with ``round_to`` applied to the width a grouped layer
+    really keeps.
+
+    For grouped channels (group convs, attention heads) tp 1.6 ranks one group's slots and
+    removes the same slots in every group, but rounds ``total - pruned_per_group`` instead of
+    ``groups * kept_per_group``. ResNeXt/RegNet group widths of 4-16 then round to "prune
+    everything" and are skipped, others lose two thirds. Here the kept slots per group ``k``
+    are rounded down (like tp) so that ``groups * k`` is a multiple of ``round_to``, never to 0.
+    """
+
+    _groups_now: int = 1
+
+    def _is_atten_group(self, group: Any) -> tuple[bool, list]:
+        # tp 1.6 _prune() calls this for each ranked group right before _round_to().
+        self._groups_now = self._get_channel_groups(group)
+        return super()._is_atten_group(group)
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        groups = self._groups_now
+        if groups <= 1 or current_channels % groups:
+            return super()._round_to(n_pruned, current_channels, round_to)
+        per_group = current_channels // groups
+        step = round_to // math.gcd(groups, round_to)
+        keep = per_group - n_pruned
+        keep -= keep % step
+        if keep <= 0:
+            keep = min(step, per_group)
+        return per_group - keep
+
+
+def after_prune(model: nn.Module) -> None:
+    """Fix attributes torch-pruning does not update (e.g. ViT hidden_dim, MHA head_dim),
+    deterministic from shapes; safe to call on any model."""
+    for m in model.modules():
+        if isinstance(m, tv_vit.VisionTransformer):
+            m.hidden_dim = m.conv_proj.out_channels
+        elif isinstance(m, nn.MultiheadAttention):
+            m.head_dim = m.embed_dim // m.num_heads
+            m.kdim = m.vdim = m.embed_dim
+        elif isinstance(m, tv_maxvit.RelativePositionalMultiHeadAttention):
+            m.head_dim = m.to_qkv.in_features // m.n_heads
+        elif isinstance(m, tv_maxvit.PartitionAttentionLayer):
+            attn = next(a for a in m.attn_layer.modules()
+                        if isinstance(a, tv_maxvit.RelativePositionalMultiHeadAttention))
+            m.head_dim = attn.to_qkv.in_features // attn.n_heads
+        elif isinstance(m, (tv_swin.PatchMerging, tv_swin.PatchMergingV2)):
+            m.dim = m.reduction.in_features // 4
