@@ -60,29 +60,20 @@ def train_prune(
     quiet: Annotated[bool, Opt(help="No progress display.")] = False,
 ) -> None:
     """Train a model, pruning it during training (DPF, GMP) or not at all."""
+    flags = dict(locals())  # taken first: every option that is a recipe field overrides it
     from compress.distributed import is_main_process
     from compress.errors import CompressError
     from compress.pipeline import resolve_recipe
     from compress.pipeline import train_prune as run_train_prune
-    from compress.recipe import Recipe
+    from compress.recipe import FIELDS, Recipe
 
-    overrides = dict(model=model, data=data, data_dir=data_dir, method=method,
-                     sparsity=sparsity, epochs=epochs, batch_size=batch_size, lr=lr,
-                     weights=weights, seed=seed, device=device, scope=scope,
-                     layer_floor=layer_floor,
-                     refresh_every=refresh_every, prune_start=prune_start,
-                     prune_end=prune_end, freeze_at=freeze_at,
-                     feedback_decay=feedback_decay, skip_first=skip_first,
-                     skip_classifier=skip_classifier, weight_decay=weight_decay,
-                     momentum=momentum, lr_schedule=lr_schedule, warmup_epochs=warmup_epochs,
-                     input_shape=parse_shape(input_shape), num_classes=num_classes,
-                     val_fraction=val_fraction, max_train_samples=max_train_samples,
-                     max_test_samples=max_test_samples)
+    overrides = {key: value for key, value in flags.items() if key in FIELDS}
+    overrides["input_shape"] = parse_shape(input_shape)
     if resume:
         given = sorted(k for k, v in overrides.items() if v is not None)
         if given or recipe:
-            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given or ["recipe"])
-            raise CompressError(f"--resume continues the saved recipe; drop {flags}")
+            named = ", ".join(f"--{k.replace('_', '-')}" for k in given or ["recipe"])
+            raise CompressError(f"--resume continues the saved recipe; drop {named}")
         resolved = Recipe()
     else:
         resolved = resolve_recipe(recipe, overrides)
@@ -341,8 +332,8 @@ def export_onnx(
         print_json(payload)
         return
     stored = "int8 (QDQ)" if quantize == "int8" else result.values
-    if result.exponent_width:
-        stored += f" (exact, exponent-coded in {24 + result.exponent_width} bits)"
+    if result.value_bits:
+        stored += f" (exact, exponent-coded in {result.value_bits} bits)"
     what = ("ORT format, weights unpacked" if file_format == "ort" else
             f"{len(result.packed)} weights packed, values {stored}")
     out.print(escape(f"wrote {result.path}: {result.file_bytes:,} bytes, {what}, opset "

@@ -60,6 +60,14 @@ def is_main_process() -> bool:
 
 def start(shard: Shard, device_name: str) -> torch.device:
     """Join the process group (if there is more than one process); the device to use."""
+    device = device_for(shard, device_name)
+    if shard.active and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def device_for(shard: Shard, device_name: str) -> torch.device:
+    """This process's device: under torchrun with CUDA, the GPU of its local rank."""
     cuda = device_name.startswith("cuda")
     if not shard.active:
         return torch.device(device_name)
@@ -74,8 +82,6 @@ def start(shard: Shard, device_name: str) -> torch.device:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return device
 
 

@@ -106,8 +106,8 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                shard: distributed.Shard = distributed.SINGLE) -> Job:
-    device = distributed.start(shard, recipe.device) if shard.active \
-        else resolve_device(recipe.device)
+    device = distributed.device_for(shard, recipe.device) if shard.active \
+        else resolve_device(recipe.device)  # train_prune has joined the process group
     generator = seed_everything(recipe.seed)
     splits = load_splits(data_config(recipe))
     model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
@@ -302,10 +302,6 @@ def _zero_share(tensors: list[torch.Tensor]) -> float:
     return sum(int((t == 0).sum()) for t in tensors) / total if total else 0.0
 
 
-def _zero_fraction_of(pruner: MaskPruner) -> float:
-    return _zero_share([pruner.pruned_tensor(n) for n in pruner.weights])
-
-
 def _finish(job: Job) -> dict:
     """Final figures: validation and test top-1, exact sparsity; report; final checkpoint."""
     val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner,
@@ -321,7 +317,8 @@ def _finish(job: Job) -> dict:
         "data": job.splits.config.name,
         "method": job.recipe.method,
         "target_sparsity": job.recipe.sparsity if pruner else 0.0,
-        "sparsity": _zero_fraction_of(pruner) if pruner else 0.0,
+        "sparsity": _zero_share([pruner.pruned_tensor(n) for n in pruner.weights])
+        if pruner else 0.0,
         "prunable_params": sum(w.numel() for w in pruner.weights.values()) if pruner else None,
         "coverage": pruner.coverage.describe() if pruner else None,
         "val_top1": val_acc,
@@ -336,10 +333,6 @@ def _finish(job: Job) -> dict:
     if job.shard.main:
         write_report(job.run)
     return summary
-
-
-def _zero_fraction(model: nn.Module, coverage: Coverage) -> float:
-    return _zero_share([w.detach() for w in prunable_weights(model, coverage).values()])
 
 
 @dataclass
@@ -462,8 +455,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         on_start()
     for note in warnings:
         console.print(f"warning: {note}", highlight=False, markup=False, soft_wrap=True)
-    source_sparse = _zero_fraction(net, coverage) > 0 and ckpt is not None and \
-        ckpt.method != "none"
+    weights = [w.detach() for w in prunable_weights(net, coverage).values()]
+    source_sparse = ckpt is not None and ckpt.method != "none" and _zero_share(weights) > 0
     started = time.perf_counter()
     try:
         result = pruner.prune(net, splits)

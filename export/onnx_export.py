@@ -58,6 +58,11 @@ class ExportResult:
     accuracy: dict | None = None
     unfinished: str | None = None  # the source run stopped before its last epoch
 
+    @property
+    def value_bits(self) -> int | None:
+        """Bits one stored fp32 value takes when exponent-coded (None when not)."""
+        return 24 + self.exponent_width if self.exponent_width else None
+
 
 def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
     import torch

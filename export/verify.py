@@ -32,7 +32,6 @@ class VerifyReport:
     max_abs_diff_vs_torch: float
     max_abs_diff_vs_decoded: float
     tolerance: float
-    folded: bool
     optimized_nodes: int
 
 
@@ -98,4 +97,4 @@ def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
     if values == "fp32" and vs_torch > FP32_TOLERANCE * scale:
         raise CompressError(f"onnxruntime output differs from PyTorch by {vs_torch:.2e} "
                             f"(tolerance {FP32_TOLERANCE * scale:.2e})")
-    return VerifyReport(vs_torch, vs_decoded, FP32_TOLERANCE * scale, True, len(graph.node))
+    return VerifyReport(vs_torch, vs_decoded, FP32_TOLERANCE * scale, len(graph.node))

@@ -50,7 +50,6 @@ class MaskPruner:
     is fixed; a refresh is always forced at the schedule's end so the target is met exactly.
     """
 
-    feedback = False
     name = "mask"
 
     def __init__(self, model: nn.Module, schedule: CubicSchedule, *, refresh_every: int = 16,

@@ -35,7 +35,6 @@ from compress.methods.registry import MethodSpec, register
 class DPF(MaskPruner):
     """Straight-through masks: pruned weights get the full gradient."""
 
-    feedback = True
     name = "dpf"
 
     def __init__(self, *args, feedback_decay: float = 0.01, **kwargs) -> None:
