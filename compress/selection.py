@@ -55,11 +55,13 @@ def round_width(keep: int, width: int, multiple: int, min_keep: int) -> int:
 
 
 def select(scores: dict[str, torch.Tensor], sparsity: float, *, scope: str = "global",
-           floor: float = 0.0, multiple: int = 1, min_keep: int = 0) -> dict[str, torch.Tensor]:
+           floor: float = 0.0, multiple: int | dict[str, int] = 1,
+           min_keep: int = 0) -> dict[str, torch.Tensor]:
     """Boolean keep-masks shaped like ``scores`` that drop the lowest-scored entries.
 
     Counts are exact when ``multiple == 1`` and ``min_keep == 0``; otherwise each tensor's
     kept count is then rounded by `round_width` (the total moves by the rounding only).
+    ``multiple`` may differ per tensor (a dict by name).
     """
     _check(sparsity, scope)
     with torch.no_grad():
@@ -68,9 +70,9 @@ def select(scores: dict[str, torch.Tensor], sparsity: float, *, scope: str = "gl
                      for name, s in scores.items()}
         else:
             keeps = _global_keeps(scores, sparsity, floor)
-        if multiple > 1 or min_keep > 0:
-            keeps = {name: round_width(k, scores[name].numel(), multiple, min_keep)
-                     for name, k in keeps.items()}
+        multiples = multiple if isinstance(multiple, dict) else dict.fromkeys(scores, multiple)
+        keeps = {name: round_width(k, scores[name].numel(), multiples.get(name, 1), min_keep)
+                 for name, k in keeps.items()}
         return {name: keep_top(s.detach().float(), keeps[name]) for name, s in scores.items()}
 
 

@@ -17,6 +17,7 @@ on trial copies so that the pruned model keeps at most that fraction of the dens
 from __future__ import annotations
 
 import copy
+import math
 
 from torch import nn
 
@@ -30,7 +31,13 @@ from compress.methods.registry import (
 )
 from compress.selection import pruned_count, select
 from compress.stats import count_macs
-from compress.structured.engine import ChannelEngine, Structure, count_params
+from compress.structured.engine import (
+    ChannelEngine,
+    Structure,
+    count_params,
+    fold_blocks,
+    unfold_blocks,
+)
 
 SEARCH_STEPS = 12  # bisection steps for --target-macs: the share is found to 1/4096
 MAX_SHARE = 0.99
@@ -60,12 +67,27 @@ class FilterNorm(OneShotPruner):
                     raise CompressError(f"--sparsity {share} would leave layer {root} "
                                         f"({s.numel()} channels) with none; lower --sparsity "
                                         "or set --min-channels")
+        groups = {g.root: g for g in engine.groups()}
+        # grouped convs, GroupNorm and attention heads: every block loses the same positions,
+        # and a position counts `blocks` channels toward the rounding multiple
+        positions = {root: fold_blocks(s, groups[root].blocks) for root, s in scores.items()}
+        multiples = {root: r.round_to // math.gcd(r.round_to, groups[root].blocks)
+                     for root in scores}
+        floor = r.min_channels or 1
         try:
-            keep = select(scores, share, scope=scope, multiple=r.round_to,
-                          min_keep=r.min_channels or 1)
+            keep = select(positions, share, scope=scope, multiple=multiples, min_keep=1)
         except ValueError as exc:
             raise CompressError(str(exc)) from None
-        return {root: (~mask).nonzero().flatten().tolist() for root, mask in keep.items()}
+        plan = {}
+        for root, mask in keep.items():
+            blocks = groups[root].blocks
+            dropped = sorted((~mask).nonzero().flatten().tolist(),
+                             key=lambda p, s=positions[root]: float(s[p]))
+            least = -(-floor // blocks)  # positions that keep at least `floor` channels
+            while len(dropped) and mask.numel() - len(dropped) < least:
+                dropped.pop()  # the floor takes back the best of the dropped positions
+            plan[root] = unfold_blocks(dropped, groups[root].width, blocks)
+        return plan
 
     def check(self, model: nn.Module) -> None:
         """Plan the cut once (without making it), so that a sparsity that would empty a

@@ -40,7 +40,8 @@ class ChannelGroup:
     root: str
     width: int
     members: list[str] = field(default_factory=list)  # every module the cut touches
-    heads: int = 1  # attention heads the channels are split into (cut the same dims in each)
+    blocks: int = 1  # equal blocks the channels form (conv groups, GroupNorm groups, attention
+    # heads): every block must lose the same positions, so that the blocks stay equal
 
     def describe(self) -> str:
         others = [m for m in self.members if m != self.root]
@@ -122,8 +123,26 @@ class ChannelEngine:
                     members.append(name)
             width = self.graph.get_pruner_of_module(root).get_out_channels(root)
             found.append(ChannelGroup(self.names[root], int(width), members,
-                                      self.rules.num_heads.get(root, 1)))
+                                      self._blocks(group)))
         return found
+
+    def _blocks(self, group: tp.Group) -> int:
+        """How many equal blocks the group's channels form, as torch-pruning's own pruner
+        counts them: the most that any member declares (a depthwise conv declares none)."""
+        counts = [1]
+        for dep, _ in group:
+            module = dep.target.module
+            pruner = self.graph.get_pruner_of_module(module)
+            if pruner is None or not isinstance(module, nn.Module):
+                continue
+            if isinstance(module, nn.modules.conv._ConvNd) and \
+                    module.groups == module.out_channels:
+                continue
+            out = self.graph.is_out_channel_pruning_fn(dep.handler)
+            count = pruner.get_out_channel_groups(module) if out else \
+                pruner.get_in_channel_groups(module)
+            counts.append(int(count or 1))
+        return max(counts)
 
     def scores(self, norm: int = 1) -> dict[str, torch.Tensor]:
         """Per channel, the ``norm`` (1 or 2) magnitude summed over every coupled layer:
@@ -168,9 +187,8 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...],
     try:
         with _eval_mode(model), torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input(model, input_shape),
-                customized_pruners=dict(rules.customized_pruners) or None,
-                unwrapped_parameters=dict(rules.unwrapped_parameters) or None, verbose=False)
+                model, example_inputs=example_input(model, input_shape), verbose=False,
+                **rules.graph_kwargs())
     except CompressError:
         raise
     except Exception as exc:  # tracing runs the user's model: it can fail in any way
@@ -201,6 +219,17 @@ def _index_tracking(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
             if name in grads:
                 p.grad = follow_cut(grads[name], index, index.shape)
             kept[name] = index.flatten()
+
+
+def fold_blocks(scores: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Per-position scores of a group whose channels form ``blocks`` equal blocks."""
+    return scores.view(blocks, -1).sum(0) if blocks > 1 else scores
+
+
+def unfold_blocks(positions: list[int], width: int, blocks: int) -> list[int]:
+    """The channels to cut when ``positions`` go from every one of ``blocks`` blocks."""
+    size = width // blocks
+    return sorted(p + b * size for b in range(blocks) for p in positions)
 
 
 def follow_cut(tensor: torch.Tensor, kept: torch.Tensor, shape: torch.Size) -> torch.Tensor:
