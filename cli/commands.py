@@ -154,7 +154,7 @@ def prune(
                       highlight=False)
 
     amount = f"MAC budget {target_macs}" if target_macs is not None else \
-        f"sparsity {sparsity}" if sparsity is not None else "default sparsity"
+        f"sparsity {sparsity}" if sparsity is not None else "no sparsity target"
 
     def banner() -> None:  # once the inputs are checked: a bad one is one line alone
         if not json_out:

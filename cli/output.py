@@ -113,8 +113,9 @@ def summary_table(summary: dict) -> Table:
             ]
     structured = "original_macs" in summary
     if not structured or summary["sparsity"] > 0:
-        rows.append(("prunable sparsity", f"{summary['sparsity']:.4f} "
-                                          f"(target {summary['target_sparsity']:.4f})"))
+        target = summary.get("target_sparsity")
+        rows.append(("prunable sparsity", f"{summary['sparsity']:.4f}" + (
+            f" (target {target:.4f})" if target is not None else "")))
     if structured:
         rows += _structured_rows(summary)
     if summary.get("prunable_params"):

@@ -24,7 +24,7 @@ from compress.checkpoint import (
     save_checkpoint,
 )
 from compress.data import DataConfig, Splits, load_splits
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.masks import Coverage, prunable_weights
 from compress.methods import REGISTRY, FixedMask, MaskPruner, method
 from compress.methods.registry import OneShotRequest, OneShotResult
@@ -447,6 +447,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         splits = load_splits(data_config(recipe))
         request.input_shape = splits.config.input_shape
         net, structure, warnings = _source_model(source, ckpt, recipe, splits)
+        _check_runs_on(net, recipe)
         pruner.check(net)
     except BaseException:
         run.discard_if_unused()
@@ -476,6 +477,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     if finetune_epochs > 0:
         _run_epochs(job, console, show_progress, on_epoch)
     summary = _finish(job)
+    if spec.granularity == "channels":  # a weight-sparsity target is not what was asked
+        summary["target_sparsity"] = None
     summary.update(result.details)
     summary["val_top1_before_finetune"] = before
     summary["finetune_epochs"] = finetune_epochs
@@ -483,6 +486,16 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     summary["prune_seconds"] = seconds
     summary["notes"] = result.notes + warnings
     return summary
+
+
+def _check_runs_on(model: nn.Module, recipe: Recipe) -> None:
+    """A model that cannot run on the data's input shape is the user's to fix: say so."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *recipe.input_shape))
+    except Exception as exc:
+        raise CompressError(f"model {recipe.model!r} does not run on inputs of shape "
+                            f"{tuple(recipe.input_shape)}: {first_line(exc)}") from None
 
 
 def _one_shot_spec(name: str):

@@ -152,6 +152,30 @@ def test_a_format_1_checkpoint_still_loads(cli, tmp_path):
     assert cut.exit_code == 0, cut.output
 
 
+def test_shrink_after_dpf_computes_the_same_function(cli, tmp_path):
+    from compress.pipeline import train_prune
+    from compress.recipe import Recipe
+
+    recipe = Recipe(model="lenet5", method="dpf", sparsity=0.98, epochs=2, batch_size=32,
+                    max_train_samples=1200, max_test_samples=300).validate()
+    train_prune(recipe, str(tmp_path / "dpf98"), show_progress=False)
+    thin = cli("prune", tmp_path / "dpf98", "--method", "shrink", "--out", tmp_path / "thin",
+               "--json", "--quiet")
+    assert thin.exit_code == 0, thin.output
+    summary = json.loads(thin.stdout)
+    assert summary["removed_channels"] > 0
+    assert summary["params"] < summary["original_params"]
+    exported = cli("export", tmp_path / "thin", "--onnx", tmp_path / "thin.onnx", "--json")
+    assert exported.exit_code == 0, exported.output  # ORT parity with the thinner model
+    before = json.loads(cli("evaluate", tmp_path / "dpf98", "--json").stdout)
+    after = json.loads(cli("evaluate", tmp_path / "thin.onnx", "--json").stdout)
+    assert after["top1"] == before["top1"]
+    again = cli("prune", tmp_path / "thin", "--method", "shrink", "--out", tmp_path / "again",
+                "--json", "--quiet")
+    assert again.exit_code == 0, again.output  # nothing left to remove is not an error
+    assert json.loads(again.stdout)["removed_channels"] == 0
+
+
 # -- bad input -------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, fragment", [
     (["--target-macs", "0"], "--target-macs"),
@@ -181,16 +205,46 @@ def test_a_structured_checkpoint_refuses_another_architecture(cli, l1_run, tmp_p
     assert not (tmp_path / "wrong").exists()
 
 
-def test_a_model_with_nothing_to_cut_is_named(cli, tmp_path, monkeypatch):
-    (tmp_path / "tinynets.py").write_text(
-        "from torch import nn\n\n"
-        "def linear_only(num_classes=10):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))\n")
+TINYNETS = """
+import torch
+from torch import nn
+
+
+class Picky(nn.Module):
+    def forward(self, x):
+        if x.requires_grad:  # runs for inference, refuses the engine's traced pass
+            raise ValueError("no tracing here")
+        return x
+
+
+def linear_only(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
+
+
+def picky(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 16, 3), Picky(), nn.Flatten(),
+                         nn.Linear(16 * 30 * 30, num_classes))
+
+
+def broken(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.Flatten(), nn.Linear(7, num_classes))
+"""
+
+
+@pytest.mark.parametrize("factory, fragments", [
+    ("linear_only", ["no channel it may remove", "protected: 1"]),
+    ("picky", ["cannot trace this model at module 1 (Picky)", "no tracing here"]),
+    ("broken", ["does not run on inputs of shape (3, 32, 32)"]),
+])
+def test_a_model_the_engine_cannot_prune_is_named(cli, tmp_path, monkeypatch, factory,
+                                                 fragments):
+    (tmp_path / "tinynets.py").write_text(TINYNETS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = cli("prune", "--model", "tinynets:linear_only", *SYNTHETIC, "--method",
+    result = cli("prune", "--model", f"tinynets:{factory}", *SYNTHETIC, "--method",
                  "l1-filter", "--out", tmp_path / "out")
-    assert_clean_failure(result, "no channel it may remove")
     sys.modules.pop("tinynets", None)
+    assert_clean_failure(result, *fragments)
+    assert not (tmp_path / "out").exists()
 
 
 def test_nothing_on_disk_is_touched_by_a_failed_prune(cli, l1_run, tmp_path):

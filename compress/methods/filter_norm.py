@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 
+import torch
 from torch import nn
 
 from compress.errors import CompressError
@@ -34,6 +35,7 @@ from compress.stats import count_macs
 from compress.structured.engine import (
     ChannelEngine,
     Structure,
+    check_runs,
     count_params,
     fold_blocks,
     unfold_blocks,
@@ -55,9 +57,11 @@ class FilterNorm(OneShotPruner):
         r = self.request
         scores = engine.scores(self.norm)
         if not scores:
+            protected = ", ".join(engine.names.get(m, "?") for m in
+                                  engine.rules.ignored_layers) or "none"
             raise CompressError("the channel engine found no channel it may remove in this "
-                                "model (every layer is protected or coupled to a protected "
-                                "one)")
+                                "model: every conv/linear layer is protected or coupled to a "
+                                f"protected one (protected: {protected})")
         scope = r.scope or "layer"
         if scope == "global":
             scores = {k: s / s.mean().clamp_min(1e-12) for k, s in scores.items()}
@@ -101,10 +105,12 @@ class FilterNorm(OneShotPruner):
         share = r.sparsity
         if r.target_macs is not None:
             share = self._share_for_macs(model, original["macs"])
+        classes = _classes(model, r.input_shape)
         engine = ChannelEngine(model, r.input_shape)
         widths = {g.root: g.width for g in engine.groups()}
         drop = self.plan(engine, share)
         engine.remove(drop)
+        check_runs(model, r.input_shape, classes)
         structure = Structure(engine.history,
                               {root: [widths[root], widths[root] - len(idxs)]
                                for root, idxs in drop.items()}, original)
@@ -138,6 +144,15 @@ class FilterNorm(OneShotPruner):
         engine = ChannelEngine(trial, self.request.input_shape)
         engine.remove(self.plan(engine, share))
         return count_macs(trial, self.request.input_shape)[0]
+
+
+def _classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        out = model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+        model.train(was_training)
+    return int(out.shape[-1])
 
 
 def _checked(request: OneShotRequest) -> OneShotRequest:

@@ -150,7 +150,7 @@ def _plan(engine: ChannelEngine, stats: dict[str, tuple[torch.Tensor, torch.Tens
     modules = dict(engine.model.named_modules())
     for group in engine.groups():
         channels = _channel_members(engine, modules[group.root], group.width)
-        if group.heads > 1 or channels is None:
+        if group.blocks > 1 or channels is None:
             plan.skipped += 1
             continue
         verdicts = [_verdict(engine, members, stats) for members in channels]

@@ -192,9 +192,44 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...],
     except CompressError:
         raise
     except Exception as exc:  # tracing runs the user's model: it can fail in any way
-        raise CompressError(f"the channel engine cannot trace this model: "
-                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") \
-            from None
+        raise CompressError(f"the channel engine cannot trace this model"
+                            f"{failing_module(model, exc)}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else \
+        type(exc).__name__
+
+
+def failing_module(model: nn.Module, exc: BaseException) -> str:
+    """' at module NAME (Type)' for the innermost module of ``model`` whose forward was
+    running when ``exc`` was raised; '' when none was."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = owner
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    return f" at module {names[id(found)] or '(the model itself)'} ({type(found).__name__})"
+
+
+def check_runs(model: nn.Module, input_shape: tuple[int, ...], classes: int) -> None:
+    """Refuse a cut model that no longer runs or whose outputs changed shape, naming the
+    module that fails (a coupling the dependency graph did not see)."""
+    try:
+        with _eval_mode(model), torch.no_grad():
+            out = model(example_input(model, input_shape))
+    except Exception as exc:
+        raise CompressError(f"the channel engine cannot prune this model: after the cut it "
+                            f"fails{failing_module(model, exc)}: {_reason(exc)}") from None
+    if not torch.is_tensor(out) or out.shape[-1] != classes:
+        raise CompressError("the channel engine cannot prune this model: the cut changed its "
+                            "outputs")
 
 
 @contextmanager
