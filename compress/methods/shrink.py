@@ -57,6 +57,7 @@ from compress.methods.registry import (
 from compress.stats import count_macs
 from compress.structured.engine import ChannelEngine, Structure, count_params
 
+MAX_ROUNDS = 8  # cut-and-look-again rounds; each finds only what the last one freed
 SAMPLES = 4  # random inputs to measure constants on, and as many to check the cut on
 TOLERANCE = 1e-4  # of the outputs' magnitude: a fold changes float rounding, nothing else
 WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
@@ -101,9 +102,16 @@ class Plan:
     floored: int = 0
     floor: int = 1  # channels every group keeps
 
+    later_removed: int = 0  # channels later rounds removed (see `Shrink.prune`)
+
     @property
     def removed(self) -> int:
-        return sum(len(idxs) for idxs in self.drop.values())
+        return sum(len(idxs) for idxs in self.drop.values()) + self.later_removed
+
+    def absorb(self, later: Plan) -> None:
+        """Count a later round's cuts in this (first) round's figures."""
+        self.later_removed += later.removed
+        self.folded += later.folded
 
 
 class Shrink(OneShotPruner):
@@ -118,26 +126,36 @@ class Shrink(OneShotPruner):
                                 "e.g. compress train-prune --method dpf)")
 
     def prune(self, model: nn.Module, data=None) -> OneShotResult:
+        """Cut, then look again: a cut can leave channels whose only readers it removed, so
+        rounds repeat until one finds nothing (at most `MAX_ROUNDS`)."""
         self.check(model)
         shape = self.request.input_shape
         original = {"params": count_params(model), "macs": count_macs(model, shape)[0]}
         probe, verify = _random_inputs(model, shape, seed=0), _random_inputs(model, shape, seed=1)
         reference = _forward(model, verify)
-        engine = ChannelEngine(model, shape)
-        plan = _plan(engine, _measure(model, probe), self.request.min_channels or 1)
-        if not plan.drop:
-            return _unchanged(plan, original)
-        trial = copy.deepcopy(model)
-        _cut(trial, ChannelEngine(trial, shape), plan)
-        difference = _difference(reference, _forward(trial, verify))
-        del trial
-        _cut(model, engine, plan)
-        structure = Structure(engine.history, {root: [plan.widths[root],
-                                                      plan.widths[root] - len(idxs)]
-                                               for root, idxs in plan.drop.items()}, original)
-        details = _details(plan, original, count_params(model),
-                           count_macs(model, shape)[0])
-        return OneShotResult(structure=structure, notes=_notes(plan, difference),
+        total, structure, difference = Plan(), None, None
+        for _ in range(MAX_ROUNDS):
+            engine = ChannelEngine(model, shape)
+            plan = _plan(engine, _measure(model, probe), self.request.min_channels or 1)
+            if structure is None:  # what the first look kept and why is what users need
+                total = plan
+            if not plan.drop:
+                break
+            trial = copy.deepcopy(model)
+            _cut(trial, ChannelEngine(trial, shape), plan)
+            difference = _difference(reference, _forward(trial, verify))
+            del trial
+            _cut(model, engine, plan)
+            cut = Structure(engine.history, {root: [plan.widths[root],
+                                                    plan.widths[root] - len(idxs)]
+                                             for root, idxs in plan.drop.items()}, original)
+            structure = cut if structure is None else structure.merged(cut)
+            if total is not plan:
+                total.absorb(plan)
+        if structure is None:
+            return _unchanged(total, original)
+        details = _details(total, original, count_params(model), count_macs(model, shape)[0])
+        return OneShotResult(structure=structure, notes=_notes(total, difference),
                              details=details)
 
 
