@@ -15,6 +15,7 @@ import pickle
 import platform
 import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -77,7 +78,7 @@ class Checkpoint:
         """Rebuild the network and load the (pruned) weights into it."""
         model = self.build_architecture()
         try:
-            model.load_state_dict(self.state_dict)
+            load_state(model, self.state_dict)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()
             raise CompressError(f"checkpoint weights do not fit model {self.model_spec!r}: "
@@ -99,6 +100,15 @@ def apply_structure(model: nn.Module, structure: dict | None,
     from compress.structured.engine import Structure, rebuild
 
     return rebuild(model, Structure.from_dict(structure), tuple(input_shape))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)`` with the module versions torch records beside a
+    state_dict (a saved checkpoint keeps only tensors): some modules refuse to load without
+    them (torchvision's MNASNet)."""
+    ordered = OrderedDict(state)
+    ordered._metadata = getattr(state, "_metadata", None) or model.state_dict()._metadata
+    model.load_state_dict(ordered)
 
 
 def unfinished_note(ckpt: Checkpoint) -> str | None:
@@ -191,7 +201,7 @@ def load_weights_into(model: nn.Module, path: str | Path) -> dict | None:
         input_shape = tuple(payload["data"]["input_shape"])
         apply_structure(model, structure, input_shape)
     try:
-        model.load_state_dict(state)
+        load_state(model, state)
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]

@@ -20,6 +20,7 @@ from compress.checkpoint import (
     Checkpoint,
     apply_structure,
     load_checkpoint,
+    load_state,
     load_weights_into,
     save_checkpoint,
 )
@@ -152,7 +153,7 @@ def _restore(job: Job, ckpt: Checkpoint) -> None:
                else "one process, without torchrun")
         raise CompressError(f"{job.run.path} was trained by {trained_by} process(es) and this "
                             f"is {job.shard.world}; resume it with {how}")
-    job.model.load_state_dict(ckpt.state_dict)
+    load_state(job.model, ckpt.state_dict)
     if job.pruner is not None:
         pruner_state = dict(state["pruner"])
         if state.get("dense_weights"):  # format 1 kept DPF's dense weights beside its state

@@ -97,3 +97,17 @@ def test_failed_save_keeps_previous_file(tmp_path):
         save_checkpoint(bad, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_module_that_needs_its_version_metadata_loads(tmp_path):
+    """torchvision's MNASNet refuses a state_dict without torch's per-module versions,
+    which a saved checkpoint (tensors only) does not keep."""
+    model = build_model("torchvision.models:mnasnet0_5", 10, (3, 32, 32))
+    config = DataConfig(name="synthetic", input_shape=(3, 32, 32))
+    save_checkpoint(Checkpoint("torchvision.models:mnasnet0_5", config, model.state_dict()),
+                    tmp_path / "m.pt")
+    back = load_checkpoint(tmp_path / "m.pt").build_model()
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    fresh = build_model("torchvision.models:mnasnet0_5", 10, (3, 32, 32))
+    load_weights_into(fresh, tmp_path / "m.pt")

@@ -38,6 +38,12 @@ from torchvision.models import vision_transformer as tv_vit
 from torchvision.models.convnext import CNBlock
 
 CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+# Module types whose parameters tp's built-in pruners already handle.
+_TP_MODULES = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+    nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding,
+    nn.MultiheadAttention, nn.LSTM,
+)
 
 # Models of torchvision.models.list_models(module=torchvision.models) that these rules do not
 # make prunable, with the reason. Filled from /tmp/zoo sweeps; see results.md there.
@@ -287,6 +293,13 @@ def _explicit_split_sizes() -> Iterator[None]:
         torch.chunk = _TORCH_CHUNK
 
 
+def _opaque_forward(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _Opaque.apply(x, lambda t: forward(t, *args, **kwargs))
+
+    return run
+
+
 @dataclass
 class _TraceForward:
     """forward_fn for tp: exact split sizes, opaque modules, opaque channel shuffle, aux heads."""
@@ -301,8 +314,7 @@ class _TraceForward:
         was_training = model.training
         try:
             for module in self.opaque:
-                original = module.forward
-                module.forward = (lambda x, _f=original: _Opaque.apply(x, _f))
+                module.forward = _opaque_forward(module.forward)
             for namespace, shuffle in saved_shuffles:
                 namespace["channel_shuffle"] = (
                     lambda x, groups, _s=shuffle: _Opaque.apply(x, lambda t: _s(t, groups))
@@ -354,8 +366,12 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
     heads = [final]
     for child in model.children():
         inner = _convs_and_linears(child)
-        if (inner and inner[-1] is not final and _out_width(inner[-1]) == num_classes
-                and any(isinstance(m, nn.Linear) for m in inner)):
+        if (
+            inner
+            and inner[-1] is not final
+            and _out_width(inner[-1]) == num_classes
+            and any(isinstance(m, nn.Linear) for m in inner)
+        ):
             heads.append(inner[-1])
     return heads
 
@@ -372,78 +388,102 @@ def _exact_types(model: nn.Module, base: type | tuple[type, ...]) -> list[type]:
     return seen
 
 
-def rules_for(model: nn.Module) -> EngineRules:
-    """Detect by module types/structure (NOT by the model's name string) which rules apply."""
-    rules = EngineRules()
-    trace = _TraceForward()
+def _shufflenet_rules(model: nn.Module, rules: EngineRules, trace: _TraceForward) -> None:
+    """ShuffleNetV2: channel_shuffle = view(B, 2, C/2, H, W) + transpose + view.
 
-    heads = classifier_layers(model)
-    rules.ignored_layers.extend(heads)
-    if heads:
-        rules.notes.append(
-            f"protect {len(heads)} classifier layer(s) with {_out_width(heads[0])} outputs: the "
-            "class count must not change (with round_to=8 and 10 classes tp would skip them "
-            "anyway, with 100 classes it would prune them)")
+    tp's reshape index mapping divides by zero on the 5-D view, and even as an identity the map
+    would be wrong (shuffled channels). The shuffle is traced as one opaque op and the convs
+    that feed it (last conv of each branch, output concatenated then shuffled) are ignored, so
+    every group that crosses a shuffle is skipped: only branch-internal widths, the stem and
+    the last conv shrink. ``chunk`` halves stay equal because the stream is never pruned."""
+    blocks = [m for m in model.modules() if isinstance(m, tv_shufflenet.InvertedResidual)]
+    if not blocks:
+        return
+    for block in blocks:
+        for branch in (block.branch1, block.branch2):
+            convs = [m for m in branch.modules() if isinstance(m, nn.Conv2d)]
+            if convs:
+                rules.ignored_layers.append(convs[-1])
+    for cls in _exact_types(model, tv_shufflenet.InvertedResidual):
+        namespace = cls.forward.__globals__  # where this class's forward finds channel_shuffle
+        if "channel_shuffle" in namespace and namespace not in trace.shuffle_globals:
+            trace.shuffle_globals.append(namespace)
+    rules.notes.append(
+        "ShuffleNetV2: channel_shuffle traced as one opaque op; the last conv of every branch "
+        "is ignored, so only branch-internal widths, the stem and conv5 are pruned")
 
-    if len(heads) > 1:
-        trace.aux_heads = True
-        rules.notes.append(
-            "trace with the top module in training mode so the aux heads run: otherwise their "
-            "input convs are not in the graph and keep the unpruned width (train forward fails)")
 
-    # ShuffleNetV2: channel_shuffle = view(B, 2, C/2, H, W) + transpose + view. tp's reshape
-    # index mapping divides by zero on the 5-D view, and any map through it would be a guess.
-    shuffle_blocks = [m for m in model.modules() if isinstance(m, tv_shufflenet.InvertedResidual)]
-    if shuffle_blocks:
-        for block in shuffle_blocks:
-            for branch in (block.branch1, block.branch2):
-                convs = [m for m in branch.modules() if isinstance(m, nn.Conv2d)]
-                if convs:
-                    rules.ignored_layers.append(convs[-1])
-        for cls in _exact_types(model, tv_shufflenet.InvertedResidual):
-            namespace = cls.forward.__globals__
-            if "channel_shuffle" in namespace and namespace not in trace.shuffle_globals:
-                trace.shuffle_globals.append(namespace)
-        rules.notes.append(
-            "ShuffleNetV2: channel_shuffle traced as one opaque op; the last conv of each branch "
-            "(its output is concatenated then shuffled) is never pruned, so only branch-internal "
-            "widths, the stem and conv5 shrink")
-
-    # nn.MultiheadAttention (ViT): head-aligned pruning of the shared embedding width.
+def _attention_rules(model: nn.Module, rules: EngineRules, trace: _TraceForward) -> None:
+    """Attention blocks whose q/k/v width is tied to the residual width."""
     for cls in _exact_types(model, nn.MultiheadAttention):
         rules.customized_pruners[cls] = _HeadGroupedMHAPruner()
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        rules.notes.append("nn.MultiheadAttention: pruned per head slot (num_heads groups)")
-
-    if isinstance(model, tv_vit.VisionTransformer):
-        rules.unwrapped_parameters[model.class_token] = 2
-        rules.unwrapped_parameters[model.encoder.pos_embedding] = 2
+    if rules.customized_pruners:
         rules.notes.append(
-            "ViT: class_token and pos_embedding (1, *, hidden) pruned on dim 2; after_prune "
-            "sets VisionTransformer.hidden_dim, which _process_input reshapes with")
+            "nn.MultiheadAttention: customized pruner reporting num_heads channel groups, so "
+            "the embedding width is cut head-aligned and stays divisible by num_heads")
+    for vit in model.modules():
+        if isinstance(vit, tv_vit.VisionTransformer):
+            rules.unwrapped_parameters[vit.class_token] = 2
+            rules.unwrapped_parameters[vit.encoder.pos_embedding] = 2
+            rules.notes.append(
+                "ViT: class_token and pos_embedding (1, n, hidden) pruned on dim 2; after_prune "
+                "resets VisionTransformer.hidden_dim, which _process_input reshapes with")
 
-    # Swin: attention and patch merging become opaque nodes with their own pruners.
+    opaque: dict[type, tp_function.BasePruningFunc] = {}
     for cls in _exact_types(model, tv_swin.ShiftedWindowAttention):
-        rules.customized_pruners[cls] = _WindowAttentionPruner()
+        opaque[cls] = _WindowAttentionPruner()
     for cls in _exact_types(model, (tv_swin.PatchMerging, tv_swin.PatchMergingV2)):
-        rules.customized_pruners[cls] = _PatchMergingPruner()
+        opaque[cls] = _PatchMergingPruner()
     for cls in _exact_types(model, tv_maxvit.RelativePositionalMultiHeadAttention):
-        rules.customized_pruners[cls] = _RelPosAttentionPruner()
-    opaque_types = tuple(t for t in rules.customized_pruners if not issubclass(
-        t, nn.MultiheadAttention))
-    if opaque_types:
-        trace.opaque = [m for m in model.modules() if isinstance(m, opaque_types)]
+        opaque[cls] = _RelPosAttentionPruner()
+    if opaque:
+        rules.customized_pruners.update(opaque)
+        trace.opaque = [m for m in model.modules() if type(m) in opaque]
+        names = ", ".join(sorted(t.__name__ for t in opaque))
         rules.notes.append(
-            "opaque customized nodes for " + ", ".join(sorted({t.__name__ for t in opaque_types}))
-            + ": residual width drives q/k/v/proj together, heads kept, head_dim shrinks")
+            f"{names}: traced as opaque nodes with customized pruners (tp would map their "
+            "internal H-axis slices and last-dim cat/chunk as channel ops); residual width "
+            "drives q/k/v/proj together, heads are kept and head_dim shrinks")
+    # num_heads stays empty: tp's num_heads path expects a traced qkv Linear followed by
+    # reshape/unbind on the channel dim (timm style); none of torchvision's attentions is that.
 
-    # ConvNeXt layer scale: (C, 1, 1) parameter multiplied into the residual branch.
+
+def _parameter_rules(model: nn.Module, rules: EngineRules) -> None:
+    """Pin the channel dim of parameters that do not belong to a module tp can prune."""
     for block in model.modules():
         if isinstance(block, CNBlock):
             rules.unwrapped_parameters[block.layer_scale] = 0
     if any(isinstance(m, CNBlock) for m in model.modules()):
         rules.notes.append("ConvNeXt: CNBlock.layer_scale (C, 1, 1) pruned on dim 0")
+    owned = set(rules.unwrapped_parameters)
+    owner_types = (*_TP_MODULES, *rules.customized_pruners)
+    for m in model.modules():
+        if isinstance(m, owner_types):
+            owned.update(m.parameters())
+    unknown = [n for n, p in model.named_parameters() if p not in owned]
+    if unknown:
+        rules.notes.append(
+            f"unknown free parameters, tp guesses their last non-singleton dim: {unknown[:5]}")
 
+
+def rules_for(model: nn.Module) -> EngineRules:
+    """Detect by module types/structure (NOT by the model's name string) which rules apply."""
+    rules = EngineRules()
+    trace = _TraceForward()
+    heads = classifier_layers(model)
+    rules.ignored_layers.extend(heads)
+    if heads:
+        rules.notes.append(
+            f"protect {len(heads)} classifier layer(s) with {_out_width(heads[0])} outputs; "
+            "only round_to=8 with 10 classes happens to spare an unprotected one")
+    if len(heads) > 1:
+        trace.aux_heads = True
+        rules.notes.append(
+            "aux heads: trace with the top module in training mode so they run; otherwise "
+            "their first convs are not in the graph and keep their unpruned input width")
+    _shufflenet_rules(model, rules, trace)
+    _attention_rules(model, rules, trace)
+    _parameter_rules(model, rules)
     rules.forward_fn = trace
     return rules
 
@@ -485,7 +525,7 @@ def after_prune(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, tv_vit.VisionTransformer):
             m.hidden_dim = m.conv_proj.out_channels
-        elif isinstance(m, nn.MultiheadAttention):
+        elif isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim:
             m.head_dim = m.embed_dim // m.num_heads
             m.kdim = m.vdim = m.embed_dim
         elif isinstance(m, tv_maxvit.RelativePositionalMultiHeadAttention):
