@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 INPUT = {  # models that need more than 3x64x64
-    "inception_v3": (3, 96, 96),  # its stem needs at least 75x75
+    "inception_v3": (3, 299, 299),  # its auxiliary head needs 17x17 maps (as at 299)
     **{name: (3, 224, 224) for name in (  # fixed position embeddings / window partitions
         "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "maxvit_t")},
 }
@@ -53,6 +53,18 @@ def _dense_export(checkpoint: Path, path: Path) -> None:
         example = torch.randn(1, *ckpt.data.input_shape)
         torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=True,
                           opset_version=20)
+
+
+def _output_scale(run: Path, shape: tuple[int, ...]) -> float:
+    """Largest |logit| of the pruned model on random inputs: what ``max_abs_diff`` is
+    relative to (untrained models of some families have tiny outputs)."""
+    import torch
+
+    from compress.checkpoint import load_checkpoint
+
+    model = load_checkpoint(run).build_model().eval()
+    with torch.no_grad():
+        return float(model(torch.randn(2, *shape)).abs().max())
 
 
 def run_one(name: str, out: Path) -> None:
@@ -102,6 +114,7 @@ def run_one(name: str, out: Path) -> None:
             row["stage"] = "export"
             result = export_checkpoint(tmp / "cut", tmp / "cut.onnx", pack="none", verify=True)
             row["max_abs_diff"] = result.verify.max_abs_diff_vs_torch
+            row["output_scale"] = _output_scale(tmp / "cut", shape)
             row["stage"] = "dense export"
             _dense_export(tmp / "dense.pt", tmp / "dense.onnx")
             row["stage"] = "timing"
@@ -121,18 +134,20 @@ def run_one(name: str, out: Path) -> None:
 
 def _table(rows: list[dict]) -> str:
     lines = ["| model | input | params (M) | params after | MACs (M) | MAC ratio | "
-             "max abs diff | p50 ratio (1 thread) | dense p50 (ms) | seconds | result |",
-             "|---" * 11 + "|"]
+             "max abs diff (of max abs logit) | p50 ratio (1 thread) | dense p50 (ms) | "
+             "seconds | result |", "|---" * 11 + "|"]
     for r in rows:
         def num(key: str, fmt: str, r: dict = r) -> str:
             return format(r[key], fmt) if r.get(key) is not None else "-"
-        result = "ok" if r.get("stage") == "done" else f"failed at {r.get('stage')}: " \
-            f"{r.get('error', '?')}".replace("|", "/")
+        result = "ok" if r.get("stage") == "done" else "not run yet" \
+            if r.get("stage") == "not run yet" else \
+            f"failed at {r.get('stage')}: {r.get('error', '?')}".replace("|", "/")
         params = f"{r['params'] / 1e6:.2f}" if r.get("params") else "-"
         after = f"{r['params_after'] / r['params']:.3f}" if r.get("params_after") else "-"
         macs = f"{r['macs'] / 1e6:.1f}" if r.get("macs") else "-"
         lines.append(f"| {r['model']} | {r['input']} | {params} | {after} | {macs} | "
-                     f"{num('mac_ratio', '.3f')} | {num('max_abs_diff', '.1e')} | "
+                     f"{num('mac_ratio', '.3f')} | {num('max_abs_diff', '.1e')} "
+                     f"({num('output_scale', '.1e')}) | "
                      f"{num('p50_ratio', '.3f')} | {num('dense_p50_ms', '.2f')} | "
                      f"{num('seconds', '.0f')} | {result} |")
     ok = sum(r.get("stage") == "done" for r in rows)
@@ -145,6 +160,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--table", action="store_true",
+                        help="only print the table of the results so far (not yet run: '-')")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,7 +178,7 @@ def main() -> None:
             row = json.loads(line)
             done[row["model"]] = row
     for name in names:
-        if name in done:
+        if name in done or args.table:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             row_file = Path(tmp) / "row.json"
@@ -182,7 +199,8 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(f"{name}: {row.get('stage')} {row.get('error', '')} ({row['seconds']} s)",
               flush=True)
-    print(_table([done[n] for n in names]))
+    print(_table([done.get(n, {"model": n, "input": "-", "stage": "not run yet"})
+                  for n in names]))
 
 
 if __name__ == "__main__":
