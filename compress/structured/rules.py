@@ -1,35 +1,23 @@
 """Structural rules that make torch-pruning's DependencyGraph work on torchvision classifiers.
 
 ``rules_for(model)`` inspects the module tree (types and structure, never the model's name) and
-returns what ``tp.pruner.MetaPruner`` / ``tp.DependencyGraph.build_dependency`` need so that
-pruning keeps the classifier's outputs, keeps the model runnable and can be replayed from
-``pruning_history()`` onto a fresh copy of the same model. ``after_prune(model)`` then fixes
-attributes that forward() reads but torch-pruning does not update.
-
-Typical use::
-
-    rules = rules_for(model)
-    pruner = tp.pruner.MetaPruner(model, x, importance=..., pruning_ratio=0.5, round_to=8,
-                                  **rules.pruner_kwargs())
-    pruner.step()
-    after_prune(model)
-    # reload: build the same model, rules_for(fresh), then
-    dg = tp.DependencyGraph().build_dependency(fresh, x, **rules_for(fresh).graph_kwargs())
-    dg.load_pruning_history(history)
-    after_prune(fresh)
+returns what `compress.structured.engine` gives ``tp.DependencyGraph.build_dependency``
+(``graph_kwargs()``) and which layers it must never cut (``ignored_layers``: the
+classifiers), so that a cut keeps the classifier's outputs, keeps the model runnable and can be
+replayed onto a fresh copy of the same model. ``after_prune(model)`` then fixes attributes
+that forward() reads but torch-pruning does not update (ViT's ``hidden_dim``, Swin's
+``head_dim``). Both run again when a checkpoint's structure is replayed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch_pruning.pruner import BasePruner
 from torch_pruning.pruner import function as tp_function
 from torchvision.models import maxvit as tv_maxvit
 from torchvision.models import shufflenetv2 as tv_shufflenet
@@ -52,15 +40,12 @@ _TP_MODULES = (
     nn.LSTM,
 )
 
-# Models of torchvision.models.list_models(module=torchvision.models) that these rules do not
-# make prunable, with the reason. Empty: all 80 passed (torch 2.14.1, torchvision 0.29.1,
-# torch-pruning 1.6.0; MetaPruner, ratio 0.5, round_to=8, 10 classes; forward, class count,
-# train-mode forward, history replay). Covered but only partly pruned:
-#   shufflenet_v2_*: widths that pass through channel_shuffle stay (MACs ratio 0.44-0.50);
-#   regnet_*, resnext*: tp rounds grouped widths wrongly, see GroupedRoundingPruner; odd group
-#     counts with group width 8/24 still cannot keep 50 % as a multiple of 8;
+# Every model of torchvision.models.list_models(module=torchvision.models) is covered (torch
+# 2.14.1, torchvision 0.29.1, torch-pruning 1.6; half the channels, rounded to 8, 10 classes:
+# forward in eval and training mode, class count, replay onto a fresh model). Partly pruned:
+#   shufflenet_v2_*: widths that pass through channel_shuffle stay (MACs ratio about 0.5);
+#   regnet_* with odd group counts cannot keep 50 % of a group width of 8/24 as a multiple of 8;
 #   inception_v3: the example input must be big enough for the aux head (299 works, 160 not).
-NOT_COVERED: dict[str, str] = {}
 
 
 @dataclass
@@ -86,16 +71,6 @@ class EngineRules:
         }
         if self.forward_fn is not None:
             kwargs["forward_fn"] = self.forward_fn
-        return kwargs
-
-    def pruner_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``tp.pruner.MetaPruner`` (and its subclasses)."""
-        kwargs = self.graph_kwargs()
-        kwargs.update(
-            ignored_layers=list(self.ignored_layers),
-            num_heads=dict(self.num_heads),
-            root_module_types=list(self.root_module_types),
-        )
         return kwargs
 
 
@@ -500,37 +475,6 @@ def rules_for(model: nn.Module) -> EngineRules:
     _parameter_rules(model, rules)
     rules.forward_fn = trace
     return rules
-
-
-class GroupedRoundingPruner(BasePruner):
-    """tp's BasePruner (= MetaPruner) with ``round_to`` applied to the width a grouped layer
-    really keeps.
-
-    For grouped channels (group convs, attention heads) tp 1.6 ranks one group's slots and
-    removes the same slots in every group, but rounds ``total - pruned_per_group`` instead of
-    ``groups * kept_per_group``. ResNeXt/RegNet group widths of 4-16 then round to "prune
-    everything" and are skipped, others lose two thirds. Here the kept slots per group ``k``
-    are rounded down (like tp) so that ``groups * k`` is a multiple of ``round_to``, never to 0.
-    """
-
-    _groups_now: int = 1
-
-    def _is_atten_group(self, group: Any) -> tuple[bool, list]:
-        # tp 1.6 _prune() calls this for each ranked group right before _round_to().
-        self._groups_now = self._get_channel_groups(group)
-        return super()._is_atten_group(group)
-
-    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-        groups = self._groups_now
-        if groups <= 1 or current_channels % groups:
-            return super()._round_to(n_pruned, current_channels, round_to)
-        per_group = current_channels // groups
-        step = round_to // math.gcd(groups, round_to)
-        keep = per_group - n_pruned
-        keep -= keep % step
-        if keep <= 0:
-            keep = min(step, per_group)
-        return per_group - keep
 
 
 def after_prune(model: nn.Module) -> None:
