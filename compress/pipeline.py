@@ -439,8 +439,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                              min_channels=min_channels, target_macs=target_macs)
     recipe = _prune_recipe(base, spec.name, request, finetune_epochs, lr, batch_size, seed,
                            data_overrides or {})
-    request.input_shape = tuple(recipe.input_shape)
-    pruner = spec.build(request)
+    pruner = spec.build(request)  # the request's input shape is set once the data is read
     run = RunDir(out).create(resumable=False)
     try:
         device = resolve_device(recipe.device)

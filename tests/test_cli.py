@@ -71,6 +71,12 @@ def test_prune_magnitude_with_finetune(cli, dpf_run, tmp_path):
     assert report["total"]["prunable_sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 
+def stop_after_first(result):
+    """An on_epoch callback that interrupts a run after its first epoch, as Ctrl-C would."""
+    if result.epoch == 1:
+        raise KeyboardInterrupt
+
+
 def test_resume_continues_an_interrupted_run(cli, tmp_path):
     from compress.pipeline import train_prune
     from compress.recipe import Recipe
@@ -78,10 +84,6 @@ def test_resume_continues_an_interrupted_run(cli, tmp_path):
     recipe = Recipe(model="lenet5", method="dpf", sparsity=0.7, epochs=2, batch_size=64,
                     refresh_every=4, max_train_samples=1200, max_test_samples=300).validate()
     train_prune(recipe, str(tmp_path / "whole"), show_progress=False)
-
-    def stop_after_first(result):
-        if result.epoch == 1:
-            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train_prune(recipe, str(tmp_path / "cut"), show_progress=False,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_clean_failure
+from test_cli import assert_clean_failure, stop_after_first
 
 from compress.checkpoint import FORMAT_VERSION, load_checkpoint
 
@@ -102,10 +102,6 @@ def test_finetune_and_train_from_a_pruned_model_then_resume(cli, l1_run, tmp_pat
     recipe = Recipe(model="resnet20", data="synthetic", input_shape=[3, 32, 32],
                     max_train_samples=256, max_test_samples=64, method="gmp", sparsity=0.5,
                     epochs=2, batch_size=64, weights=str(l1_run)).validate()
-
-    def stop_after_first(result):
-        if result.epoch == 1:
-            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train_prune(recipe, str(tmp_path / "cut"), show_progress=False,
