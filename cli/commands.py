@@ -19,7 +19,8 @@ def train_prune(
     data: Annotated[str | None, Opt(help="fashion-mnist, mnist, cifar10, cifar100, "
                                          "imagefolder or synthetic.")] = None,
     data_dir: Annotated[str | None, Opt(help="Where the data set lies.")] = None,
-    method: Annotated[str | None, Opt(help="dpf, gmp or none (dense).")] = None,
+    method: Annotated[str | None, Opt(help="dpf, gmp (weights), density, dpf-filter "
+                                           "(channels) or none (dense).")] = None,
     sparsity: Annotated[float | None, Opt(help="Fraction of prunable weights removed.")] = None,
     epochs: Annotated[int | None, Opt()] = None,
     batch_size: Annotated[int | None, Opt()] = None,
@@ -46,6 +47,25 @@ def train_prune(
                                            help="Leave the first layer dense.")] = None,
     skip_classifier: Annotated[bool | None, Opt("--skip-classifier/--prune-classifier",
                                                 help="Leave the classifier dense.")] = None,
+    round_to: Annotated[int | None, Opt(help="Channels (density, dpf-filter): widths are "
+                                             "multiples of this [default: 8].")] = None,
+    min_channels: Annotated[int | None, Opt(help="Channels: no layer keeps fewer "
+                                                 "[default: 1].")] = None,
+    probe_samples: Annotated[int | None, Opt(help="density: training images its activations "
+                                                  "are measured on [default: 512].")] = None,
+    density_start: Annotated[float | None, Opt(help="density: no cut before this fraction "
+                                                    "of the run [default: 0.2].")] = None,
+    density_every: Annotated[float | None, Opt(help="density: least fraction of the run "
+                                                    "between cuts [default: 0.15].")] = None,
+    density_stop: Annotated[float | None, Opt(help="density: no cut after this fraction of "
+                                                   "the run [default: 0.8].")] = None,
+    density_cuts: Annotated[int | None, Opt(help="density: most cuts [default: 3].")] = None,
+    density_until_settled: Annotated[bool | None, Opt(
+        "--density-until-settled/--density-fixed-cuts",
+        help="density: cut until no width changes, instead of --density-cuts times.")] = None,
+    density_tolerance: Annotated[float | None, Opt(
+        help="density: layer densities count as settled when none moved more than this "
+             "since the last measurement [default: 0.03].")] = None,
     weight_decay: Annotated[float | None, Opt()] = None,
     momentum: Annotated[float | None, Opt()] = None,
     lr_schedule: Annotated[str | None, Opt(help="cosine, step or constant.")] = None,
@@ -59,7 +79,8 @@ def train_prune(
     json_out: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
     quiet: Annotated[bool, Opt(help="No progress display.")] = False,
 ) -> None:
-    """Train a model, pruning it during training (DPF, GMP) or not at all."""
+    """Train a model, pruning it during training (DPF, GMP, ADP, DPF-filter) or not at
+    all."""
     flags = dict(locals())  # taken first: every option that is a recipe field overrides it
     from compress.distributed import is_main_process
     from compress.errors import CompressError

@@ -118,6 +118,9 @@ def summary_table(summary: dict) -> Table:
             f" (target {target:.4f})" if target is not None else "")))
     if structured:
         rows += _structured_rows(summary)
+    cost = _training_cost_row(summary)
+    if cost is not None and structured:
+        rows.append(cost)
     if summary.get("prunable_params"):
         zeros = round(summary["sparsity"] * summary["prunable_params"])
         rows.append(("pruned weights", f"{zeros} of {summary['prunable_params']} prunable"))
@@ -147,11 +150,25 @@ def _structured_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append(("channels removed", f"{summary['removed_channels']} "
                                          f"({summary.get('folded_channels', 0)} folded into a "
                                          "bias)"))
+    if summary.get("channels_removed_share") is not None:
+        cuts = summary.get("cuts", 0)
+        rows.append(("channels removed", f"{summary['channels_removed_share']:.4f} of the "
+                                         f"prunable channels, in {cuts} cut"
+                                         f"{'s' if cuts != 1 else ''}"))
     rows.append(("MACs", f"{summary['macs']:,} of {summary['original_macs']:,} "
                          f"({summary['mac_ratio']:.3f})"))
     rows.append(("parameters", f"{summary['params']:,} of {summary['original_params']:,} "
                                f"({summary['params'] / summary['original_params']:.3f})"))
     return rows
+
+
+def _training_cost_row(summary: dict) -> tuple[str, str] | None:
+    ratio = summary.get("training_mac_ratio")
+    if ratio is None or summary.get("finetune_epochs") is not None:
+        return None
+    spent, dense = summary["training_macs"], summary["dense_training_macs"]
+    return ("training MACs", f"{spent:.3g} of {dense:.3g} for dense training ({ratio:.3f}; "
+                             "forward + backward = 3x forward)")
 
 
 def show_summary(summary: dict, json_out: bool) -> None:

@@ -77,6 +77,32 @@ def resolve_recipe(recipe_path: str | None, overrides: dict) -> Recipe:
 
 
 @dataclass
+class TrainingCost:
+    """Training MACs: forward and backward are counted as 3x the forward MACs of the network
+    as it is at each step, against the same schedule run on the dense network."""
+
+    dense_macs: int  # forward MACs per sample of the network the run started from
+    macs: int  # forward MACs per sample now
+    spent: float = 0.0
+    dense_spent: float = 0.0
+    after_step: int | None = None  # the width of a cut made at the step being counted
+
+    def add(self, samples: int) -> None:
+        self.spent += 3.0 * self.macs * samples
+        self.dense_spent += 3.0 * self.dense_macs * samples
+        if self.after_step is not None:
+            self.macs, self.after_step = self.after_step, None
+
+    def state(self) -> dict:
+        return {"spent": self.spent, "dense_spent": self.dense_spent}
+
+    def summary(self) -> dict:
+        return {"training_macs": self.spent, "dense_training_macs": self.dense_spent,
+                "training_mac_ratio": self.spent / self.dense_spent if self.dense_spent
+                else None}
+
+
+@dataclass
 class Job:
     """What one training job holds while it runs."""
 
@@ -93,6 +119,12 @@ class Job:
     shard: distributed.Shard = distributed.SINGLE
     train_model: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
     structure: dict | None = None  # the channel cuts the model carries (checkpoint format 2)
+    cost: TrainingCost | None = None  # MACs spent training, against dense training
+
+    def current_structure(self) -> dict | None:
+        """The cuts the model carries now: those it started with, then the pruner's."""
+        cutter = getattr(self.pruner, "cutter", None)
+        return _merge_structure(self.structure, cutter.structure if cutter else None)
 
     def save(self, ckpt: Checkpoint) -> None:
         if self.shard.main:
@@ -126,12 +158,35 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg, total_steps, steps_per_epoch))
+    if hasattr(pruner, "attach"):
+        if shard.active:
+            raise CompressError(f"--method {recipe.method} changes the network while it trains "
+                                "and runs in one process; run it without torchrun")
+        pruner.attach(optimizer, probe_batches(splits, recipe.probe_samples, device))
     job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
-              shard=shard, structure=structure)
+              shard=shard, structure=structure, cost=_cost_for(model, recipe, structure))
     if resume_state is not None:
         _restore(job, resume_state)
     job.train_model = model
     return job
+
+
+def probe_batches(splits: Splits, samples: int, device: torch.device) -> list[torch.Tensor]:
+    """The first ``samples`` training images, unaugmented, in batches: a fixed probe set."""
+    batches, seen = [], 0
+    for x, _ in splits.train.batches(256):
+        batches.append(x[:samples - seen].to(device))
+        seen += len(batches[-1])
+        if seen >= samples:
+            break
+    return batches
+
+
+def _cost_for(model: nn.Module, recipe: Recipe, structure: dict | None) -> TrainingCost:
+    from compress.stats import count_macs
+
+    macs = count_macs(model, tuple(recipe.input_shape))[0]
+    return TrainingCost(macs, macs)
 
 
 def _wrap_for_ranks(job: Job) -> None:
@@ -164,6 +219,10 @@ def _restore(job: Job, ckpt: Checkpoint) -> None:
     job.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     job.start_epoch = int(state["epoch"])
+    cost = state.get("training_cost")
+    if cost and job.cost is not None:
+        job.cost.spent, job.cost.dense_spent = float(cost["spent"]), float(cost["dense_spent"])
+        job.cost.dense_macs = int(cost.get("dense_macs", job.cost.dense_macs))
 
 
 def _checkpoint(job: Job, epoch: int, metrics: dict) -> Checkpoint:
@@ -178,13 +237,16 @@ def _checkpoint(job: Job, epoch: int, metrics: dict) -> Checkpoint:
         "torch_rng": torch.get_rng_state(),
         "pruner": pruner.state_dict() if pruner else None,
         "processes": job.shard.world,
+        "training_cost": {**job.cost.state(), "dense_macs": job.cost.dense_macs}
+        if job.cost else None,
     }
     return Checkpoint(
         model_spec=job.recipe.model, data=job.splits.config,
         state_dict={k: v.cpu() for k, v in state_dict.items()}, method=job.recipe.method,
-        masks={k: v.cpu() for k, v in pruner.masks.items()} if pruner else None,
+        masks={k: v.cpu() for k, v in pruner.masks.items()} if pruner and pruner.masks
+        else None,
         recipe=job.recipe.to_dict(), metrics=metrics, training_state=training_state,
-        structure=job.structure)
+        structure=job.current_structure())
 
 
 def _run_epochs(job: Job, console: Console, show_progress: bool,
@@ -199,13 +261,19 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
             refreshes: list[dict] = []
 
             def on_step(batch: int, loss: float, acc: float, task=task) -> None:
+                if job.cost is not None:
+                    job.cost.add(batch * job.shard.world)
                 sparsity = job.pruner.sparsity if job.pruner else 0.0
                 progress.update(task, advance=1, info=f"loss {loss:.3f}  acc {acc:.3f}  "
                                                       f"sparsity {sparsity:.3f}")
 
             def on_refresh(event: dict, refreshes=refreshes) -> None:
-                refreshes.append(event)
-                job.run.log("refresh", **event)
+                kind = event.pop("kind", "refresh")
+                if kind == "refresh":
+                    refreshes.append(event)
+                if event.get("widths") and job.cost is not None:  # the network got thinner
+                    job.cost.after_step = job.pruner.cutter.macs()
+                job.run.log(kind, **event)
 
             loss, acc = train_epoch(job.train_model or job.model, job.splits.train,
                                     job.optimizer, job.scheduler, cfg, job.generator,
@@ -220,7 +288,10 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
             progress.remove_task(task)
             job.run.log("epoch", **{k: v for k, v in vars(result).items() if k != "refreshes"},
                         mean_flips=(sum(r["flips"] for r in refreshes) / len(refreshes)
-                                    if refreshes else 0.0))
+                                    if refreshes else 0.0),
+                        params=sum(p.numel() for p in job.model.parameters()),
+                        macs=job.cost.macs if job.cost else None,
+                        training_macs=job.cost.spent if job.cost else None)
             job.save(_checkpoint(job, epoch + 1, {"val_top1": val_acc}))
             results.append(result)
             if on_epoch and job.shard.main:
@@ -305,35 +376,70 @@ def _zero_share(tensors: list[torch.Tensor]) -> float:
 
 def _finish(job: Job) -> dict:
     """Final figures: validation and test top-1, exact sparsity; report; final checkpoint."""
+    finalize = getattr(job.pruner, "finalize", None)
+    event = finalize() if finalize else None  # dpf-filter cuts its channels if not yet done
+    if event is not None:
+        job.run.log(event.kind, **{k: v for k, v in vars(event).items() if k != "kind"})
     val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner,
                                  shard=job.shard)
     test_acc, test_loss = evaluate(job.model, job.splits.test, device=job.device,
                                    pruner=job.pruner, shard=job.shard)
     pruner = job.pruner
-    if pruner is not None:
+    if pruner is not None and pruner.masks:
         distributed.check_identical(job.shard, pruner.masks, "pruning masks")
     summary = {
         "run": str(job.run.path),
         "model": job.recipe.model,
         "data": job.splits.config.name,
         "method": job.recipe.method,
-        "target_sparsity": job.recipe.sparsity if pruner else 0.0,
-        "sparsity": _zero_share([pruner.pruned_tensor(n) for n in pruner.weights])
-        if pruner else 0.0,
-        "prunable_params": sum(w.numel() for w in pruner.weights.values()) if pruner else None,
-        "coverage": pruner.coverage.describe() if pruner else None,
+        **_pruner_figures(job),
         "val_top1": val_acc,
         "test_top1": test_acc,
-        "empty_layers": [n for n in pruner.weights if not pruner.masks[n].any()] if pruner
-        else [],
         "test_samples": len(job.splits.test),
         "processes": job.shard.world,
+        **(job.cost.summary() if job.cost else {}),
     }
     job.run.log("final", **summary)
     job.save(_checkpoint(job, job.recipe.epochs, summary))
     if job.shard.main:
         write_report(job.run)
     return summary
+
+
+def _pruner_figures(job: Job) -> dict:
+    """What the pruner did: weight sparsity for mask pruners; channels, parameters and MACs
+    against the original network for pruners that make it thinner."""
+    pruner = job.pruner
+    if pruner is None:
+        return {"target_sparsity": 0.0, "sparsity": 0.0, "prunable_params": None,
+                "coverage": None, "empty_layers": []}
+    if getattr(pruner, "granularity", "weights") == "channels":
+        from compress.stats import count_macs
+        from compress.structured.engine import count_params
+
+        structure = job.current_structure() or {}
+        original = structure.get("original") or {}
+        params = count_params(job.model)
+        macs = count_macs(job.model, tuple(job.recipe.input_shape))[0]
+        first_params = original.get("params", params)
+        first_macs = original.get("macs", macs)
+        now = pruner.cutter.widths()
+        first = {root: (structure.get("widths") or {}).get(root, [width])[0]
+                 for root, width in now.items()}
+        share = 1.0 - sum(now.values()) / sum(first.values()) if first else 0.0
+        return {"target_sparsity": None, "sparsity": 0.0, **pruner.summary(),
+                "channels_removed_share": share,
+                "params": params, "macs": macs, "original_params": first_params,
+                "original_macs": first_macs,
+                "mac_ratio": macs / first_macs if first_macs else None,
+                "param_ratio": params / first_params if first_params else None}
+    return {
+        "target_sparsity": job.recipe.sparsity,
+        "sparsity": _zero_share([pruner.pruned_tensor(n) for n in pruner.weights]),
+        "prunable_params": sum(w.numel() for w in pruner.weights.values()),
+        "coverage": pruner.coverage.describe(),
+        "empty_layers": [n for n in pruner.weights if not pruner.masks[n].any()],
+    }
 
 
 @dataclass
@@ -381,7 +487,7 @@ def _prune_recipe(base: Recipe, name: str, request: OneShotRequest, finetune_epo
                   overrides: dict) -> Recipe:
     """The recipe a prune run records: what was asked, and how it was fine-tuned."""
     fields = {"method": name, "sparsity": request.sparsity or 0.0,
-              "scope": request.scope or "global", "layer_floor": request.layer_floor,
+              "scope": request.scope, "layer_floor": request.layer_floor,
               "round_to": request.round_to, "min_channels": request.min_channels,
               "target_macs": request.target_macs, "epochs": finetune_epochs,
               "lr": lr if lr is not None else base.lr / 10,

@@ -40,7 +40,8 @@ class Recipe:
     # pruning
     method: str = "dpf"
     sparsity: float = 0.9
-    scope: str = "global"
+    scope: str | None = None  # None: the method's own default (global for weights, layer
+    # for channels)
     layer_floor: float = 0.0  # least fraction of each layer a global threshold keeps
     refresh_every: int = 16
     prune_start: float = 0.0
@@ -53,6 +54,14 @@ class Recipe:
     round_to: int = 8
     min_channels: int | None = None
     target_macs: float | None = None
+    # activation-density pruning (method density): when to measure and cut, as fractions
+    probe_samples: int = 512
+    density_start: float = 0.2
+    density_every: float = 0.15
+    density_stop: float = 0.8
+    density_cuts: int = 3
+    density_until_settled: bool = False
+    density_tolerance: float = 0.03
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -76,7 +85,7 @@ class Recipe:
         method(self.method, when)
         if not 0.0 <= self.sparsity < 1.0:
             raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if self.scope not in ("global", "layer"):
+        if self.scope not in (None, "global", "layer"):
             raise CompressError(f"--scope must be global or layer, got {self.scope!r}")
         check_layer_floor(self.layer_floor, self.sparsity)
         if self.lr_schedule not in ("cosine", "step", "constant"):
@@ -92,6 +101,7 @@ class Recipe:
         if self.target_macs is not None and not (math.isfinite(self.target_macs)
                                                  and 0.0 < self.target_macs <= 1.0):
             raise CompressError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        self._validate_density()
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise CompressError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
@@ -118,6 +128,22 @@ class Recipe:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise CompressError(f"--input-shape must be C,H,W, got {self.input_shape}")
         return self
+
+    def _validate_density(self) -> None:
+        for name in ("density_start", "density_every", "density_stop"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise CompressError(f"--{name.replace('_', '-')} must be a fraction of the run "
+                                    f"in [0, 1], got {value}")
+        if self.density_start > self.density_stop:
+            raise CompressError("need --density-start <= --density-stop")
+        if self.density_every <= 0:
+            raise CompressError("--density-every must be more than 0")
+        if self.density_cuts < 1 or self.probe_samples < 1:
+            raise CompressError("--density-cuts and --probe-samples must be at least 1")
+        if not (math.isfinite(self.density_tolerance) and self.density_tolerance >= 0):
+            raise CompressError(f"--density-tolerance must be >= 0, "
+                                f"got {self.density_tolerance}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}

@@ -74,6 +74,55 @@ def _layers_plot(rows, path) -> None:
     _save_png(fig, path)
 
 
+def _width_history(events: list[dict]) -> dict[str, list[tuple[int, int]]]:
+    """Per layer cut during training, its width at step 0 and after every cut."""
+    history: dict[str, list[tuple[int, int]]] = {}
+    for e in events:
+        if e["event"] in ("density", "cut"):
+            for root, (before, after) in (e.get("widths") or {}).items():
+                history.setdefault(root, [(0, before)]).append((e["step"], after))
+    return history
+
+
+def _widths_plot(events: list[dict], path) -> bool:
+    """Widths per layer over training and, for ADP, densities per layer; False if none."""
+    widths = _width_history(events)
+    readings = [e for e in events if e["event"] == "density"]
+    if not widths and not readings:
+        return False
+    last = max((e.get("step", 0) for e in events if "step" in e), default=1)
+    fig, (ax_w, ax_d) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for root, points in widths.items():
+        steps = [s for s, _ in points] + [last]
+        values = [w for _, w in points] + [points[-1][1]]
+        ax_w.step(steps, values, where="post", label=root)
+    ax_w.set(xlabel="optimizer step", ylabel="channels", title="widths over training")
+    ax_w.grid(alpha=0.3)
+    if widths:
+        ax_w.legend(fontsize=6, ncol=2)
+    roots = list(readings[0]["layers"]) if readings else []
+    for root in roots:
+        points = [(e["step"], e["layers"][root]) for e in readings if root in e["layers"]]
+        ax_d.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=root)
+    ax_d.set(xlabel="optimizer step", ylabel="share of activations non-zero",
+             title="activation density per layer", ylim=(0, 1))
+    ax_d.grid(alpha=0.3)
+    if roots:
+        ax_d.legend(fontsize=6, ncol=2)
+    _save_png(fig, path)
+    return True
+
+
+def _cost_lines(metrics: dict) -> list[str]:
+    ratio = metrics.get("training_mac_ratio")
+    if ratio is None:
+        return []
+    return [f"- training MACs: {metrics['training_macs']:.3g}, {ratio:.3f} of "
+            f"{metrics['dense_training_macs']:.3g} for the same schedule on the network the "
+            "run started from (forward and backward counted as 3x the forward MACs of the "
+            "network as it was at each step)", ""]
+
+
 def write_report(run: RunDir) -> None:
     """Plots under ``plots/`` and a markdown summary of the run."""
     ckpt = load_checkpoint(run.checkpoint)
@@ -113,6 +162,10 @@ def write_report(run: RunDir) -> None:
         late = refreshes[-max(1, len(refreshes) // 10):]
         lines += [f"Mask refreshes: {len(refreshes)}; mean fraction of the mask flipped per "
                   f"refresh, last 10 %: {sum(r['flips'] for r in late) / len(late):.2e}.", ""]
+    if _widths_plot(events, run.path / "plots" / "widths.png"):
+        lines += ["## Widths over training", "", "![widths and densities](plots/widths.png)",
+                  ""]
+    lines += _cost_lines(m)
     lines += _structure_lines(ckpt)
     lines += ["![sparsity per layer](plots/layers.png)", "",
               "| layer | shape | params | non-zero | sparsity |", "|---|---|---|---|---|"]

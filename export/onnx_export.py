@@ -365,6 +365,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         unfinished = unfinished_note(ckpt)
         set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization,
                                             unfinished))
+        _check_fits_one_file(model)
         onnx.save(model, str(tmp))
         report = verify_export(tmp, ckpt, "int8" if quantize == "int8" else values) \
             if verify else None
@@ -385,6 +386,19 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     return ExportResult(str(out), out.stat().st_size, packed=packed if in_file else [],
                         values=values, exponent_width=width, opset=opset, verify=report,
                         accuracy=accuracy, unfinished=unfinished)
+
+
+PROTOBUF_LIMIT = 2**31 - 1  # bytes one ONNX protobuf file can hold
+
+
+def _check_fits_one_file(model: onnx.ModelProto) -> None:
+    """Refuse, in one line, a model past protobuf's 2 GB limit (its own error is only
+    "Failed to serialize proto")."""
+    weights = sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
+    if weights >= PROTOBUF_LIMIT:
+        raise CompressError(f"the model's weights take {weights / 2**30:.2f} GiB, past the "
+                            "2 GB limit of one ONNX file; prune it first (compress does not "
+                            "write ONNX external-data files)")
 
 
 def validation_accuracy(ckpt: Checkpoint, path: Path) -> dict:

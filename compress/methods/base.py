@@ -169,7 +169,7 @@ def schedule_options(recipe, total_steps: int) -> tuple[CubicSchedule, dict]:
     schedule = CubicSchedule(recipe.sparsity, round(recipe.prune_start * total_steps),
                              round(recipe.prune_end * total_steps))
     freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
-    options = dict(refresh_every=recipe.refresh_every, scope=recipe.scope,
+    options = dict(refresh_every=recipe.refresh_every, scope=recipe.scope or "global",
                    layer_floor=recipe.layer_floor,
                    coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
                    freeze_step=freeze)

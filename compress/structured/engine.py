@@ -126,6 +126,24 @@ class ChannelEngine:
                                       self._blocks(group)))
         return found
 
+    def members(self, root: str) -> list[tuple[str, bool, list[int]]]:
+        """Every layer the group led by ``root`` touches, as (name, True where its outputs
+        are cut and False where its inputs are, the indices of that layer for root channels
+        0..width-1 in order). A layer reading the channels flattened lists ``k`` indices
+        per channel, channel after channel."""
+        module = dict(self.model.named_modules())[root]
+        pruner = self.graph.get_pruner_of_module(module)
+        width = pruner.get_out_channels(module)
+        group = self.graph.get_pruning_group(module, pruner.prune_out_channels,
+                                             list(range(width)))
+        found = []
+        for dep, idxs in group:
+            name = self.names.get(dep.target.module)
+            if name is not None:
+                out = self.graph.is_out_channel_pruning_fn(dep.handler)
+                found.append((name, bool(out), [int(i) for i in idxs]))
+        return found
+
     def _blocks(self, group: tp.Group) -> int:
         """How many equal blocks the group's channels form, as torch-pruning's own pruner
         counts them: the most that any member declares (a depthwise conv declares none)."""

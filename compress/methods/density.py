@@ -1,0 +1,221 @@
+"""Activation-density pruning (ADP; Foldy-Porto, Venkatesha, Panda, 2020), during training.
+
+A trained ReLU layer whose activations are mostly zero carries fewer channels' worth of
+information than it has channels. ADP measures each layer's activation density (the share
+of non-zero post-ReLU activations, `compress.structured.density`) on a fixed probe set from
+the training split and, at a few points of the run, cuts the layer to
+``ceil(density × width)`` channels, keeping the channels whose own density is highest
+(ties by the norm of their weights). The network is rebuilt thinner in place, the optimizer
+carries on with its state for the kept channels, and the learning-rate schedule continues,
+so the rest of training runs (and costs) at the new width.
+
+What the paper states and what is ours (README, "ADP: what is the paper's"):
+
+* paper: density of post-ReLU activations; width ``ceil(density × width)``; keep the
+  densest channels; repeat while training until the widths settle; wait for densities to
+  settle before the first cut;
+* ours (flags, defaults in `compress.recipe.Recipe`): measured in eval mode on
+  ``probe_samples`` training images; a measurement every quarter of ``density_every``;
+  "settled" = no layer density moved more than ``density_tolerance`` since the previous
+  measurement; cuts no earlier than ``density_start`` and no later than ``density_stop``
+  (fractions of the run), at least ``density_every`` apart, at most ``density_cuts`` of
+  them (or, with ``density_until_settled``, until a cut would change no width); widths
+  rounded up to ``round_to`` channels and never below ``min_channels``; channels joined by
+  additions or concatenations share one width (they are one group of the engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.methods.registry import MethodSpec, register
+from compress.structured.cutter import TrainingCutter
+from compress.structured.density import DensityReading, density_width, has_activations, measure
+from compress.structured.engine import fold_blocks, unfold_blocks
+
+MEASUREMENTS_PER_INTERVAL = 4  # densities are read this many times per --density-every
+
+
+@dataclass
+class DensityOptions:
+    probe_samples: int = 512
+    start: float = 0.2
+    every: float = 0.15
+    stop: float = 0.8
+    cuts: int = 3
+    until_settled: bool = False
+    tolerance: float = 0.03
+    round_to: int = 8
+    min_channels: int = 1
+
+
+@dataclass
+class DensityEvent:
+    """A measurement, and the cut it led to (``widths`` empty when none)."""
+
+    step: int
+    layers: dict[str, float]
+    channels: dict[str, list[float]]
+    change: float
+    widths: dict[str, list[int]]
+    kind: str = "density"
+
+
+class ActivationDensity:
+    """Thins a network while it trains, from its activation densities (module docstring)."""
+
+    name = "density"
+    granularity = "channels"
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], total_steps: int,
+                 options: DensityOptions) -> None:
+        if not has_activations(model):
+            raise CompressError("density pruning reads post-ReLU activations, and this model "
+                                "has no ReLU, ReLU6, Hardswish or Threshold module")
+        self.model = model
+        self.options = options
+        self.total_steps = total_steps
+        self.cutter = TrainingCutter(model, input_shape)
+        self.cutter.engine  # noqa: B018 - trace now, so that a model it cannot trace fails early
+        interval = max(1, round(options.every * total_steps))
+        self.measure_every = max(1, interval // MEASUREMENTS_PER_INTERVAL)
+        self.cut_gap = interval
+        self.start_step = round(options.start * total_steps)
+        self.stop_step = round(options.stop * total_steps)
+        self.probe: list[torch.Tensor] = []
+        self.step_count = 0
+        self.cuts_done = 0
+        self.last_cut_step: int | None = None
+        self.finished = False
+        self.last_reading: DensityReading | None = None
+        self.history: list[dict] = []  # per measurement: step, layer densities, widths
+        self.masks: dict[str, torch.Tensor] = {}  # no masks: the network itself gets thinner
+
+    # -- wiring -------------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer, probe: list[torch.Tensor]) -> None:
+        """The optimizer to keep in step with the cuts, and the fixed probe batches."""
+        self.cutter.optimizer = optimizer
+        self.probe = probe
+
+    @contextmanager
+    def pruned(self) -> Iterator[None]:
+        yield  # nothing is masked: forward and backward run the network as it now is
+
+    # -- the schedule -------------------------------------------------------------------------
+    def step(self) -> DensityEvent | None:
+        """Call after each optimizer step: measure when due, and cut when due and settled."""
+        self.step_count += 1
+        if self.finished or self.step_count > self.stop_step or \
+                self.step_count % self.measure_every:
+            return None
+        return self.measure_and_cut()
+
+    def cut_due(self) -> bool:
+        o = self.options
+        if self.finished or not self.start_step <= self.step_count <= self.stop_step:
+            return False
+        if not o.until_settled and self.cuts_done >= o.cuts:
+            return False
+        return self.last_cut_step is None or self.step_count - self.last_cut_step >= self.cut_gap
+
+    def measure_and_cut(self) -> DensityEvent:
+        if not self.probe:
+            raise CompressError("density pruning needs its probe batches: call attach() first")
+        reading = measure(self.cutter.engine, self.probe)
+        change = reading.change_from(self.last_reading)
+        self.last_reading = reading
+        widths: dict[str, list[int]] = {}
+        if self.cut_due() and change <= self.options.tolerance:
+            widths = self.cutter.cut(self.plan(reading))
+            if widths:
+                self.cuts_done += 1
+                self.last_cut_step = self.step_count
+                self.last_reading = None  # the thinner network must settle again
+            else:
+                self.finished = True  # no width would change: the widths have settled
+        event = DensityEvent(self.step_count, reading.layers,
+                             {r: [round(float(v), 4) for v in d]
+                              for r, d in reading.channels.items()}, change, widths)
+        self.history.append({"step": self.step_count, "layers": reading.layers,
+                             "widths": self.cutter.widths(), "cut": bool(widths)})
+        return event
+
+    # -- the width rule -----------------------------------------------------------------------
+    def plan(self, reading: DensityReading) -> dict[str, list[int]]:
+        """Channels to drop per group: width from the layer density, densest channels kept
+        (ties by the group's L2 norm), whole positions of every block in grouped layers."""
+        o = self.options
+        groups = {g.root: g for g in self.cutter.engine.groups()}
+        norms = self.cutter.engine.scores(2)
+        drop = {}
+        for root, density in reading.channels.items():
+            group = groups[root]
+            keep = density_width(float(density.mean()), group.width, round_to=o.round_to,
+                                 floor=o.min_channels, blocks=group.blocks)
+            positions = fold_blocks(density, group.blocks)
+            ties = fold_blocks(norms[root], group.blocks)
+            drop[root] = unfold_blocks(_lowest(positions, ties, keep // group.blocks),
+                                       group.width, group.blocks)
+        return drop
+
+    # -- results ------------------------------------------------------------------------------
+    @property
+    def sparsity(self) -> float:
+        """Share of the original prunable channels removed so far."""
+        return self.cutter.removed_share()
+
+    def pruned_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        last = self.last_reading
+        return {"method": self.name, "step_count": self.step_count,
+                "cuts_done": self.cuts_done, "last_cut_step": self.last_cut_step,
+                "finished": self.finished, "history": self.history,
+                "last_reading": None if last is None else
+                {r: d.clone() for r, d in last.channels.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.cuts_done = int(state["cuts_done"])
+        self.last_cut_step = state["last_cut_step"]
+        self.finished = bool(state["finished"])
+        self.history = list(state["history"])
+        last = state.get("last_reading")
+        self.last_reading = None if last is None else DensityReading(dict(last))
+
+    def summary(self) -> dict:
+        widths = self.cutter.widths()
+        return {"cuts": self.cuts_done, "widths": widths,
+                "channels_removed_share": self.sparsity,
+                "measurements": len(self.history)}
+
+
+def _lowest(density: torch.Tensor, norm: torch.Tensor, keep: int) -> list[int]:
+    """Positions outside the ``keep`` densest (ties broken by the larger norm)."""
+    order = sorted(range(density.numel()), key=lambda i: (-float(density[i]), -float(norm[i]), i))
+    return sorted(order[keep:])
+
+
+def options_from(recipe) -> DensityOptions:
+    return DensityOptions(
+        probe_samples=recipe.probe_samples, start=recipe.density_start,
+        every=recipe.density_every, stop=recipe.density_stop, cuts=recipe.density_cuts,
+        until_settled=recipe.density_until_settled, tolerance=recipe.density_tolerance,
+        round_to=recipe.round_to, min_channels=recipe.min_channels or 1)
+
+
+def _build(model: nn.Module, recipe, total_steps: int) -> ActivationDensity:
+    return ActivationDensity(model, tuple(recipe.input_shape), total_steps,
+                             options_from(recipe))
+
+
+register(MethodSpec("density", "channels", "training",
+                    "activation-density pruning: layers cut to their share of non-zero "
+                    "activations while training", _build))

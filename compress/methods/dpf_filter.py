@@ -1,0 +1,207 @@
+"""DPF with whole channels as the unit (``dpf-filter``; Lin et al., ICLR 2020, the filter
+variant), removed physically once the mask is final.
+
+Each channel group of the channel engine (a filter and everything whose output it shares:
+its norm layer, the other branches of a residual sum) is scored by the root mean square of
+its *dense* output-side weights (the norm of the filters divided by their size, so that
+wide and narrow layers compare in one global ranking). The cubic schedule, the refresh
+period, the straight-through mask and the feedback to pruned channels are DPF's
+(`compress.methods.dpf`): forward and backward see the masked network, the full gradient
+reaches the dense values of pruned channels, and a channel can come back.
+
+A masked channel has its filters *and* its norm layer's scale and shift at zero, so it
+outputs exactly zero and removing it changes nothing. (Masking the filter alone would leave
+BatchNorm normalising an all-zero channel: its output would be the shift, and the gradient
+to the filter would be scaled by ``1/sqrt(eps)``.) Because the scale is masked, the filters
+of a pruned channel receive no gradient through the loss; its scale and shift do, and they
+decide whether it returns.
+
+Once the mask is frozen (``freeze_at``, by default when the schedule reaches its target) the
+masked channels are cut through the engine, with the optimizer's state, so the last part of
+training and the exported model run on the thinner dense network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from compress.masks import Coverage
+from compress.methods.base import Refresh, schedule_options
+from compress.methods.dpf import DPF
+from compress.methods.registry import MethodSpec, register
+from compress.schedules import CubicSchedule
+from compress.selection import select
+from compress.structured.cutter import CutEvent, TrainingCutter
+from compress.structured.engine import fold_blocks, unfold_blocks
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
+          nn.InstanceNorm2d)
+
+
+class DPFFilter(DPF):
+    """Straight-through channel masks, then a physical cut (see module docstring)."""
+
+    name = "dpf-filter"
+    granularity = "channels"
+
+    def __init__(self, model: nn.Module, schedule: CubicSchedule,
+                 input_shape: tuple[int, ...], *, refresh_every: int = 16,
+                 scope: str = "layer", feedback_decay: float = 0.01,
+                 freeze_step: int | None = None, round_to: int = 8,
+                 min_channels: int = 1) -> None:
+        if not 0.0 <= feedback_decay < 1.0:
+            raise ValueError(f"feedback_decay must be in [0, 1), got {feedback_decay}")
+        self.feedback_decay = feedback_decay
+        self.model, self.schedule, self.scope = model, schedule, scope
+        self.refresh_every, self.layer_floor, self.coverage = refresh_every, 0.0, Coverage()
+        self.freeze_step = schedule.end_step if freeze_step is None else freeze_step
+        self.round_to, self.min_channels = round_to, min_channels
+        self.cutter = TrainingCutter(model, input_shape)
+        self.groups = {g.root: g for g in self.cutter.engine.groups()}
+        self.slices = self._output_slices()
+        params = dict(model.named_parameters())
+        self.weights = {n: params[n] for n in sorted({n for s in self.slices.values()
+                                                       for n, _, _ in s})}
+        self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
+        self.keep = {root: torch.ones(g.width, dtype=torch.bool) for root, g in
+                     self.groups.items() if root in self.slices}
+        self.removed = False
+        self.step_count = 0
+        self.history: list[Refresh] = []
+        self.refresh()
+
+    def _output_slices(self) -> dict[str, list[tuple[str, int, torch.Tensor]]]:
+        """Per group: (parameter, dimension, index of each channel) of every layer whose
+        output carries the group's channels. Groups with another kind of output layer (an
+        attention block, say) cannot be masked exactly and are left alone."""
+        modules = dict(self.model.named_modules())
+        found = {}
+        for root in self.groups:
+            slices, maskable = [], True
+            for name, is_out, idxs in self.cutter.engine.members(root):
+                module = modules[name]
+                if not is_out or not list(module.parameters(recurse=False)):
+                    continue
+                if not isinstance(module, (*_CONV, nn.Linear, *_NORMS)):
+                    maskable = False
+                    break
+                index = torch.as_tensor(idxs)
+                for pname, _ in module.named_parameters(recurse=False):
+                    slices.append((f"{name}.{pname}" if name else pname, 0, index))
+            if maskable and slices:
+                found[root] = slices
+        return found
+
+    # -- scoring and masking ------------------------------------------------------------------
+    def channel_scores(self) -> dict[str, torch.Tensor]:
+        """Root mean square of each channel's dense output-side weights."""
+        scores = {}
+        with torch.no_grad():
+            for root, slices in self.slices.items():
+                total = torch.zeros(self.groups[root].width)
+                count = 0
+                for name, dim, index in slices:
+                    part = self.weights[name].detach().index_select(dim, index.to(
+                        self.weights[name].device)).float().cpu()
+                    total += part.pow(2).flatten(1).sum(1) if part.dim() > 1 else part.pow(2)
+                    count += part[0].numel() if part.dim() > 1 else 1
+                scores[root] = (total / count).sqrt()
+        return scores
+
+    def refresh(self) -> Refresh:
+        target = self.schedule(self.step_count)
+        scores = self.channel_scores()
+        positions = {r: fold_blocks(s, self.groups[r].blocks) for r, s in scores.items()}
+        multiples = {r: self.round_to // math.gcd(self.round_to, self.groups[r].blocks)
+                     for r in scores}
+        chosen = select(positions, target, scope=self.scope, multiple=multiples,
+                        min_keep=self.min_channels)
+        keep = {}
+        for root, mask in chosen.items():
+            group = self.groups[root]
+            dropped = unfold_blocks((~mask).nonzero().flatten().tolist(), group.width,
+                                    group.blocks)
+            keep[root] = torch.ones(group.width, dtype=torch.bool)
+            keep[root][dropped] = False
+        flips = sum(int((keep[r] != self.keep[r]).sum()) for r in keep) / \
+            max(1, sum(k.numel() for k in keep.values()))
+        self.keep = keep
+        self.masks = self._parameter_masks()
+        self._sync_mask_cache()
+        event = Refresh(self.step_count, target, self.sparsity, flips)
+        self.history.append(event)
+        self.after_refresh()
+        return event
+
+    def _parameter_masks(self) -> dict[str, torch.Tensor]:
+        masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
+        for root, slices in self.slices.items():
+            dropped = (~self.keep[root]).nonzero().flatten()
+            for name, dim, index in slices:
+                masks[name].index_fill_(dim, index[dropped].to(masks[name].device), False)
+        return masks
+
+    @property
+    def sparsity(self) -> float:
+        """Share of the masked groups' channels that are pruned (or were cut)."""
+        if self.removed:
+            return self.cutter.removed_share()
+        total = sum(k.numel() for k in self.keep.values())
+        return 1.0 - sum(int(k.sum()) for k in self.keep.values()) / total if total else 0.0
+
+    # -- the physical cut ---------------------------------------------------------------------
+    def step(self):
+        event = super().step()
+        if event is None and not self.removed and self.step_count > self.freeze_step:
+            return self.finalize()
+        return event
+
+    def finalize(self) -> CutEvent | None:
+        """Cut the masked channels (once); an event with the new widths, or None."""
+        if self.removed:
+            return None
+        self.apply_masks()
+        drop = {root: (~k).nonzero().flatten().tolist() for root, k in self.keep.items()}
+        sparsity = self.sparsity
+        widths = self.cutter.cut(drop)
+        self._forget_masks()
+        return CutEvent(self.step_count, sparsity, widths)
+
+    def _forget_masks(self) -> None:
+        self.removed = True
+        self.weights, self.masks, self._float_masks, self._decay_factors = {}, {}, {}, {}
+        self._pruned_buffers = {}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "removed": self.removed,
+                "keep": {r: k.clone() for r, k in self.keep.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("removed"):
+            self.step_count = int(state["step_count"])
+            self.history = [Refresh(**h) for h in state["history"]]
+            self._forget_masks()
+            return
+        super().load_state_dict(state)
+        self.keep = {r: k.to(torch.bool) for r, k in state["keep"].items()}
+
+    def summary(self) -> dict:
+        return {"channels_removed_share": self.sparsity, "cuts": int(self.removed),
+                "widths": self.cutter.widths(),
+                "target_channel_sparsity": self.schedule.final_sparsity}
+
+
+def _build(model: nn.Module, recipe, total_steps: int) -> DPFFilter:
+    schedule, options = schedule_options(recipe, total_steps)
+    return DPFFilter(model, schedule, tuple(recipe.input_shape),
+                     refresh_every=options["refresh_every"], scope=recipe.scope or "layer",
+                     feedback_decay=recipe.feedback_decay, freeze_step=options["freeze_step"],
+                     round_to=recipe.round_to, min_channels=recipe.min_channels or 1)
+
+
+register(MethodSpec("dpf-filter", "channels", "training",
+                    "DPF on whole channels, masked channels cut at the end", _build))
