@@ -134,6 +134,10 @@ def prune(
     = None,
     target_macs: Annotated[float | None, Opt(help="Channels: keep at most this fraction of the "
                                                   "dense MACs instead of --sparsity.")] = None,
+    budget_ms: Annotated[float | None, Opt(help="Channels: cut until the exported model's p50 "
+                                                "at batch 1, measured with onnxruntime here, "
+                                                "is at most this many ms.")] = None,
+    threads: Annotated[int, Opt(help="onnxruntime threads for --budget-ms.")] = 1,
     model: Annotated[str | None, Opt(help="Prune this model (registered name or "
                                           "module:callable) instead of a run.")] = None,
     weights: Annotated[str | None, Opt(help="With --model: its weights (state_dict or "
@@ -165,6 +169,7 @@ def prune(
     quiet: Annotated[bool, Opt()] = False,
 ) -> None:
     """Prune a model in one shot (weights or whole channels), then optionally fine-tune."""
+    from compress.errors import CompressError
     from compress.masks import Coverage
     from compress.pipeline import prune_oneshot
 
@@ -174,7 +179,15 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
-    amount = f"MAC budget {target_macs}" if target_macs is not None else \
+    if threads < 1:
+        raise CompressError(f"--threads must be at least 1, got {threads}")
+    latency = None
+    if budget_ms is not None:
+        from export.budget import latency_meter
+
+        latency = latency_meter(threads)
+    amount = f"latency budget {budget_ms} ms ({threads} thread(s))" if budget_ms is not None \
+        else f"MAC budget {target_macs}" if target_macs is not None else \
         f"sparsity {sparsity}" if sparsity is not None else "no sparsity target"
 
     def banner() -> None:  # once the inputs are checked: a bad one is one line alone
@@ -188,7 +201,8 @@ def prune(
                  "max_test_samples": max_test_samples}
     summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
                             layer_floor=layer_floor, round_to=round_to,
-                            min_channels=min_channels, target_macs=target_macs, model=model,
+                            min_channels=min_channels, target_macs=target_macs,
+                            budget_ms=budget_ms, latency=latency, model=model,
                             weights=weights, finetune_epochs=finetune_epochs, lr=lr,
                             batch_size=batch_size, seed=seed,
                             coverage=Coverage(skip_first, skip_classifier),

@@ -514,7 +514,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                   batch_size: int | None = None, seed: int = 0,
                   coverage: Coverage = Coverage(), layer_floor: float = 0.0,
                   round_to: int = 8, min_channels: int | None = None,
-                  target_macs: float | None = None, model: str | None = None,
+                  target_macs: float | None = None, budget_ms: float | None = None,
+                  latency: Callable | None = None, model: str | None = None,
                   weights: str | None = None, data_overrides: dict | None = None,
                   console: Console | None = None, show_progress: bool = True,
                   on_epoch: Callable[[EpochResult], None] | None = None,
@@ -528,12 +529,19 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     spec = _one_shot_spec(method)  # the parameter shadows the registry's `method`
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise CompressError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if target_macs is not None and sparsity is not None:
-        raise CompressError("give --sparsity or --target-macs, not both")
-    if target_macs is not None and spec.granularity != "channels":
-        raise CompressError(f"--target-macs sets a channel budget; method {method} removes "
-                            f"{spec.granularity}")
-    if sparsity is None and target_macs is None and spec.name != "shrink":
+    given = [f for f, v in (("--sparsity", sparsity), ("--target-macs", target_macs),
+                            ("--budget-ms", budget_ms)) if v is not None]
+    if len(given) > 1:
+        raise CompressError(f"give one of --sparsity, --target-macs and --budget-ms, not "
+                            f"{' and '.join(given)}")
+    for flag, value in (("--target-macs", target_macs), ("--budget-ms", budget_ms)):
+        if value is not None and spec.granularity != "channels":
+            raise CompressError(f"{flag} sets a channel budget; method {method} removes "
+                                f"{spec.granularity}")
+    if budget_ms is not None and not (budget_ms > 0 and budget_ms < float("inf")):
+        raise CompressError(f"--budget-ms must be a positive number, got {budget_ms}")
+    if sparsity is None and target_macs is None and budget_ms is None and \
+            spec.name != "shrink":
         sparsity = 0.5 if spec.granularity == "channels" else 0.9
     if finetune_epochs < 0:
         raise CompressError("--finetune-epochs must not be negative")
@@ -542,7 +550,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     base, ckpt = _source_recipe(source)
     request = OneShotRequest(sparsity=sparsity, scope=scope, coverage=coverage,
                              layer_floor=layer_floor, round_to=round_to,
-                             min_channels=min_channels, target_macs=target_macs)
+                             min_channels=min_channels, target_macs=target_macs,
+                             budget_ms=budget_ms, latency=latency)
     recipe = _prune_recipe(base, spec.name, request, finetune_epochs, lr, batch_size, seed,
                            data_overrides or {})
     pruner = spec.build(request)  # the request's input shape is set once the data is read

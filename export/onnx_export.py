@@ -65,10 +65,17 @@ class ExportResult:
 
 
 def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
+    return module_to_onnx(ckpt.build_model(), tuple(ckpt.data.input_shape), ckpt.model_spec,
+                          opset)
+
+
+def module_to_onnx(model, input_shape: tuple[int, ...], name: str,
+                   opset: int = 20) -> onnx.ModelProto:
+    """``model`` (in eval mode) as ONNX with a dynamic batch, the exporter's noise hidden."""
     import torch
 
-    model = ckpt.build_model().eval()
-    example = torch.randn(2, *ckpt.data.input_shape)
+    model = model.eval()
+    example = torch.randn(2, *input_shape)
     batch = torch.export.Dim("batch", min=1)
     noise = io.StringIO()
     try:
@@ -79,7 +86,7 @@ def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
                                         verbose=False)
     except Exception as exc:
         raise_if_interrupted(exc)
-        raise CompressError(f"torch could not export {ckpt.model_spec!r} to ONNX"
+        raise CompressError(f"torch could not export {name!r} to ONNX"
                             f"{_failing_line(exc)}: {first_line(causes(exc)[-1], 300)}") from None
     return program.model_proto
 
@@ -322,15 +329,20 @@ def _set_ir_version(model: onnx.ModelProto) -> None:
 def _clean_model(ckpt: Checkpoint, opset: int, quantize: str,
                  calibration_samples: int | None) -> tuple[onnx.ModelProto, dict | None]:
     """The exported graph, tidied and [int8-quantized], with what the quantization did."""
-    model = _torch_to_onnx(ckpt, opset)
-    _set_ir_version(model)
-    _strip_exporter_notes(model)
-    _drop_default_attributes(model)
-    _canonical_zeros(model)
+    model = tidy(_torch_to_onnx(ckpt, opset))
     if quantize != "int8":
         return model, None
     samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
     return quantize_int8(model, calibration_batches(ckpt, samples)), settings(samples)
+
+
+def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The exporter's graph without its notes and repeated defaults, zeros canonical."""
+    _set_ir_version(model)
+    _strip_exporter_notes(model)
+    _drop_default_attributes(model)
+    _canonical_zeros(model)
+    return model
 
 
 def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto",

@@ -12,6 +12,8 @@ first; even so it can thin one layer far more than the others, which is why it i
 
 ``target_macs`` replaces ``sparsity`` by a budget: the channel share is found by bisection
 on trial copies so that the pruned model keeps at most that fraction of the dense MACs.
+``budget_ms`` does the same against latency *measured* in onnxruntime (`export.budget`):
+each trial is exported and timed, and the curve of (share, MACs, p50) is reported.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from compress.structured.engine import (
 )
 
 SEARCH_STEPS = 12  # bisection steps for --target-macs: the share is found to 1/4096
+BUDGET_STEPS = 6  # bisection steps for --budget-ms (each exports and times a model): 1/64
 MAX_SHARE = 0.99
 
 
@@ -102,9 +105,11 @@ class FilterNorm(OneShotPruner):
     def prune(self, model: nn.Module, data=None) -> OneShotResult:
         r = self.request
         original = {"params": count_params(model), "macs": count_macs(model, r.input_shape)[0]}
-        share = r.sparsity
+        share, curve = r.sparsity, []
         if r.target_macs is not None:
             share = self._share_for_macs(model, original["macs"])
+        if r.budget_ms is not None:
+            share, curve = self._share_for_budget(model)
         classes = _classes(model, r.input_shape)
         engine = ChannelEngine(model, r.input_shape)
         widths = {g.root: g.width for g in engine.groups()}
@@ -119,6 +124,10 @@ class FilterNorm(OneShotPruner):
                    "original_params": original["params"], "original_macs": original["macs"],
                    "mac_ratio": macs / original["macs"] if original["macs"] else None}
         notes = []
+        if curve:
+            details["latency_curve"] = curve
+            met = [c for c in curve if c["p50_ms"] <= r.budget_ms]
+            notes.append(_budget_note(r.budget_ms, share, curve, bool(met)))
         if r.target_macs is not None and macs > r.target_macs * original["macs"]:
             notes.append(f"--target-macs {r.target_macs} was not reached: the widest cut the "
                          "rounding and floors allow keeps "
@@ -128,7 +137,7 @@ class FilterNorm(OneShotPruner):
     def _share_for_macs(self, model: nn.Module, dense_macs: int) -> float:
         """The smallest channel share whose cut keeps at most ``target_macs`` of the MACs."""
         target = self.request.target_macs * dense_macs
-        low, high = 0.0, MAX_SHARE
+        low, high = 0.0, self._max_share(model)
         if self._macs_at(model, high) > target:
             return high
         for _ in range(SEARCH_STEPS):
@@ -139,11 +148,53 @@ class FilterNorm(OneShotPruner):
                 low = middle
         return high
 
+    def _max_share(self, model: nn.Module) -> float:
+        """The largest share that leaves every group a channel (when no floor is set, the
+        per-layer scope refuses shares that would empty a layer)."""
+        if self.request.min_channels is not None or (self.request.scope or "layer") != "layer":
+            return MAX_SHARE
+        widths = [g.width for g in ChannelEngine(model, self.request.input_shape).groups()]
+        return min([MAX_SHARE] + [(w - 1) / w for w in widths if w > 1])
+
+    def _share_for_budget(self, model: nn.Module) -> tuple[float, list[dict]]:
+        """The smallest channel share whose exported model's measured p50 meets the budget,
+        and every trial measured on the way (sorted by share)."""
+        budget, curve = self.request.budget_ms, []
+
+        def p50_at(share: float) -> float:
+            trial = copy.deepcopy(model)
+            if share > 0:
+                engine = ChannelEngine(trial, self.request.input_shape)
+                engine.remove(self.plan(engine, share))
+            p50 = float(self.request.latency(trial, self.request.input_shape))
+            curve.append({"share": round(share, 4), "p50_ms": p50,
+                          "macs": count_macs(trial, self.request.input_shape)[0]})
+            return p50
+
+        low, high = 0.0, self._max_share(model)
+        if p50_at(low) <= budget:
+            return 0.0, sorted(curve, key=lambda c: c["share"])
+        if p50_at(high) <= budget:
+            for _ in range(BUDGET_STEPS):
+                middle = (low + high) / 2
+                if p50_at(middle) <= budget:
+                    high = middle
+                else:
+                    low = middle
+        return high, sorted(curve, key=lambda c: c["share"])
+
     def _macs_at(self, model: nn.Module, share: float) -> int:
         trial = copy.deepcopy(model)
         engine = ChannelEngine(trial, self.request.input_shape)
         engine.remove(self.plan(engine, share))
         return count_macs(trial, self.request.input_shape)[0]
+
+
+def _budget_note(budget: float, share: float, curve: list[dict], met: bool) -> str:
+    points = ", ".join(f"{c['share']:.3f}: {c['p50_ms']:.3f} ms" for c in curve)
+    verdict = f"cut {share:.3f} of the channels to meet it" if met else \
+        f"not met even at {share:.3f} of the channels cut"
+    return f"--budget-ms {budget}: {verdict}; measured p50 by channel share: {points}"
 
 
 def _classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -156,8 +207,11 @@ def _classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def _checked(request: OneShotRequest) -> OneShotRequest:
-    if request.target_macs is None and request.sparsity is None:
-        raise CompressError("give --sparsity (share of channels removed) or --target-macs")
+    if request.target_macs is None and request.sparsity is None and request.budget_ms is None:
+        raise CompressError("give --sparsity (share of channels removed), --target-macs or "
+                            "--budget-ms")
+    if request.budget_ms is not None and request.latency is None:
+        raise CompressError("--budget-ms needs a latency meter (export.budget.latency_meter)")
     if request.round_to < 1:
         raise CompressError(f"--round-to must be at least 1, got {request.round_to}")
     if request.min_channels is not None and request.min_channels < 1:

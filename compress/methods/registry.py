@@ -81,6 +81,8 @@ class OneShotRequest:
     round_to: int = 8
     min_channels: int | None = None
     target_macs: float | None = None  # fraction of the dense MACs to keep instead
+    budget_ms: float | None = None  # or: the p50 latency (ms) the exported model must meet
+    latency: Callable | None = None  # (model, input_shape) -> p50 ms, for budget_ms
     input_shape: tuple[int, ...] = (1, 28, 28)
 
 
