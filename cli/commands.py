@@ -59,13 +59,18 @@ def train_prune(
                                                     "between cuts [default: 0.15].")] = None,
     density_stop: Annotated[float | None, Opt(help="density: no cut after this fraction of "
                                                    "the run [default: 0.8].")] = None,
-    density_cuts: Annotated[int | None, Opt(help="density: most cuts [default: 3].")] = None,
+    density_cuts: Annotated[int | None, Opt(help="density: most cuts [default: 1].")] = None,
     density_until_settled: Annotated[bool | None, Opt(
         "--density-until-settled/--density-fixed-cuts",
         help="density: cut until no width changes, instead of --density-cuts times.")] = None,
     density_tolerance: Annotated[float | None, Opt(
         help="density: layer densities count as settled when none moved more than this "
              "since the last measurement [default: 0.03].")] = None,
+    budget_ms: Annotated[float | None, Opt(help="density, dpf-filter: cut at least as far as "
+                                                "an onnxruntime p50 (batch 1) of this many ms "
+                                                "needs, measured here.")] = None,
+    threads: Annotated[int | None, Opt(help="onnxruntime threads for --budget-ms "
+                                            "[default: 1].")] = None,
     weight_decay: Annotated[float | None, Opt()] = None,
     momentum: Annotated[float | None, Opt()] = None,
     lr_schedule: Annotated[str | None, Opt(help="cosine, step or constant.")] = None,
@@ -103,7 +108,7 @@ def train_prune(
             return
         r = job.recipe
         err.print(escape(f"compress train-prune: {r.model} on {r.data}, method {r.method}"
-                         + (f", sparsity {r.sparsity}" if r.method != "none" else "")
+                         + (f", sparsity {r.target_sparsity()}" if r.method != "none" else "")
                          + f", {r.epochs} epoch{'s' if r.epochs != 1 else ''}, seed {r.seed}"
                          + f" -> {out_dir}" + (" (resumed)" if resume else "")),
                   highlight=False, soft_wrap=True)

@@ -158,6 +158,13 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg, total_steps, steps_per_epoch))
+    if recipe.budget_ms is not None:
+        if not hasattr(pruner, "set_budget"):
+            raise CompressError(f"--budget-ms on train-prune sets how far density and "
+                                f"dpf-filter cut; method {recipe.method} has no cut to set")
+        from export.budget import latency_meter
+
+        pruner.set_budget(recipe.budget_ms, latency_meter(recipe.threads))
     if hasattr(pruner, "attach"):
         if shard.active:
             raise CompressError(f"--method {recipe.method} changes the network while it trains "
@@ -434,7 +441,7 @@ def _pruner_figures(job: Job) -> dict:
                 "mac_ratio": macs / first_macs if first_macs else None,
                 "param_ratio": params / first_params if first_params else None}
     return {
-        "target_sparsity": job.recipe.sparsity,
+        "target_sparsity": job.recipe.target_sparsity(),
         "sparsity": _zero_share([pruner.pruned_tensor(n) for n in pruner.weights]),
         "prunable_params": sum(w.numel() for w in pruner.weights.values()),
         "coverage": pruner.coverage.describe(),

@@ -25,6 +25,14 @@ def check_layer_floor(floor: float, sparsity: float) -> None:
                             f"({1.0 - sparsity:.4g}), got {floor}")
 
 
+def default_sparsity(method: str) -> float:
+    """What ``--sparsity`` means when not given: 0.9 of the weights, 0.5 of the channels."""
+    from compress.methods import REGISTRY
+
+    spec = REGISTRY.get(method)
+    return 0.5 if spec is not None and spec.granularity == "channels" else 0.9
+
+
 @dataclass
 class Recipe:
     # what to train, on what
@@ -39,7 +47,7 @@ class Recipe:
     weights: str | None = None
     # pruning
     method: str = "dpf"
-    sparsity: float = 0.9
+    sparsity: float | None = None  # None: 0.9 of the weights, or 0.5 of the channels
     scope: str | None = None  # None: the method's own default (global for weights, layer
     # for channels)
     layer_floor: float = 0.0  # least fraction of each layer a global threshold keeps
@@ -59,9 +67,12 @@ class Recipe:
     density_start: float = 0.2
     density_every: float = 0.15
     density_stop: float = 0.8
-    density_cuts: int = 3
+    density_cuts: int = 1
     density_until_settled: bool = False
     density_tolerance: float = 0.03
+    # density / dpf-filter: cut at least as far as the p50 (ms, onnxruntime, batch 1) needs
+    budget_ms: float | None = None
+    threads: int = 1
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -77,17 +88,21 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def target_sparsity(self) -> float:
+        """``sparsity``, or the method's default: 0.9 of the weights, 0.5 of the channels."""
+        return self.sparsity if self.sparsity is not None else default_sparsity(self.method)
+
     def validate(self, when: str = "training") -> Recipe:
         """Check every field; ``when="one-shot"`` is the recipe of a `compress prune` run,
         whose method is a one-shot method and whose epochs (of fine-tuning) may be 0."""
         from compress.methods import method
 
         method(self.method, when)
-        if not 0.0 <= self.sparsity < 1.0:
+        if not 0.0 <= self.target_sparsity() < 1.0:
             raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.scope not in (None, "global", "layer"):
             raise CompressError(f"--scope must be global or layer, got {self.scope!r}")
-        check_layer_floor(self.layer_floor, self.sparsity)
+        check_layer_floor(self.layer_floor, self.target_sparsity())
         if self.lr_schedule not in ("cosine", "step", "constant"):
             raise CompressError(f"--lr-schedule must be cosine, step or constant, "
                                 f"got {self.lr_schedule!r}")
@@ -102,6 +117,11 @@ class Recipe:
                                                  and 0.0 < self.target_macs <= 1.0):
             raise CompressError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         self._validate_density()
+        if self.budget_ms is not None and not (math.isfinite(self.budget_ms)
+                                               and self.budget_ms > 0):
+            raise CompressError(f"--budget-ms must be a positive number, got {self.budget_ms}")
+        if self.threads < 1:
+            raise CompressError(f"--threads must be at least 1, got {self.threads}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise CompressError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:

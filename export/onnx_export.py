@@ -224,7 +224,7 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
         "tool_version": __version__,
         "method": ckpt.method,
         "model": ckpt.model_spec,
-        "target_sparsity": ckpt.recipe.get("sparsity") if ckpt.method != "none" else 0.0,
+        "target_sparsity": _target_sparsity(ckpt),
         "achieved_sparsity": round(1 - kept / total, 6) if total else 0.0,
         "recipe": ckpt.recipe,
         "source_sha256": digest,
@@ -398,6 +398,16 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     return ExportResult(str(out), out.stat().st_size, packed=packed if in_file else [],
                         values=values, exponent_width=width, opset=opset, verify=report,
                         accuracy=accuracy, unfinished=unfinished)
+
+
+def _target_sparsity(ckpt: Checkpoint) -> float:
+    """The run's sparsity target; a recipe without one used its method's default."""
+    from compress.recipe import default_sparsity
+
+    if ckpt.method == "none":
+        return 0.0
+    value = ckpt.recipe.get("sparsity")
+    return float(value) if value is not None else default_sparsity(ckpt.method)
 
 
 PROTOBUF_LIMIT = 2**31 - 1  # bytes one ONNX protobuf file can hold

@@ -128,7 +128,7 @@ def _density_recipe(**extra):
     return Recipe(model="lenet5", method="density", epochs=3, batch_size=64,
                   max_train_samples=900, max_test_samples=200, probe_samples=128,
                   density_start=0.3, density_every=0.2, density_tolerance=1.0,
-                  round_to=4, **extra).validate()
+                  density_cuts=3, round_to=4, **extra).validate()
 
 
 def test_a_cut_and_resume_mid_run_give_the_same_widths(tmp_path):
@@ -196,3 +196,27 @@ def test_dpf_filter_feeds_back_to_masked_channels_and_cuts_them_at_the_end():
     with torch.no_grad():
         assert torch.allclose(model(x), masked, atol=1e-5)  # the cut changed nothing
     assert pruner.step() is None and not pruner.masks
+
+
+def test_latency_budget_search_meets_the_budget_it_was_given(tmp_path):
+    """The search measures real onnxruntime sessions; the model it keeps is the trial whose
+    measured p50 met the budget, and every narrower cut it tried missed it."""
+    from compress.methods.filter_norm import FilterNorm
+    from compress.methods.registry import OneShotRequest
+    from compress.stats import count_macs
+    from export.budget import latency_meter, onnx_p50_ms
+
+    torch.manual_seed(0)
+    model = build_model("vgg-small", 10, (1, 28, 28))
+    dense = onnx_p50_ms(model, (1, 28, 28), runs=30)
+    budget = 0.6 * dense
+    pruner = FilterNorm(OneShotRequest(budget_ms=budget, input_shape=(1, 28, 28),
+                                       latency=latency_meter(runs=30)), norm=1)
+    result = pruner.prune(model)
+    curve = result.details["latency_curve"]
+    chosen = result.details["channel_sparsity"]
+    point = next(c for c in curve if abs(c["share"] - round(chosen, 4)) < 1e-9)
+    assert point["p50_ms"] <= budget
+    assert point["macs"] == count_macs(model, (1, 28, 28))[0]
+    assert all(c["p50_ms"] > budget for c in curve if c["share"] < point["share"])
+    assert any("--budget-ms" in note for note in result.notes)

@@ -176,7 +176,7 @@ def test_shrink_after_dpf_computes_the_same_function(cli, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--target-macs", "0"], "--target-macs"),
     (["--target-macs", "1.5"], "--target-macs"),
-    (["--target-macs", "0.5", "--sparsity", "0.5"], "not both"),
+    (["--target-macs", "0.5", "--sparsity", "0.5"], "not --sparsity and --target-macs"),
     (["--round-to", "0"], "--round-to"),
     (["--min-channels", "0"], "--min-channels"),
     (["--sparsity", "0.99", "--round-to", "1"], "with none"),

@@ -166,7 +166,7 @@ class MaskPruner:
 
 def schedule_options(recipe, total_steps: int) -> tuple[CubicSchedule, dict]:
     """The cubic schedule and the common `MaskPruner` options a training recipe asks for."""
-    schedule = CubicSchedule(recipe.sparsity, round(recipe.prune_start * total_steps),
+    schedule = CubicSchedule(recipe.target_sparsity(), round(recipe.prune_start * total_steps),
                              round(recipe.prune_end * total_steps))
     freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
     options = dict(refresh_every=recipe.refresh_every, scope=recipe.scope or "global",

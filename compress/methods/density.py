@@ -40,6 +40,7 @@ from compress.structured.density import DensityReading, density_width, has_activ
 from compress.structured.engine import fold_blocks, unfold_blocks
 
 MEASUREMENTS_PER_INTERVAL = 4  # densities are read this many times per --density-every
+BUDGET_STEPS = 6  # bisection steps on the density scale that meets --budget-ms
 
 
 @dataclass
@@ -48,7 +49,7 @@ class DensityOptions:
     start: float = 0.2
     every: float = 0.15
     stop: float = 0.8
-    cuts: int = 3
+    cuts: int = 1
     until_settled: bool = False
     tolerance: float = 0.03
     round_to: int = 8
@@ -96,12 +97,20 @@ class ActivationDensity:
         self.last_reading: DensityReading | None = None
         self.history: list[dict] = []  # per measurement: step, layer densities, widths
         self.masks: dict[str, torch.Tensor] = {}  # no masks: the network itself gets thinner
+        self.budget_ms: float | None = None
+        self.latency = None
+        self.budget_curve: list[dict] = []
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer, probe: list[torch.Tensor]) -> None:
         """The optimizer to keep in step with the cuts, and the fixed probe batches."""
         self.cutter.optimizer = optimizer
         self.probe = probe
+
+    def set_budget(self, budget_ms: float, latency) -> None:
+        """A floor on how far to cut: the last cut goes deeper than the densities say when
+        the network they give would miss ``budget_ms`` (p50 measured by ``latency``)."""
+        self.budget_ms, self.latency = budget_ms, latency
 
     @contextmanager
     def pruned(self) -> Iterator[None]:
@@ -132,7 +141,7 @@ class ActivationDensity:
         self.last_reading = reading
         widths: dict[str, list[int]] = {}
         if self.cut_due() and change <= self.options.tolerance:
-            widths = self.cutter.cut(self.plan(reading))
+            widths = self.cutter.cut(self._with_budget(reading))
             if widths:
                 self.cuts_done += 1
                 self.last_cut_step = self.step_count
@@ -146,8 +155,34 @@ class ActivationDensity:
                              "widths": self.cutter.widths(), "cut": bool(widths)})
         return event
 
+    def _last_cut(self) -> bool:
+        o = self.options
+        return not o.until_settled and self.cuts_done + 1 >= o.cuts
+
+    def _with_budget(self, reading: DensityReading) -> dict[str, list[int]]:
+        """The density plan; at the last cut under a budget, every density scaled down by the
+        largest factor (bisected) whose network meets the budget."""
+        plan = self.plan(reading)
+        if self.budget_ms is None or not self._last_cut():
+            return plan
+        p50 = self.cutter.latency_after(plan, self.latency)
+        self.budget_curve = [{"scale": 1.0, "p50_ms": p50}]
+        if p50 <= self.budget_ms:
+            return plan
+        low, high, best = 0.0, 1.0, None
+        for _ in range(BUDGET_STEPS):
+            middle = (low + high) / 2
+            trial = self.plan(reading, scale=middle)
+            p50 = self.cutter.latency_after(trial, self.latency)
+            self.budget_curve.append({"scale": middle, "p50_ms": p50})
+            if p50 <= self.budget_ms:
+                low, best = middle, trial
+            else:
+                high = middle
+        return best if best is not None else self.plan(reading, scale=0.0)
+
     # -- the width rule -----------------------------------------------------------------------
-    def plan(self, reading: DensityReading) -> dict[str, list[int]]:
+    def plan(self, reading: DensityReading, scale: float = 1.0) -> dict[str, list[int]]:
         """Channels to drop per group: width from the layer density, densest channels kept
         (ties by the group's L2 norm), whole positions of every block in grouped layers."""
         o = self.options
@@ -156,7 +191,8 @@ class ActivationDensity:
         drop = {}
         for root, density in reading.channels.items():
             group = groups[root]
-            keep = density_width(float(density.mean()), group.width, round_to=o.round_to,
+            keep = density_width(scale * float(density.mean()), group.width,
+                                 round_to=o.round_to,
                                  floor=o.min_channels, blocks=group.blocks)
             positions = fold_blocks(density, group.blocks)
             ties = fold_blocks(norms[root], group.blocks)
@@ -192,9 +228,21 @@ class ActivationDensity:
 
     def summary(self) -> dict:
         widths = self.cutter.widths()
-        return {"cuts": self.cuts_done, "widths": widths,
-                "channels_removed_share": self.sparsity,
-                "measurements": len(self.history)}
+        found = {"cuts": self.cuts_done, "widths": widths,
+                 "channels_removed_share": self.sparsity,
+                 "measurements": len(self.history)}
+        if self.budget_ms is not None:
+            found["budget_curve"] = self.budget_curve
+            points = ", ".join(f"x{c['scale']:.3f}: {c['p50_ms']:.3f} ms"
+                               for c in self.budget_curve)
+            if points:
+                found["notes"] = [f"--budget-ms {self.budget_ms}: p50 measured at the last "
+                                  f"cut by density scale: {points}"]
+            if self.cuts_done < self.options.cuts and not self.options.until_settled:
+                found["notes"] = [f"--budget-ms {self.budget_ms}: only {self.cuts_done} of "
+                                  f"{self.options.cuts} cut(s) happened (the densities did not "
+                                  "settle in time), so the budget floor was not applied"]
+        return found
 
 
 def _lowest(density: torch.Tensor, norm: torch.Tensor, keep: int) -> list[int]:

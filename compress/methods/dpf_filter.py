@@ -145,6 +145,35 @@ class DPFFilter(DPF):
                 masks[name].index_fill_(dim, index[dropped].to(masks[name].device), False)
         return masks
 
+    def set_budget(self, budget_ms: float, latency) -> None:
+        """A floor on how far to cut: the final channel share is raised to the least share
+        (bisected, every layer cut alike) whose network meets ``budget_ms``; latency depends
+        only on the widths, which in layer scope the share alone decides."""
+        def p50(share: float) -> float:
+            scores = {r: torch.arange(g.width, dtype=torch.float32)
+                      for r, g in self.groups.items() if r in self.slices}
+            keep = select(scores, share, scope="layer", multiple={
+                r: self.round_to // math.gcd(self.round_to, self.groups[r].blocks)
+                for r in scores}, min_keep=self.min_channels)
+            drop = {r: (~k).nonzero().flatten().tolist() for r, k in keep.items()}
+            value = self.cutter.latency_after(drop, latency)
+            self.budget_curve.append({"share": round(share, 4), "p50_ms": value})
+            return value
+
+        self.budget_curve, low, high = [], 0.0, 0.95
+        if p50(self.schedule.final_sparsity) <= budget_ms:
+            return
+        if p50(high) <= budget_ms:
+            for _ in range(6):
+                middle = (low + high) / 2
+                if p50(middle) <= budget_ms:
+                    high = middle
+                else:
+                    low = middle
+        if high > self.schedule.final_sparsity:
+            s = self.schedule
+            self.schedule = CubicSchedule(high, s.start_step, s.end_step, s.initial_sparsity)
+
     @property
     def sparsity(self) -> float:
         """Share of the masked groups' channels that are pruned (or were cut)."""
@@ -178,9 +207,13 @@ class DPFFilter(DPF):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "removed": self.removed,
+                "final_sparsity": self.schedule.final_sparsity,  # a budget may have raised it
                 "keep": {r: k.clone() for r, k in self.keep.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        s = self.schedule
+        self.schedule = CubicSchedule(float(state.get("final_sparsity", s.final_sparsity)),
+                                      s.start_step, s.end_step, s.initial_sparsity)
         if state.get("removed"):
             self.step_count = int(state["step_count"])
             self.history = [Refresh(**h) for h in state["history"]]
@@ -190,9 +223,17 @@ class DPFFilter(DPF):
         self.keep = {r: k.to(torch.bool) for r, k in state["keep"].items()}
 
     def summary(self) -> dict:
-        return {"channels_removed_share": self.sparsity, "cuts": int(self.removed),
-                "widths": self.cutter.widths(),
-                "target_channel_sparsity": self.schedule.final_sparsity}
+        found = {"channels_removed_share": self.sparsity, "cuts": int(self.removed),
+                 "widths": self.cutter.widths(),
+                 "target_channel_sparsity": self.schedule.final_sparsity}
+        if getattr(self, "budget_curve", None):
+            found["budget_curve"] = self.budget_curve
+            points = ", ".join(f"{c['share']:.3f}: {c['p50_ms']:.3f} ms"
+                               for c in sorted(self.budget_curve, key=lambda c: c["share"]))
+            found["notes"] = [f"--budget-ms: final channel share "
+                              f"{self.schedule.final_sparsity:.3f}; p50 measured by share "
+                              f"(every layer cut alike): {points}"]
+        return found
 
 
 def _build(model: nn.Module, recipe, total_steps: int) -> DPFFilter:

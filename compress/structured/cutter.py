@@ -9,6 +9,8 @@ thinner model still runs, and extends the `Structure` a checkpoint stores.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +86,14 @@ class TrainingCutter:
                                      for r, w in changed.items()}}
         self.structure = record
         return changed
+
+    def latency_after(self, drop: dict[str, list[int]],
+                      latency: Callable[[nn.Module, tuple[int, ...]], float]) -> float:
+        """The p50 (ms) ``latency`` measures for the model with ``drop`` cut, on a copy."""
+        trial = copy.deepcopy(self.model)
+        engine = ChannelEngine(trial, self.input_shape)
+        engine.remove({root: idxs for root, idxs in drop.items() if idxs})
+        return float(latency(trial, self.input_shape))
 
     def removed_share(self) -> float:
         """Share of the prunable channels this run has cut so far."""

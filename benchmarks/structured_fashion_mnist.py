@@ -1,0 +1,198 @@
+"""Structured pruning on Fashion-MNIST: which method gives the thinnest, fastest, most
+accurate network for one training budget?
+
+For each model and seed, one process per run (``compress`` on the command line):
+
+* ``dense``: ``train-prune --method none`` for ``--epochs``;
+* ``density``: ADP for the same epochs (defaults: one cut);
+* ``dpf-filter``: DPF on channels for the same epochs, ``--sparsity`` channel share;
+* ``l1-filter+ft``: the dense run pruned once to the MAC ratio ADP reached
+  (``--target-macs``), then ``--finetune-epochs`` of fine-tuning;
+* ``tp-magnitude+ft``: torch-pruning's own ``MagnitudePruner`` (L2 group magnitude), its
+  ratio bisected to the same MACs, the same fine-tuning.
+
+Reported: test top-1 mean ± std over seeds, parameters, inference MACs, training MACs
+(3x forward MACs per sample at each step; the one-shot rows add their fine-tuning to the
+dense run's), and the onnxruntime p50 ratio at batch 1 against the dense export of the same
+seed, all exports timed interleaved in one process. The validation split (10 % of the
+training slice) is what runs are checked on; the test split is only reported.
+
+    .venv/bin/python benchmarks/structured_fashion_mnist.py            # the README table
+    .venv/bin/python benchmarks/structured_fashion_mnist.py --table    # print it again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "structured_fashion_mnist.json"
+COMPRESS = [str(Path(sys.executable).parent / "compress")]
+METHODS = ("dense", "density", "dpf-filter", "l1-filter+ft", "tp-magnitude+ft")
+
+
+def run_cli(*args: str) -> dict:
+    done = subprocess.run([*COMPRESS, *map(str, args), "--json", "--quiet"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"compress {' '.join(map(str, args))} failed: {done.stderr[-800:]}")
+    return json.loads(done.stdout)
+
+
+def tp_magnitude(dense_run: Path, out: Path, target_macs: float) -> Path:
+    """torch-pruning's MagnitudePruner, ratio bisected to ``target_macs`` of the dense MACs,
+    saved as a compress checkpoint (its pruning history is the structure we store)."""
+    import copy
+
+    import torch
+    import torch_pruning as tp
+
+    from compress.checkpoint import load_checkpoint, save_checkpoint
+    from compress.stats import count_macs
+    from compress.structured.engine import ENGINE, STRUCTURE_VERSION, count_params
+    from compress.structured.rules import classifier_layers
+
+    ckpt = load_checkpoint(dense_run / "checkpoint.pt")
+    dense = ckpt.build_model().eval()
+    shape = tuple(ckpt.data.input_shape)
+    dense_macs = count_macs(dense, shape)[0]
+
+    def cut(ratio: float):
+        model = copy.deepcopy(dense)
+        pruner = tp.pruner.MagnitudePruner(
+            model, torch.randn(1, *shape), importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio, ignored_layers=classifier_layers(model), round_to=8)
+        pruner.step()
+        return model, pruner.DG.pruning_history()
+
+    low, high = 0.0, 0.95
+    for _ in range(10):
+        middle = (low + high) / 2
+        model, _ = cut(middle)
+        if count_macs(model, shape)[0] <= target_macs * dense_macs:
+            high = middle
+        else:
+            low = middle
+    model, history = cut(high)
+    ckpt.structure = {"engine": ENGINE, "version": STRUCTURE_VERSION,
+                      "history": [[n, bool(o), [int(i) for i in idxs]] for n, o, idxs in history],
+                      "widths": {}, "original": {"params": count_params(dense),
+                                                 "macs": dense_macs}}
+    ckpt.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt.masks, ckpt.training_state = None, None
+    path = out / "tp_magnitude.pt"
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def one_seed(model: str, seed: int, args, work: Path) -> dict[str, dict]:
+    common = ["--model", model, "--max-train-samples", args.train_samples, "--seed", seed,
+              "--batch-size", 128]
+    rows = {}
+    rows["dense"] = run_cli("train-prune", *common, "--method", "none", "--epochs",
+                            args.epochs, "--out", work / "dense")
+    rows["density"] = run_cli("train-prune", *common, "--method", "density", "--epochs",
+                              args.epochs, "--out", work / "density")
+    rows["dpf-filter"] = run_cli("train-prune", *common, "--method", "dpf-filter",
+                                 "--sparsity", args.filter_sparsity, "--epochs", args.epochs,
+                                 "--out", work / "dpf-filter")
+    target = rows["density"]["mac_ratio"]
+    rows["l1-filter+ft"] = run_cli("prune", work / "dense", "--method", "l1-filter",
+                                   "--target-macs", target, "--finetune-epochs",
+                                   args.finetune_epochs, "--out", work / "l1-filter")
+    tp_ckpt = tp_magnitude(work / "dense", work, target)
+    tp_row = run_cli("train-prune", *common, "--method", "none", "--weights", tp_ckpt,
+                     "--epochs", args.finetune_epochs, "--lr", 0.005, "--out", work / "tp")
+    rows["tp-magnitude+ft"] = tp_row
+    runs = {"dense": "dense", "density": "density", "dpf-filter": "dpf-filter",
+            "l1-filter+ft": "l1-filter", "tp-magnitude+ft": "tp"}
+    return _with_latency(rows, runs, work, args)
+
+
+def _with_latency(rows: dict, runs: dict, work: Path, args) -> dict:
+    from compress.checkpoint import load_checkpoint
+    from compress.stats import count_macs
+    from export.latency import measure
+    from export.onnx_export import export_checkpoint
+
+    paths = []
+    for name, folder in runs.items():
+        path = work / f"{folder}.onnx"
+        export_checkpoint(work / folder, path, pack="none")
+        paths.append(path)
+        ckpt = load_checkpoint(work / folder / "checkpoint.pt")
+        net = ckpt.build_model()
+        rows[name] = {"test_top1": rows[name]["test_top1"], "val_top1": rows[name]["val_top1"],
+                      "params": sum(p.numel() for p in net.parameters()),
+                      "macs": count_macs(net, tuple(ckpt.data.input_shape))[0],
+                      "training_macs": rows[name].get("training_macs")}
+    dense_train = rows["dense"]["training_macs"]
+    for name in ("l1-filter+ft", "tp-magnitude+ft"):  # fine-tuning comes on top of dense
+        rows[name]["training_macs"] = dense_train + (rows[name]["training_macs"] or 0)
+    measurements, _ = measure(paths, threads=1, runs=args.runs)
+    dense_p50 = measurements[0].latency()["p50"]
+    for name, m in zip(runs, measurements, strict=True):
+        rows[name]["p50_ms"] = m.latency()["p50"]
+        rows[name]["p50_ratio"] = m.latency()["p50"] / dense_p50
+    return rows
+
+
+def table(results: dict) -> str:
+    lines = ["| model | method | test top-1 (mean ± std) | params | MACs | training MACs vs "
+             "dense | p50 vs dense (1 thread) |", "|---|---|---|---|---|---|---|"]
+    for model, seeds in results["models"].items():
+        dense = statistics.mean(s["dense"]["params"] for s in seeds.values())
+        dense_macs = statistics.mean(s["dense"]["macs"] for s in seeds.values())
+        dense_train = statistics.mean(s["dense"]["training_macs"] for s in seeds.values())
+        for method in METHODS:
+            rows = [s[method] for s in seeds.values() if method in s]
+            if not rows:
+                continue
+            top1 = [100 * r["test_top1"] for r in rows]
+            std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+            params = statistics.mean(r["params"] for r in rows)
+            macs = statistics.mean(r["macs"] for r in rows)
+            train = statistics.mean(r["training_macs"] for r in rows)
+            speed = statistics.mean(r["p50_ratio"] for r in rows)
+            lines.append(f"| {model} | {method} | {statistics.mean(top1):.2f} ± {std:.2f} | "
+                         f"{params / 1e3:.1f}k ({params / dense:.3f}) | "
+                         f"{macs / 1e6:.2f}M ({macs / dense_macs:.3f}) | "
+                         f"{train / dense_train:.3f} | {speed:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vgg-small", "resnet20"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--train-samples", type=int, default=6000)
+    parser.add_argument("--filter-sparsity", type=float, default=0.5)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    if not args.table:
+        results["settings"] = {k: v for k, v in vars(args).items() if k != "table"}
+        for model in args.models:
+            for seed in args.seeds:
+                done = results["models"].setdefault(model, {})
+                if str(seed) in done:
+                    continue
+                with tempfile.TemporaryDirectory(prefix="compress-sfm-") as folder:
+                    done[str(seed)] = one_seed(model, seed, args, Path(folder))
+                RESULTS.parent.mkdir(exist_ok=True)
+                RESULTS.write_text(json.dumps(results, indent=1))
+                print(f"{model} seed {seed} done", file=sys.stderr, flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
