@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import math
 
-import torch
 from torch import nn
 
 from compress.errors import CompressError
@@ -34,6 +33,7 @@ from compress.methods.registry import (
 )
 from compress.selection import pruned_count, select
 from compress.stats import count_macs
+from compress.structured.cutter import classes_of
 from compress.structured.engine import (
     ChannelEngine,
     Structure,
@@ -110,7 +110,7 @@ class FilterNorm(OneShotPruner):
             share = self._share_for_macs(model, original["macs"])
         if r.budget_ms is not None:
             share, curve = self._share_for_budget(model)
-        classes = _classes(model, r.input_shape)
+        classes = classes_of(model, r.input_shape)
         engine = ChannelEngine(model, r.input_shape)
         widths = {g.root: g.width for g in engine.groups()}
         drop = self.plan(engine, share)
@@ -195,15 +195,6 @@ def _budget_note(budget: float, share: float, curve: list[dict], met: bool) -> s
     verdict = f"cut {share:.3f} of the channels to meet it" if met else \
         f"not met even at {share:.3f} of the channels cut"
     return f"--budget-ms {budget}: {verdict}; measured p50 by channel share: {points}"
-
-
-def _classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        out = model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-        model.train(was_training)
-    return int(out.shape[-1])
 
 
 def _checked(request: OneShotRequest) -> OneShotRequest:

@@ -71,7 +71,7 @@ class TrainingCutter:
         if not drop:
             return {}
         if self.classes is None:
-            self.classes = _classes(self.model, self.input_shape)
+            self.classes = classes_of(self.model, self.input_shape)
         before = dict(self.model.named_parameters())
         widths = self.widths()
         kept = self.engine.remove(drop)
@@ -104,7 +104,8 @@ class TrainingCutter:
         return count_macs(self.model, self.input_shape)[0]
 
 
-def _classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def classes_of(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """How many outputs the model gives (a cut must not change it)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
