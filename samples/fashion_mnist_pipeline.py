@@ -37,13 +37,13 @@ def compress(*args: object, parse: bool = True) -> dict | None:
     return json.loads(done.stdout) if parse else None
 
 
-def train(step: str, out: Path, weights: Path | None = None) -> None:
+def train(step: str, out: Path, weights: Path | None, overrides: list[str]) -> None:
     if (out / "checkpoint.pt").exists() and (out / "report.md").exists():
         print(f"(kept {out}: already trained)")
         return
     extra = ["--weights", weights / "checkpoint.pt"] if weights else []
     compress("train-prune", "--recipe", HERE / "pipeline" / f"{step}.yaml", *extra,
-             "--out", out, "--quiet", "--json")
+             *overrides, "--out", out, "--quiet", "--json")
 
 
 def export(run: Path, path: Path, *extra: str) -> dict:
@@ -57,11 +57,19 @@ def main() -> None:
                         help="p50 budget for bench [default: a third of the dense p50]")
     parser.add_argument("--int8-tolerance", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override every step's epochs (a quick try; not the figures)")
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-test-samples", type=int, default=None)
     args = parser.parse_args()
     out = args.out
-    train("dense", out / "dense")
-    train("structured", out / "structured", out / "dense")
-    train("sparse", out / "sparse", out / "structured")
+    overrides = [str(x) for flag, value in (("--epochs", args.epochs),
+                                             ("--max-train-samples", args.max_train_samples),
+                                             ("--max-test-samples", args.max_test_samples))
+                 if value is not None for x in (flag, value)]
+    train("dense", out / "dense", None, overrides)
+    train("structured", out / "structured", out / "dense", overrides)
+    train("sparse", out / "sparse", out / "structured", overrides)
     files = {"dense": (out / "dense", out / "dense.onnx", []),
              "thin": (out / "structured", out / "thin.onnx", []),
              "thin+sparse fp32": (out / "sparse", out / "sparse.onnx", []),

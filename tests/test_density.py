@@ -220,3 +220,38 @@ def test_latency_budget_search_meets_the_budget_it_was_given(tmp_path):
     assert point["macs"] == count_macs(model, (1, 28, 28))[0]
     assert all(c["p50_ms"] > budget for c in curve if c["share"] < point["share"])
     assert any("--budget-ms" in note for note in result.notes)
+
+
+def test_dpf_filter_budget_raises_the_final_share_until_the_budget_is_met():
+    from export.budget import latency_meter, onnx_p50_ms
+
+    torch.manual_seed(0)
+    model = build_model("vgg-small", 10, (1, 28, 28))
+    budget = 0.5 * onnx_p50_ms(model, (1, 28, 28), runs=30)
+    pruner = DPFFilter(model, CubicSchedule(0.1, 0, 10), (1, 28, 28), round_to=8)
+    pruner.set_budget(budget, latency_meter(runs=30))
+    final = pruner.schedule.final_sparsity
+    assert final > 0.1
+    point = next(c for c in pruner.budget_curve if c["share"] == round(final, 4))
+    assert point["p50_ms"] <= budget
+    assert pruner.state_dict()["final_sparsity"] == final  # a resumed run keeps it
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--method", "density", "--density-start", "1.5"], "--density-start"),
+    (["--method", "density", "--density-start", "0.9", "--density-stop", "0.5"],
+     "--density-start <= --density-stop"),
+    (["--method", "density", "--density-cuts", "0"], "--density-cuts"),
+    (["--method", "density", "--budget-ms", "-1"], "--budget-ms"),
+    (["--method", "gmp", "--budget-ms", "1"], "method gmp has no cut"),
+    (["--method", "dpf-filter", "--sparsity", "1.2"], "[0, 1)"),
+    (["--method", "density", "--model", "mlpnet", "--round-to", "0"], "--round-to"),
+])
+def test_bad_structured_training_input_is_one_line(cli, tmp_path, args, fragment):
+    from test_cli import assert_clean_failure
+
+    out = tmp_path / "run"
+    result = cli("train-prune", *args, "--epochs", "1", "--max-train-samples", "200",
+                 "--out", out)
+    assert_clean_failure(result, fragment)
+    assert not out.exists()
