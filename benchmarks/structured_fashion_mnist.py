@@ -177,10 +177,13 @@ def main() -> None:
     parser.add_argument("--filter-sparsity", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    path = args.results
+    results = json.loads(path.read_text()) if path.exists() else {"models": {}}
     if not args.table:
-        results["settings"] = {k: v for k, v in vars(args).items() if k != "table"}
+        results["settings"] = {k: v for k, v in vars(args).items()
+                               if k not in ("table", "results")}
         for model in args.models:
             for seed in args.seeds:
                 done = results["models"].setdefault(model, {})
@@ -188,8 +191,8 @@ def main() -> None:
                     continue
                 with tempfile.TemporaryDirectory(prefix="compress-sfm-") as folder:
                     done[str(seed)] = one_seed(model, seed, args, Path(folder))
-                RESULTS.parent.mkdir(exist_ok=True)
-                RESULTS.write_text(json.dumps(results, indent=1))
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(json.dumps(results, indent=1))
                 print(f"{model} seed {seed} done", file=sys.stderr, flush=True)
     print(table(results))
 

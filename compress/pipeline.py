@@ -171,7 +171,7 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                                 "and runs in one process; run it without torchrun")
         pruner.attach(optimizer, probe_batches(splits, recipe.probe_samples, device))
     job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
-              shard=shard, structure=structure, cost=_cost_for(model, recipe, structure))
+              shard=shard, structure=structure, cost=_cost_for(model, recipe))
     if resume_state is not None:
         _restore(job, resume_state)
     job.train_model = model
@@ -189,7 +189,7 @@ def probe_batches(splits: Splits, samples: int, device: torch.device) -> list[to
     return batches
 
 
-def _cost_for(model: nn.Module, recipe: Recipe, structure: dict | None) -> TrainingCost:
+def _cost_for(model: nn.Module, recipe: Recipe) -> TrainingCost:
     from compress.stats import count_macs
 
     macs = count_macs(model, tuple(recipe.input_shape))[0]
@@ -645,4 +645,4 @@ def _job_for(recipe: Recipe, run: RunDir, splits: Splits, model: nn.Module,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs, steps_per_epoch))
     return Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
-               structure=structure)
+               structure=structure, cost=_cost_for(model, recipe))
