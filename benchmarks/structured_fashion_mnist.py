@@ -131,10 +131,13 @@ def _with_latency(rows: dict, runs: dict, work: Path, args) -> dict:
         rows[name] = {"test_top1": rows[name]["test_top1"], "val_top1": rows[name]["val_top1"],
                       "params": sum(p.numel() for p in net.parameters()),
                       "macs": count_macs(net, tuple(ckpt.data.input_shape))[0],
-                      "training_macs": rows[name].get("training_macs")}
+                      "training_macs": rows[name].get("training_macs"),
+                      "train_seconds": rows[name].get("train_seconds")}
     dense_train = rows["dense"]["training_macs"]
     for name in ("l1-filter+ft", "tp-magnitude+ft"):  # fine-tuning comes on top of dense
         rows[name]["training_macs"] = dense_train + (rows[name]["training_macs"] or 0)
+        if rows[name]["train_seconds"] is not None and rows["dense"]["train_seconds"]:
+            rows[name]["train_seconds"] += rows["dense"]["train_seconds"]
     measurements, _ = measure(paths, threads=1, runs=args.runs)
     dense_p50 = measurements[0].latency()["p50"]
     for name, m in zip(runs, measurements, strict=True):
@@ -145,7 +148,8 @@ def _with_latency(rows: dict, runs: dict, work: Path, args) -> dict:
 
 def table(results: dict) -> str:
     lines = ["| model | method | test top-1 (mean ± std) | params | MACs | training MACs vs "
-             "dense | p50 vs dense (1 thread) |", "|---|---|---|---|---|---|---|"]
+             "dense | training time vs dense | p50 vs dense (1 thread) |",
+             "|---|---|---|---|---|---|---|---|"]
     for model, seeds in results["models"].items():
         dense = statistics.mean(s["dense"]["params"] for s in seeds.values())
         dense_macs = statistics.mean(s["dense"]["macs"] for s in seeds.values())
@@ -160,10 +164,14 @@ def table(results: dict) -> str:
             macs = statistics.mean(r["macs"] for r in rows)
             train = statistics.mean(r["training_macs"] for r in rows)
             speed = statistics.mean(r["p50_ratio"] for r in rows)
+            times = [r["train_seconds"] / s["dense"]["train_seconds"] for s, r in
+                     ((s, s[method]) for s in seeds.values() if method in s)
+                     if r.get("train_seconds") and s["dense"].get("train_seconds")]
+            wall = f"{statistics.mean(times):.2f}" if times else "-"
             lines.append(f"| {model} | {method} | {statistics.mean(top1):.2f} ± {std:.2f} | "
                          f"{params / 1e3:.1f}k ({params / dense:.3f}) | "
                          f"{macs / 1e6:.2f}M ({macs / dense_macs:.3f}) | "
-                         f"{train / dense_train:.3f} | {speed:.3f} |")
+                         f"{train / dense_train:.3f} | {wall} | {speed:.3f} |")
     return "\n".join(lines)
 
 

@@ -120,6 +120,7 @@ class Job:
     train_model: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
     structure: dict | None = None  # the channel cuts the model carries (checkpoint format 2)
     cost: TrainingCost | None = None  # MACs spent training, against dense training
+    train_seconds: float = 0.0  # wall time of the training passes (no evaluation)
 
     def current_structure(self) -> dict | None:
         """The cuts the model carries now: those it started with, then the pruner's."""
@@ -226,6 +227,7 @@ def _restore(job: Job, ckpt: Checkpoint) -> None:
     job.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     job.start_epoch = int(state["epoch"])
+    job.train_seconds = float(state.get("train_seconds", 0.0))
     cost = state.get("training_cost")
     if cost and job.cost is not None:
         job.cost.spent, job.cost.dense_spent = float(cost["spent"]), float(cost["dense_spent"])
@@ -246,6 +248,7 @@ def _checkpoint(job: Job, epoch: int, metrics: dict) -> Checkpoint:
         "processes": job.shard.world,
         "training_cost": {**job.cost.state(), "dense_macs": job.cost.dense_macs}
         if job.cost else None,
+        "train_seconds": job.train_seconds,
     }
     return Checkpoint(
         model_spec=job.recipe.model, data=job.splits.config,
@@ -287,6 +290,7 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
                                     job.device, epoch, job.pruner, on_step, on_refresh,
                                     shard=job.shard)
             train_seconds = time.perf_counter() - started
+            job.train_seconds += train_seconds
             val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device,
                                          pruner=job.pruner, shard=job.shard)
             result = EpochResult(epoch + 1, loss, acc, val_acc, val_loss,
@@ -404,6 +408,7 @@ def _finish(job: Job) -> dict:
         "test_top1": test_acc,
         "test_samples": len(job.splits.test),
         "processes": job.shard.world,
+        "train_seconds": job.train_seconds,
         **(job.cost.summary() if job.cost else {}),
     }
     job.run.log("final", **summary)

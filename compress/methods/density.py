@@ -15,7 +15,8 @@ What the paper states and what is ours (README, "ADP: what is the paper's"):
   densest channels; repeat while training until the widths settle; wait for densities to
   settle before the first cut;
 * ours (flags, defaults in `compress.recipe.Recipe`): measured in eval mode on
-  ``probe_samples`` training images; a measurement every quarter of ``density_every``;
+  ``probe_samples`` training images; a measurement every quarter of ``density_every``,
+  from just before ``density_start`` until the last cut (a probe pass costs time);
   "settled" = no layer density moved more than ``density_tolerance`` since the previous
   measurement; cuts no earlier than ``density_start`` and no later than ``density_stop``
   (fractions of the run), at least ``density_every`` apart, at most ``density_cuts`` of
@@ -26,6 +27,7 @@ What the paper states and what is ours (README, "ADP: what is the paper's"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +38,13 @@ from torch import nn
 from compress.errors import CompressError
 from compress.methods.registry import MethodSpec, register
 from compress.structured.cutter import TrainingCutter
-from compress.structured.density import DensityReading, density_width, has_activations, measure
+from compress.structured.density import (
+    DensityReading,
+    density_width,
+    has_activations,
+    measure,
+    read_layout,
+)
 from compress.structured.engine import fold_blocks, unfold_blocks
 
 MEASUREMENTS_PER_INTERVAL = 4  # densities are read this many times per --density-every
@@ -63,7 +71,7 @@ class DensityEvent:
     step: int
     layers: dict[str, float]
     channels: dict[str, list[float]]
-    change: float
+    change: float | None  # largest layer-density change since the last reading (None: none)
     widths: dict[str, list[int]]
     kind: str = "density"
 
@@ -96,6 +104,7 @@ class ActivationDensity:
         self.finished = False
         self.last_reading: DensityReading | None = None
         self.history: list[dict] = []  # per measurement: step, layer densities, widths
+        self._layout = None
         self.masks: dict[str, torch.Tensor] = {}  # no masks: the network itself gets thinner
         self.budget_ms: float | None = None
         self.latency = None
@@ -120,7 +129,11 @@ class ActivationDensity:
     def step(self) -> DensityEvent | None:
         """Call after each optimizer step: measure when due, and cut when due and settled."""
         self.step_count += 1
+        o = self.options
+        if not o.until_settled and self.cuts_done >= o.cuts:
+            self.finished = True  # no cut left: measuring would only cost time
         if self.finished or self.step_count > self.stop_step or \
+                self.step_count < self.start_step - self.measure_every or \
                 self.step_count % self.measure_every:
             return None
         return self.measure_and_cut()
@@ -136,13 +149,16 @@ class ActivationDensity:
     def measure_and_cut(self) -> DensityEvent:
         if not self.probe:
             raise CompressError("density pruning needs its probe batches: call attach() first")
-        reading = measure(self.cutter.engine, self.probe)
+        if self._layout is None:
+            self._layout = read_layout(self.cutter.engine)
+        reading = measure(self.cutter.engine, self.probe, self._layout)
         change = reading.change_from(self.last_reading)
         self.last_reading = reading
         widths: dict[str, list[int]] = {}
         if self.cut_due() and change <= self.options.tolerance:
             widths = self.cutter.cut(self._with_budget(reading))
             if widths:
+                self._layout = None  # the cut changed who reads what
                 self.cuts_done += 1
                 self.last_cut_step = self.step_count
                 self.last_reading = None  # the thinner network must settle again
@@ -150,9 +166,11 @@ class ActivationDensity:
                 self.finished = True  # no width would change: the widths have settled
         event = DensityEvent(self.step_count, reading.layers,
                              {r: [round(float(v), 4) for v in d]
-                              for r, d in reading.channels.items()}, change, widths)
+                              for r, d in reading.channels.items()},
+                             change if math.isfinite(change) else None, widths)
         self.history.append({"step": self.step_count, "layers": reading.layers,
-                             "widths": self.cutter.widths(), "cut": bool(widths)})
+                             "widths": dict(self._layout.widths) if self._layout else
+                             self.cutter.widths(), "cut": bool(widths)})
         return event
 
     def _last_cut(self) -> bool:

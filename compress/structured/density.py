@@ -103,17 +103,35 @@ def _channel_density(source: torch.Tensor, reader: nn.Module, idxs: list[int],
     return values.view(width, per_index).mean(1)
 
 
-@torch.no_grad()
-def measure(engine: ChannelEngine, probe: list[torch.Tensor]) -> DensityReading:
-    """Per-channel activation density of every group of ``engine`` on the ``probe`` batches."""
-    model = engine.model
-    modules = dict(model.named_modules())
+@dataclass
+class ReadLayout:
+    """Which layers read each group's channels, at which input indices (valid until the
+    next cut)."""
+
+    widths: dict[str, int]
+    readers: dict[str, list[tuple[str, list[int]]]]
+
+
+def read_layout(engine: ChannelEngine) -> ReadLayout:
+    modules = dict(engine.model.named_modules())
     widths = {g.root: g.width for g in engine.groups()}
     readers: dict[str, list[tuple[str, list[int]]]] = {}
     for root in widths:
         for name, is_out, idxs in engine.members(root):
             if not is_out and isinstance(modules[name], READERS):
                 readers.setdefault(name, []).append((root, idxs))
+    return ReadLayout(widths, readers)
+
+
+@torch.no_grad()
+def measure(engine: ChannelEngine, probe: list[torch.Tensor],
+            layout: ReadLayout | None = None) -> DensityReading:
+    """Per-channel activation density of every group of ``engine`` on the ``probe`` batches
+    (``layout``: `read_layout` of the engine as it is now, to save finding it again)."""
+    model = engine.model
+    modules = dict(model.named_modules())
+    layout = layout or read_layout(engine)
+    widths, readers = layout.widths, layout.readers
     sums = {root: torch.zeros(w) for root, w in widths.items()}
     counts = dict.fromkeys(widths, 0)
     tape = _Tape()
