@@ -107,8 +107,11 @@ def train_prune(
         if json_out:
             return
         r = job.recipe
+        target = "" if r.method == "none" else \
+            f", at most {r.density_cuts} cut(s)" if r.method == "density" else \
+            f", sparsity {r.target_sparsity()}"
         err.print(escape(f"compress train-prune: {r.model} on {r.data}, method {r.method}"
-                         + (f", sparsity {r.target_sparsity()}" if r.method != "none" else "")
+                         + target
                          + f", {r.epochs} epoch{'s' if r.epochs != 1 else ''}, seed {r.seed}"
                          + f" -> {out_dir}" + (" (resumed)" if resume else "")),
                   highlight=False, soft_wrap=True)
