@@ -133,8 +133,9 @@ def train_prune(
 def prune(
     checkpoint: Annotated[str | None, typer.Argument(
         help="Run directory or checkpoint (or give --model).", show_default=False)] = None,
-    method: Annotated[str, Opt(help="magnitude (weights), l1-filter or l2-filter (channels), "
-                                    "shrink (channels emptied by unstructured pruning).")]
+    method: Annotated[str, Opt(help="magnitude, cbs, cbs-s, woodfisher (weights), l1-filter or "
+                                    "l2-filter (channels), shrink (channels emptied by "
+                                    "unstructured pruning).")]
     = "magnitude",
     sparsity: Annotated[float | None, Opt(help="Fraction of prunable weights (magnitude) or of "
                                                "channels (l1/l2-filter) removed.",
@@ -146,6 +147,21 @@ def prune(
                                                 "at batch 1, measured with onnxruntime here, "
                                                 "is at most this many ms.")] = None,
     threads: Annotated[int, Opt(help="onnxruntime threads for --budget-ms.")] = 1,
+    update: Annotated[str | None, Opt(help="cbs, woodfisher, magnitude: how the kept weights "
+                                           "move (cbs, woodfisher or none).",
+                                      show_default="the method's own")] = None,
+    fisher_samples: Annotated[int, Opt(help="cbs, woodfisher: training images whose "
+                                            "per-sample gradients form the Fisher.")] = 1000,
+    damp: Annotated[float | None, Opt(help="cbs, woodfisher: Fisher damping.",
+                                      show_default="1e-3 without convs, 1e-5 with")] = None,
+    max_block: Annotated[int, Opt(help="cbs, woodfisher: most weights in one Fisher block "
+                                       "(whole rows).")] = 1024,
+    rmp_trials: Annotated[int, Opt(help="cbs: randomised magnitude starts.")] = 50,
+    epsilon: Annotated[float, Opt(help="cbs: least cost reduction of a swap.")] = 1e-4,
+    rho: Annotated[int, Opt(help="cbs: swap window.")] = 10,
+    tau: Annotated[int, Opt(help="cbs: misses before a swap pass ends.")] = 20,
+    wf_scale: Annotated[float, Opt(help="woodfisher update: scale of the summed "
+                                        "single-weight updates.")] = 1.0,
     model: Annotated[str | None, Opt(help="Prune this model (registered name or "
                                           "module:callable) instead of a run.")] = None,
     weights: Annotated[str | None, Opt(help="With --model: its weights (state_dict or "
@@ -189,6 +205,19 @@ def prune(
 
     if threads < 1:
         raise CompressError(f"--threads must be at least 1, got {threads}")
+    from compress.second_order import SwapSettings
+
+    if update not in (None, "cbs", "woodfisher", "none"):
+        raise CompressError(f"--update must be cbs, woodfisher or none, got {update!r}")
+    for flag, value in (("--fisher-samples", fisher_samples), ("--max-block", max_block),
+                        ("--rmp-trials", rmp_trials), ("--rho", rho), ("--tau", tau)):
+        if value < 1:
+            raise CompressError(f"{flag} must be at least 1, got {value}")
+    if damp is not None and not damp > 0:
+        raise CompressError(f"--damp must be a positive number, got {damp}")
+    second_order = {"update": update, "fisher_samples": fisher_samples, "damp": damp,
+                    "max_block": max_block, "rmp_trials": rmp_trials, "wf_scale": wf_scale,
+                    "swaps": SwapSettings(epsilon=epsilon, rho=rho, tau=tau)}
     latency = None
     if budget_ms is not None:
         from export.budget import latency_meter
@@ -210,7 +239,8 @@ def prune(
     summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
                             layer_floor=layer_floor, round_to=round_to,
                             min_channels=min_channels, target_macs=target_macs,
-                            budget_ms=budget_ms, latency=latency, model=model,
+                            budget_ms=budget_ms, latency=latency,
+                            second_order=second_order, model=model,
                             weights=weights, finetune_epochs=finetune_epochs, lr=lr,
                             batch_size=batch_size, seed=seed,
                             coverage=Coverage(skip_first, skip_classifier),

@@ -527,7 +527,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                   coverage: Coverage = Coverage(), layer_floor: float = 0.0,
                   round_to: int = 8, min_channels: int | None = None,
                   target_macs: float | None = None, budget_ms: float | None = None,
-                  latency: Callable | None = None, model: str | None = None,
+                  latency: Callable | None = None, second_order: dict | None = None,
+                  model: str | None = None,
                   weights: str | None = None, data_overrides: dict | None = None,
                   console: Console | None = None, show_progress: bool = True,
                   on_epoch: Callable[[EpochResult], None] | None = None,
@@ -563,7 +564,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     request = OneShotRequest(sparsity=sparsity, scope=scope, coverage=coverage,
                              layer_floor=layer_floor, round_to=round_to,
                              min_channels=min_channels, target_macs=target_macs,
-                             budget_ms=budget_ms, latency=latency)
+                             budget_ms=budget_ms, latency=latency,
+                             second_order=second_order)
     recipe = _prune_recipe(base, spec.name, request, finetune_epochs, lr, batch_size, seed,
                            data_overrides or {})
     pruner = spec.build(request)  # the request's input shape is set once the data is read

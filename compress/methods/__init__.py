@@ -1,6 +1,6 @@
 """Pruning methods, one per file; importing this package registers them all."""
 
-from compress.methods import density, dpf_filter, filter_norm, shrink  # noqa: F401  (they register themselves)
+from compress.methods import cbs, density, dpf_filter, filter_norm, shrink  # noqa: F401  (they register themselves)
 from compress.methods.base import MaskPruner, Refresh
 from compress.methods.dpf import DPF
 from compress.methods.gmp import GMP

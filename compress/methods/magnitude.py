@@ -85,7 +85,14 @@ class MagnitudeOneShot(OneShotPruner):
         return OneShotResult(masks=masks, notes=[f"coverage: {r.coverage.describe()}"])
 
 
-def _build(request: OneShotRequest) -> MagnitudeOneShot:
+def _build(request: OneShotRequest) -> OneShotPruner:
+    """Plain magnitude; with ``--update cbs|woodfisher`` the second-order ablation (magnitude
+    selection, then the weights that stay are moved)."""
+    update = (request.second_order or {}).get("update") or "none"
+    if update != "none":
+        from compress.methods.cbs import SecondOrder, options_from
+
+        return SecondOrder(request, options_from(request, "magnitude", update))
     return MagnitudeOneShot(request)
 
 
