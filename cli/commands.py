@@ -137,10 +137,14 @@ def prune(
                                     "l2-filter (channels), shrink (channels emptied by "
                                     "unstructured pruning).")]
     = "magnitude",
-    sparsity: Annotated[float | None, Opt(help="Fraction of prunable weights (magnitude) or of "
-                                               "channels (l1/l2-filter) removed.",
-                                          show_default="0.9 for weights, 0.5 for channels")]
+    sparsity: Annotated[str | None, Opt(help="Fraction of prunable weights (magnitude, cbs, "
+                                             "...) or of channels (l1/l2-filter) removed; "
+                                             "weights: a list such as 0.5,0.7,0.9 sweeps, one "
+                                             "run per level under --out.",
+                                        show_default="0.9 for weights, 0.5 for channels")]
     = None,
+    evaluate: Annotated[bool, Opt("--evaluate/--no-evaluate",
+                                  help="A sweep's table shows test top-1 too.")] = False,
     target_macs: Annotated[float | None, Opt(help="Channels: keep at most this fraction of the "
                                                   "dense MACs instead of --sparsity.")] = None,
     budget_ms: Annotated[float | None, Opt(help="Channels: cut until the exported model's p50 "
@@ -205,6 +209,7 @@ def prune(
 
     if threads < 1:
         raise CompressError(f"--threads must be at least 1, got {threads}")
+    levels = _levels(sparsity)
     from compress.second_order import SwapSettings
 
     if update not in (None, "cbs", "woodfisher", "none"):
@@ -226,6 +231,7 @@ def prune(
     amount = f"latency budget {budget_ms} ms ({threads} thread(s))" if budget_ms is not None \
         else f"MAC budget {target_macs}" if target_macs is not None else \
         f"sparsity {sparsity}" if sparsity is not None else "no sparsity target"
+    out_dir = str(out_dir)
 
     def banner() -> None:  # once the inputs are checked: a bad one is one line alone
         if not json_out:
@@ -236,18 +242,55 @@ def prune(
     overrides = {"data": data, "data_dir": data_dir, "input_shape": parse_shape(input_shape),
                  "num_classes": num_classes, "max_train_samples": max_train_samples,
                  "max_test_samples": max_test_samples}
-    summary = prune_oneshot(checkpoint, out_dir, sparsity, method=method, scope=scope,
-                            layer_floor=layer_floor, round_to=round_to,
-                            min_channels=min_channels, target_macs=target_macs,
-                            budget_ms=budget_ms, latency=latency,
-                            second_order=second_order, model=model,
-                            weights=weights, finetune_epochs=finetune_epochs, lr=lr,
-                            batch_size=batch_size, seed=seed,
-                            coverage=Coverage(skip_first, skip_classifier),
-                            data_overrides=overrides, console=err,
-                            show_progress=not quiet and not json_out, on_epoch=on_epoch,
-                            on_start=banner)
+    options = dict(method=method, scope=scope, layer_floor=layer_floor, round_to=round_to,
+                   min_channels=min_channels, target_macs=target_macs, budget_ms=budget_ms,
+                   latency=latency, second_order=second_order, model=model, weights=weights,
+                   finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                   coverage=Coverage(skip_first, skip_classifier), data_overrides=overrides,
+                   console=err, show_progress=not quiet and not json_out, on_epoch=on_epoch,
+                   on_start=banner)
+    if len(levels) > 1:
+        from compress.pipeline import prune_sweep
+
+        summaries = prune_sweep(checkpoint, out_dir, levels, **options)
+        table = sweep_table(summaries, evaluate)
+        (Path(out_dir) / "sweep.md").write_text(table + "\n")
+        if json_out:
+            print_json({"runs": summaries, "table": table})
+        else:
+            out.print(table, highlight=False, markup=False)
+        return
+    summary = prune_oneshot(checkpoint, out_dir, levels[0] if levels else None, **options)
     show_summary(summary, json_out)
+
+
+def sweep_table(summaries: list[dict], with_test: bool) -> str:
+    """One row per sparsity level: held-out loss and top-1 (test top-1 with --evaluate)."""
+    head = "| sparsity | held-out loss | validation top-1 |" + (" test top-1 |" if with_test
+                                                              else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in summaries:
+        loss = s.get("heldout_loss")
+        row = f"| {s['sparsity']:.4f} | {loss:.4f} |" if loss is not None else \
+            f"| {s['sparsity']:.4f} | - |"
+        row += f" {s['val_top1']:.4f} |"
+        if with_test:
+            row += f" {s['test_top1']:.4f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _levels(text: str | None) -> list[float]:
+    """``--sparsity`` as a list: one number, or several separated by commas."""
+    if text is None:
+        return []
+    from compress.errors import CompressError
+
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CompressError(f"--sparsity must be a number or a list such as 0.5,0.7,0.9, "
+                            f"got {text!r}") from None
 
 
 def _warn_unfinished(note: str | None) -> None:

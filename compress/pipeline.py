@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -28,7 +29,7 @@ from compress.data import DataConfig, Splits, load_splits
 from compress.errors import CompressError, first_line
 from compress.masks import Coverage, prunable_weights
 from compress.methods import REGISTRY, FixedMask, MaskPruner, method
-from compress.methods.registry import OneShotRequest, OneShotResult
+from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
 from compress.models import build_model
 from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_mapping
 from compress.report import write_report
@@ -528,7 +529,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                   round_to: int = 8, min_channels: int | None = None,
                   target_macs: float | None = None, budget_ms: float | None = None,
                   latency: Callable | None = None, second_order: dict | None = None,
-                  model: str | None = None,
+                  reuse: OneShotPruner | None = None, model: str | None = None,
                   weights: str | None = None, data_overrides: dict | None = None,
                   console: Console | None = None, show_progress: bool = True,
                   on_epoch: Callable[[EpochResult], None] | None = None,
@@ -568,7 +569,11 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                              second_order=second_order)
     recipe = _prune_recipe(base, spec.name, request, finetune_epochs, lr, batch_size, seed,
                            data_overrides or {})
-    pruner = spec.build(request)  # the request's input shape is set once the data is read
+    if reuse is not None:  # a sweep: the same pruner (and what it computed) at a new level
+        reuse.request.sparsity = sparsity
+        request, pruner = reuse.request, reuse
+    else:
+        pruner = spec.build(request)  # the request's input shape is set once data is read
     run = RunDir(out).create(resumable=False)
     try:
         device = resolve_device(recipe.device)
@@ -615,6 +620,42 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     summary["prune_seconds"] = seconds
     summary["notes"] = result.notes + warnings
     return summary
+
+
+def prune_sweep(checkpoint: str | None, out: str, sparsities: list[float],
+                **options) -> list[dict]:
+    """`prune_oneshot` at every level of ``sparsities``, one run each under ``out``
+    (``out/sparsity-S``), with one pruner: a second-order method computes its gradients and
+    Fisher blocks once. Returns the summaries in order."""
+    if len(set(sparsities)) != len(sparsities):
+        raise CompressError("--sparsity lists a level twice")
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise CompressError(f"--sparsity values must be in [0, 1), got {s}")
+    root = Path(out)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise CompressError(f"--out {out} already exists and is not empty")
+    spec = _one_shot_spec(options.get("method", "magnitude"))
+    if spec.granularity != "weights":
+        raise CompressError("a --sparsity list sweeps weight pruning; give channel methods one "
+                            "level")
+    summaries, reuse = [], None
+    on_start = options.pop("on_start", None)
+    for level in sparsities:
+        if reuse is None:
+            reuse = spec.build(_request_for(level, options))
+        run = root / f"sparsity-{level:g}"
+        summaries.append(prune_oneshot(checkpoint, str(run), level, reuse=reuse,
+                                       on_start=on_start, **options))
+        on_start = None
+    return summaries
+
+
+def _request_for(sparsity: float, options: dict) -> OneShotRequest:
+    return OneShotRequest(sparsity=sparsity, scope=options.get("scope"),
+                          coverage=options.get("coverage", Coverage()),
+                          layer_floor=options.get("layer_floor", 0.0),
+                          second_order=options.get("second_order"))
 
 
 def _check_runs_on(model: nn.Module, recipe: Recipe) -> None:

@@ -292,12 +292,13 @@ def _randomised_magnitude(dense: dict[str, torch.Tensor], existing: dict[str, to
     order = torch.randperm(d, generator=torch.Generator().manual_seed(trial))
     chunks = max(1, min(int(math.isqrt(d)), 1000))
     pruned = torch.zeros(d, dtype=torch.bool)
-    left = count
-    for k, part in enumerate(order.chunk(chunks)):
-        take = left if k == chunks - 1 else min(left, round(count * part.numel() / d))
+    taken = seen = 0
+    for part in order.chunk(chunks):  # cumulative rounding: exact total, never over a chunk
+        seen += part.numel()
+        take = round(count * seen / d) - taken
         if take > 0:
             pruned[part[torch.topk(flat[part], take, largest=False).indices]] = True
-        left -= take
+        taken += take
     out, offset = {}, 0
     for n, s in scores.items():
         out[n] = pruned[offset:offset + s.numel()].view_as(s)

@@ -1,0 +1,113 @@
+"""CBS and WoodFisher through `compress prune`: exact sparsity, exact zeros, the held-out
+split, sweeps, and bad input as one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import assert_clean_failure
+
+from compress.checkpoint import load_checkpoint
+
+QUICK = ("--fisher-samples", "64", "--rmp-trials", "3", "--max-block", "512")
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory) -> Path:
+    """MLPNet (the CBS paper's 784-40-20-10) trained briefly on a Fashion-MNIST slice."""
+    from compress.pipeline import train_prune
+    from compress.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("cbs") / "dense"
+    recipe = Recipe(model="mlpnet", method="none", epochs=1, batch_size=64,
+                    max_train_samples=1200, max_test_samples=300).validate()
+    train_prune(recipe, str(out), show_progress=False)
+    return out
+
+
+def _prunable(ckpt):
+    return {k: v for k, v in ckpt.state_dict.items() if k.endswith(".weight")}
+
+
+@pytest.mark.parametrize("args", [
+    ("--method", "cbs"), ("--method", "cbs-s"), ("--method", "woodfisher"),
+    ("--method", "magnitude", "--update", "cbs"),
+    ("--method", "magnitude", "--update", "woodfisher"),
+])
+def test_exact_sparsity_and_exact_zeros(cli, mlp_run, tmp_path, args):
+    out = tmp_path / "pruned"
+    result = cli("prune", mlp_run, *args, "--sparsity", "0.8", *QUICK, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    weights = _prunable(ckpt)
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert zeros == round(0.8 * total)
+    for name, w in weights.items():  # the mask and the zeros agree exactly
+        assert torch.equal(w != 0, ckpt.masks[name])
+
+
+def test_the_update_moves_the_weights_that_stay(cli, mlp_run, tmp_path):
+    plain, updated = tmp_path / "plain", tmp_path / "updated"
+    for out, extra in ((plain, ()), (updated, ("--update", "cbs"))):
+        result = cli("prune", mlp_run, "--method", "magnitude", "--sparsity", "0.8", *extra,
+                     *QUICK, "--out", out)
+        assert result.exit_code == 0, result.output
+    a = _prunable(load_checkpoint(plain / "checkpoint.pt"))
+    b = _prunable(load_checkpoint(updated / "checkpoint.pt"))
+    for name in a:
+        assert torch.equal(a[name] == 0, b[name] == 0)  # same selection
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # kept weights moved
+
+
+def test_the_held_out_split_is_the_validation_split_not_the_test_split(fmnist_small):
+    from compress.methods.cbs import _heldout
+
+    batches = _heldout(fmnist_small, 100)
+    images = torch.cat([x for x, _ in batches])
+    first_val = next(iter(fmnist_small.val.batches(100)))[0]
+    first_test = next(iter(fmnist_small.test.batches(100)))[0]
+    assert torch.equal(images, first_val)
+    assert not torch.equal(images, first_test)
+
+
+def test_a_sweep_gives_the_same_masks_as_separate_runs(cli, mlp_run, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli("prune", mlp_run, "--method", "cbs", "--sparsity", "0.5,0.8", *QUICK,
+                 "--out", sweep, "--evaluate")
+    assert result.exit_code == 0, result.output
+    assert "| 0.8000 |" in (sweep / "sweep.md").read_text()
+    for level in ("0.5", "0.8"):
+        single = tmp_path / f"single-{level}"
+        assert cli("prune", mlp_run, "--method", "cbs", "--sparsity", level, *QUICK,
+                   "--out", single).exit_code == 0
+        a = load_checkpoint(sweep / f"sparsity-{level}" / "checkpoint.pt")
+        b = load_checkpoint(single / "checkpoint.pt")
+        for name in a.masks:
+            assert torch.equal(a.masks[name], b.masks[name])
+            assert torch.allclose(a.state_dict[name], b.state_dict[name])
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (("--sparsity", "0.5,1.2"), "[0, 1)"),
+    (("--sparsity", "0.5,x"), "a list such as"),
+    (("--sparsity", "0.5", "--fisher-samples", "4"), "too few"),
+    (("--sparsity", "0.5", "--fisher-samples", "100000"), "more than the"),
+    (("--sparsity", "0.5", "--max-block", "10000000"), "GiB is free"),
+    (("--sparsity", "0.5", "--update", "obs"), "--update must be"),
+])
+def test_bad_second_order_input_is_one_line(cli, mlp_run, tmp_path, args, fragment):
+    out = tmp_path / "bad"
+    result = cli("prune", mlp_run, "--method", "cbs", *args, "--rmp-trials", "2", "--out", out)
+    assert_clean_failure(result, fragment)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_model_without_trained_weights_is_pruned_with_a_warning(cli, tmp_path):
+    result = cli("prune", "--model", "mlpnet", "--method", "woodfisher", "--sparsity", "0.5",
+                 *QUICK, "--max-train-samples", "300", "--max-test-samples", "100",
+                 "--out", tmp_path / "fresh")
+    assert result.exit_code == 0, result.output
+    assert "no trained weights" in result.output
