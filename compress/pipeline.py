@@ -594,7 +594,9 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     source_sparse = ckpt is not None and ckpt.method != "none" and _zero_share(weights) > 0
     started = time.perf_counter()
     try:
-        result = pruner.prune(net, splits)
+        with _progress(console, show_progress) as progress:
+            _report_progress(pruner, progress)
+            result = pruner.prune(net, splits)
     except BaseException:
         run.discard_if_unused()  # nothing was written: the same --out works next time
         raise
@@ -656,6 +658,21 @@ def _request_for(sparsity: float, options: dict) -> OneShotRequest:
                           coverage=options.get("coverage", Coverage()),
                           layer_floor=options.get("layer_floor", 0.0),
                           second_order=options.get("second_order"))
+
+
+def _report_progress(pruner: OneShotPruner, progress: Progress) -> None:
+    """Point a pruner that reports its stages (``pruner.progress(stage, done, total)``) at
+    progress bars, one per stage."""
+    if not hasattr(pruner, "progress"):
+        return
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total, info="")
+        progress.update(tasks[stage], completed=done, total=total)
+
+    pruner.progress = update
 
 
 def _check_runs_on(model: nn.Module, recipe: Recipe) -> None:

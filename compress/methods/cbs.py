@@ -193,10 +193,12 @@ class SecondOrder(OneShotPruner):
             return _global_lowest({n: w.abs() for n, w in dense.items()}, existing, count), {}
         if o.selection == "woodfisher":
             scores = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in dense.items()}
-            for b in cache.blocks:
+            for k, b in enumerate(cache.blocks):
                 w = dense[b.name].flatten()[b.start:b.stop]
                 scores[b.name][b.start:b.stop] = woodfisher_scores(
                     w, cache.inverse(b).diagonal())
+                if self.progress:
+                    self.progress("inverse Fisher (blocks)", k + 1, len(cache.blocks))
             return _global_lowest({n: s.view_as(dense[n]) for n, s in scores.items()},
                                   existing, count), {}
         return self._cbs_selection(model, weights, dense, existing, cache, count, heldout)
@@ -249,11 +251,15 @@ class SecondOrder(OneShotPruner):
     # -- update -------------------------------------------------------------------------------
     def _update(self, weights, dense, pruned, cache) -> None:
         o = self.options
+        done = 0
         with torch.no_grad():
             for name, w in weights.items():
                 flat = dense[name].flatten().clone()
                 for b in (b for b in cache.blocks if b.name == name):
                     part = pruned[name].flatten()[b.start:b.stop]
+                    done += 1
+                    if self.progress and o.update != "none":
+                        self.progress("weight update (blocks)", done, len(cache.blocks))
                     if o.update == "none" or not part.any():
                         continue
                     if o.update == "cbs":
