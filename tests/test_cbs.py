@@ -111,3 +111,19 @@ def test_a_model_without_trained_weights_is_pruned_with_a_warning(cli, tmp_path)
                  "--out", tmp_path / "fresh")
     assert result.exit_code == 0, result.output
     assert "no trained weights" in result.output
+
+
+def test_a_cbs_pruned_mlpnet_exports_packed_and_evaluates_the_same(cli, mlp_run, tmp_path):
+    import json
+
+    out = tmp_path / "cbs90"
+    assert cli("prune", mlp_run, "--method", "cbs", "--sparsity", "0.9", *QUICK,
+               "--out", out).exit_code == 0
+    onnx_file = tmp_path / "cbs90.onnx"
+    exported = cli("export", out, "--onnx", onnx_file, "--pack", "bitmask")
+    assert exported.exit_code == 0, exported.output
+    torch_top1 = json.loads(cli("evaluate", out, "--json").stdout)["top1"]
+    onnx_top1 = json.loads(cli("evaluate", onnx_file, "--json").stdout)["top1"]
+    assert onnx_top1 == pytest.approx(torch_top1, abs=1e-9)
+    report = json.loads(cli("inspect", onnx_file, "--json").stdout)
+    assert report["total"]["prunable_sparsity"] == pytest.approx(0.9, abs=1e-4)
