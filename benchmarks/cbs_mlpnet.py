@@ -56,7 +56,7 @@ def one_seed(args, seed: int, work: Path) -> dict:
         out = work / name.replace(" ", "").replace("+", "_")
         sweep = run("prune", work / "dense", *METHODS[name], "--sparsity", args.sparsities,
                     "--fisher-samples", args.fisher_samples, "--out", out, "--evaluate")
-        rows[name] = {f"{s['sparsity']:g}": {
+        rows[name] = {f"{float(s['sparsity']):.4g}": {
             "test_top1": s["test_top1"], "heldout_loss": s.get("heldout_loss"),
             "seconds": s.get("prune_seconds"), "peak_memory_mb": s.get("peak_memory_mb")}
             for s in sweep["runs"]}
@@ -81,16 +81,17 @@ def tables(results: dict) -> str:
                 vals = [100 * s[m][level]["test_top1"] for s in seeds]
                 std = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 cells.append(f"{statistics.mean(vals):.2f} ± {std:.2f}")
-            out.append(f"| {level} | " + " | ".join(cells) + " |")
+            out.append(f"| {float(level):.4g} | " + " | ".join(cells) + " |")
         out.append("\nSeconds per level (mean over seeds; the first level of a sweep also "
                    "collects the gradients) and peak memory (MB, largest):\n")
-        out.append("| method | " + " | ".join(levels) + " | peak MB |")
+        out.append("| method | " + " | ".join(f"{float(lv):.4g}" for lv in levels) +
+                   " | peak MB |")
         out.append("|---" * (len(levels) + 2) + "|")
         for m in methods:
             secs = [statistics.mean(s[m][lv]["seconds"] for s in seeds) for lv in levels]
             peak = max(s[m][lv]["peak_memory_mb"] or 0 for s in seeds for lv in levels)
             out.append(f"| {m} | " + " | ".join(f"{x:.1f}" for x in secs) +
-                       f" | {peak:.0f} |")
+                       (f" | {peak:.0f} |" if peak else " | - |"))
         if model == "mlpnet":
             out.append("\nThe authors' MLPNet on **MNIST** (their table; other data, for "
                        "the margins only): " + "; ".join(
