@@ -208,7 +208,7 @@ def test_bad_checkpoints(cli, tmp_path, dpf_run, command):
 
 
 def test_prune_refuses_unknown_method(cli, dpf_run, tmp_path):
-    assert_clean_failure(cli("prune", dpf_run, "--method", "cbs", "--out", tmp_path / "o"),
+    assert_clean_failure(cli("prune", dpf_run, "--method", "snip", "--out", tmp_path / "o"),
                          "unknown method")
 
 
