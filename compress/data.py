@@ -158,6 +158,19 @@ class FolderSplit:
         return sharded_batches(len(self), batch_size, world)
 
 
+def first_batches(split, samples: int, batch_size: int = 256) -> list[Batch]:
+    """The first ``samples`` images of ``split`` (fixed order, unaugmented) in batches."""
+    batches, seen = [], 0
+    if samples < 1:
+        return batches
+    for x, y in split.batches(batch_size):
+        batches.append((x[:samples - seen], y[:samples - seen]))
+        seen += len(batches[-1][1])
+        if seen >= samples:
+            break
+    return batches
+
+
 @dataclass
 class Splits:
     train: TensorSplit | FolderSplit

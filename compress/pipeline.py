@@ -25,7 +25,7 @@ from compress.checkpoint import (
     load_weights_into,
     save_checkpoint,
 )
-from compress.data import DataConfig, Splits, load_splits
+from compress.data import DataConfig, Splits, first_batches, load_splits
 from compress.errors import CompressError, first_line
 from compress.masks import Coverage, prunable_weights
 from compress.methods import REGISTRY, FixedMask, MaskPruner, method
@@ -182,13 +182,7 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
 
 def probe_batches(splits: Splits, samples: int, device: torch.device) -> list[torch.Tensor]:
     """The first ``samples`` training images, unaugmented, in batches: a fixed probe set."""
-    batches, seen = [], 0
-    for x, _ in splits.train.batches(256):
-        batches.append(x[:samples - seen].to(device))
-        seen += len(batches[-1])
-        if seen >= samples:
-            break
-    return batches
+    return [x.to(device) for x, _ in first_batches(splits.train, samples)]
 
 
 def _cost_for(model: nn.Module, recipe: Recipe) -> TrainingCost:

@@ -17,6 +17,7 @@ each tensor. ``floor`` (global scope) reserves that share of each tensor's best 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -41,6 +42,21 @@ def _check(sparsity: float, scope: str) -> None:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def least_passing(passes: Callable[[float], bool], low: float, high: float,
+                  steps: int) -> float:
+    """The least value in [low, high] at which ``passes`` holds, found by ``steps`` halvings
+    (``passes`` is taken to hold from some point on); ``high`` when it fails there too."""
+    if not passes(high):
+        return high
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def round_width(keep: int, width: int, multiple: int, min_keep: int) -> int:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.data import first_batches
 from compress.errors import CompressError
 from compress.masks import prunable_weights
 from compress.methods.registry import (
@@ -171,16 +172,13 @@ class SecondOrder(OneShotPruner):
         blocks = make_blocks({n: w.shape for n, w in weights.items()}, o.max_block)
         chunks: dict[Block, list[torch.Tensor]] = {b: [] for b in blocks}
         seen = 0
-        for x, y in data.train.batches(GRADIENT_BATCH):
-            x, y = x[:o.fisher_samples - seen], y[:o.fisher_samples - seen]
+        for x, y in first_batches(data.train, o.fisher_samples, GRADIENT_BATCH):
             grads = per_sample_gradients(model, list(weights), x, y, existing)
             for b in blocks:
                 chunks[b].append(grads[b.name][:, b.start:b.stop].clone())
             seen += len(y)
             if self.progress:
                 self.progress("gradients", seen, o.fisher_samples)
-            if seen >= o.fisher_samples:
-                break
         damp = o.damp if o.damp is not None else default_damp(model)
         self.cache = Blocks(blocks, {b: torch.cat(c) for b, c in chunks.items()}, damp)
         return self.cache
@@ -314,12 +312,7 @@ def _randomised_magnitude(dense: dict[str, torch.Tensor], existing: dict[str, to
 
 def _heldout(data, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``samples`` images of the validation split (held out from training)."""
-    batches, seen = [], 0
-    for x, y in data.val.batches(256):
-        batches.append((x[:samples - seen], y[:samples - seen]))
-        seen += len(batches[-1][1])
-        if seen >= samples:
-            break
+    batches = first_batches(data.val, samples)
     if not batches:
         raise CompressError("CBS chooses its mask on the validation split, and it is empty; "
                             "set --val-fraction above 0")

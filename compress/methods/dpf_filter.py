@@ -33,10 +33,12 @@ from compress.methods.base import Refresh, schedule_options
 from compress.methods.dpf import DPF
 from compress.methods.registry import MethodSpec, register
 from compress.schedules import CubicSchedule
-from compress.selection import select
+from compress.selection import least_passing, select
 from compress.structured.cutter import CutEvent, TrainingCutter
 from compress.structured.engine import fold_blocks, unfold_blocks
 
+BUDGET_STEPS = 6  # halvings of the channel share searched for --budget-ms
+MAX_BUDGET_SHARE = 0.95
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm,
           nn.InstanceNorm2d)
@@ -160,16 +162,11 @@ class DPFFilter(DPF):
             self.budget_curve.append({"share": round(share, 4), "p50_ms": value})
             return value
 
-        self.budget_curve, low, high = [], 0.0, 0.95
+        self.budget_curve = []
         if p50(self.schedule.final_sparsity) <= budget_ms:
             return
-        if p50(high) <= budget_ms:
-            for _ in range(6):
-                middle = (low + high) / 2
-                if p50(middle) <= budget_ms:
-                    high = middle
-                else:
-                    low = middle
+        high = least_passing(lambda share: p50(share) <= budget_ms, 0.0, MAX_BUDGET_SHARE,
+                             BUDGET_STEPS)
         if high > self.schedule.final_sparsity:
             s = self.schedule
             self.schedule = CubicSchedule(high, s.start_step, s.end_step, s.initial_sparsity)

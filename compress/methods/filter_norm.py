@@ -31,7 +31,7 @@ from compress.methods.registry import (
     OneShotResult,
     register,
 )
-from compress.selection import pruned_count, select
+from compress.selection import least_passing, pruned_count, select
 from compress.stats import count_macs
 from compress.structured.cutter import classes_of
 from compress.structured.engine import (
@@ -137,16 +137,8 @@ class FilterNorm(OneShotPruner):
     def _share_for_macs(self, model: nn.Module, dense_macs: int) -> float:
         """The smallest channel share whose cut keeps at most ``target_macs`` of the MACs."""
         target = self.request.target_macs * dense_macs
-        low, high = 0.0, self._max_share(model)
-        if self._macs_at(model, high) > target:
-            return high
-        for _ in range(SEARCH_STEPS):
-            middle = (low + high) / 2
-            if self._macs_at(model, middle) <= target:
-                high = middle
-            else:
-                low = middle
-        return high
+        return least_passing(lambda share: self._macs_at(model, share) <= target, 0.0,
+                             self._max_share(model), SEARCH_STEPS)
 
     def _max_share(self, model: nn.Module) -> float:
         """The largest share that leaves every group a channel (when no floor is set, the
@@ -171,17 +163,9 @@ class FilterNorm(OneShotPruner):
                           "macs": count_macs(trial, self.request.input_shape)[0]})
             return p50
 
-        low, high = 0.0, self._max_share(model)
-        if p50_at(low) <= budget:
-            return 0.0, sorted(curve, key=lambda c: c["share"])
-        if p50_at(high) <= budget:
-            for _ in range(BUDGET_STEPS):
-                middle = (low + high) / 2
-                if p50_at(middle) <= budget:
-                    high = middle
-                else:
-                    low = middle
-        return high, sorted(curve, key=lambda c: c["share"])
+        share = 0.0 if p50_at(0.0) <= budget else least_passing(
+            lambda s: p50_at(s) <= budget, 0.0, self._max_share(model), BUDGET_STEPS)
+        return share, sorted(curve, key=lambda c: c["share"])
 
     def _macs_at(self, model: nn.Module, share: float) -> int:
         trial = copy.deepcopy(model)
