@@ -170,3 +170,24 @@ def test_feedback_decay_shrinks_pruned_dense_weights_only():
     assert all(torch.equal(w.detach(), snapshot[n]) for n, w in paper.weights.items())
     with pytest.raises(ValueError):
         DPF(model, CubicSchedule(0.8, 0, 0), feedback_decay=1.0)
+
+
+def test_dpf_refresh_records_largest_pruned_dense_magnitude():
+    torch.manual_seed(0)
+    model = build_model("lenet5", 10, (1, 28, 28))
+    pruner = DPF(model, CubicSchedule(0.8, 0, 0), feedback_decay=0.0)
+    assert pruner.history[0].pruned_max == 0.0  # the first mask replaced an all-keep one
+    name = "classifier.1.weight"
+    w, mask = pruner.weights[name], pruner.masks[name]
+    kept_max = max(float(v.detach().abs()[pruner.masks[n]].max())
+                   for n, v in pruner.weights.items())
+    index = (~mask).nonzero()[0].tolist()
+    with torch.no_grad():
+        w[tuple(index)] = -7.0  # a pruned weight the feedback let grow
+    event = pruner.refresh()
+    assert event.pruned_max == 7.0 and event.kept_max == pytest.approx(kept_max)
+    assert pruner.masks[name][tuple(index)], "it re-enters at the refresh"
+    again = DPF(build_model("lenet5", 10, (1, 28, 28)), CubicSchedule(0.8, 0, 0))
+    again.load_state_dict(pruner.state_dict())
+    assert again.history[-1].pruned_max == 7.0
+    assert "pruned_max" in vars(again.history[-1])

@@ -19,17 +19,30 @@ the loss, re-enters far too large, and at high sparsity the churn of such weight
 LeNet-5 on Fashion-MNIST lose 3 points to GMP at 98 % sparsity and, with a shorter
 schedule, diverge (see README, "DPF: what we found"). Kept weights are never decayed
 beyond the optimizer's own weight decay.
+
+Each refresh also records ``pruned_max``, the largest dense magnitude among the weights the
+outgoing mask pruned, next to ``kept_max``, the largest among those it kept: how far the
+feedback let a pruned weight grow before it was ranked again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from compress.methods.base import MaskPruner, schedule_options
+from compress.methods.base import MaskPruner, Refresh, schedule_options
 from compress.methods.registry import MethodSpec, register
+
+
+@dataclass
+class DPFRefresh(Refresh):
+    """A refresh with the dense magnitudes under the mask it replaced."""
+
+    pruned_max: float = 0.0
+    kept_max: float = 0.0
 
 
 class DPF(MaskPruner):
@@ -42,6 +55,23 @@ class DPF(MaskPruner):
             raise ValueError(f"feedback_decay must be in [0, 1), got {feedback_decay}")
         self.feedback_decay = feedback_decay
         super().__init__(*args, **kwargs)
+
+    def refresh(self) -> DPFRefresh:
+        pruned_max, kept_max = self._magnitudes()
+        event = DPFRefresh(**vars(super().refresh()), pruned_max=pruned_max, kept_max=kept_max)
+        self.history[-1] = event
+        return event
+
+    @torch.no_grad()
+    def _magnitudes(self) -> tuple[float, float]:
+        """Largest dense |w| among the pruned and among the kept weights of the current mask."""
+        pruned, kept = 0.0, 0.0
+        for name, w in self.weights.items():
+            magnitude, mask = w.detach().abs(), self.masks[name]
+            kept = max(kept, float(torch.where(mask, magnitude, 0.0).max()))
+            if not mask.all():
+                pruned = max(pruned, float(torch.where(mask, 0.0, magnitude).max()))
+        return pruned, kept
 
     def after_refresh(self) -> None:
         # per-entry multiplier: 1 on kept weights, 1 - decay on pruned ones
@@ -81,7 +111,9 @@ class DPF(MaskPruner):
                 "dense_weights": {n: w.detach().clone() for n, w in self.weights.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict({**state, "history": []})
+        self.history = [DPFRefresh(**h) if "pruned_max" in h else Refresh(**h)
+                        for h in state["history"]]
         dense = state.get("dense_weights") or {}
         with torch.no_grad():
             for name, w in self.weights.items():
