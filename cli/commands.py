@@ -10,8 +10,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.output import err, out, parse_shape, print_json, show_summary
+from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 
 Opt = typer.Option
+IgnoreDigest = Annotated[bool, Opt("--ignore-digest", help="Use a file that fails its "
+                                                         "integrity check anyway.")]
+MaxTensorMb = Annotated[float, Opt(help="Largest tensor (MiB) a file may declare or make "
+                                        "onnxruntime compute per sample.")]
 
 
 def train_prune(
@@ -300,6 +305,8 @@ def _warn_unfinished(note: str | None) -> None:
 
 def inspect(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
+    ignore_digest: IgnoreDigest = False,
+    max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Per-layer shapes, parameters, non-zeros and sparsity, with totals and MACs."""
@@ -312,7 +319,7 @@ def inspect(
         from export.onnx_inspect import inspect_onnx
         from export.ort_eval import unfinished_export_note
 
-        report = inspect_onnx(path)
+        report = inspect_onnx(path, ignore_digest=ignore_digest, max_tensor_mb=max_tensor_mb)
         _warn_unfinished(unfinished_export_note(report["metadata"]))
         report["metadata"].setdefault("model", path)
         report["metadata"].setdefault("method", "unknown")
@@ -350,6 +357,16 @@ def inspect(
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
 
 
+def _warn_damaged(path: str, integrity: dict) -> None:
+    if integrity["status"] == "unchecked":
+        err.print(escape(f"warning: {path}: integrity not checked ({integrity['reason']})"),
+                  highlight=False, soft_wrap=True)
+    if integrity["status"] == "damaged":
+        err.print(escape(f"warning: {path} is damaged (its {' and '.join(integrity['differs'])}"
+                         " differ from what was exported); figures measured anyway"),
+                  highlight=False, soft_wrap=True)
+
+
 def _print_structure(structure: dict) -> None:
     """Channel widths before and after the cut, and what the cut saved."""
     table = Table(title="channel groups cut (leader and its coupled layers)")
@@ -384,6 +401,10 @@ def evaluate(
     data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
     data_dir: Annotated[str | None, Opt()] = None,
     batch_size: Annotated[int, Opt()] = 512,
+    max_test_samples: Annotated[int | None, Opt(help="Evaluate on the first N test images "
+                                                     "only.")] = None,
+    ignore_digest: IgnoreDigest = False,
+    max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Top-1 accuracy on the test split."""
@@ -391,15 +412,20 @@ def evaluate(
 
     if batch_size < 1:
         raise CompressError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_test_samples is not None and max_test_samples < 1:
+        raise CompressError(f"--max-test-samples must be at least 1, got {max_test_samples}")
     if path.lower().endswith((".onnx", ".ort")):
         from export.ort_eval import evaluate_onnx
 
-        result = evaluate_onnx(path, data, data_dir, batch_size)
+        result = evaluate_onnx(path, data, data_dir, batch_size,
+                               max_test_samples=max_test_samples, ignore_digest=ignore_digest,
+                               max_tensor_mb=max_tensor_mb)
+        _warn_damaged(path, result["integrity"])
         _warn_unfinished(result.get("unfinished"))
     else:
         from compress.inspection import evaluate_checkpoint
 
-        result = evaluate_checkpoint(path, data, data_dir, batch_size)
+        result = evaluate_checkpoint(path, data, data_dir, batch_size, max_test_samples)
         _warn_unfinished(result.get("unfinished"))
     if json_out:
         print_json(result)
@@ -526,6 +552,10 @@ def bench(
     percentile: Annotated[str, Opt(help="p50, p90 or p99, for --budget-ms.")] = "p90",
     profile: Annotated[bool, Opt(help="Then profile MODEL: time per operator type and per "
                                       "layer.")] = False,
+    max_input_mb: Annotated[float, Opt(help="Largest random input (MiB) to allocate.")]
+    = MAX_INPUT_MB,
+    ignore_digest: IgnoreDigest = False,
+    max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Latency of a model in onnxruntime (needs no torch): p50/p90/p99, start time, ratio."""
@@ -540,9 +570,14 @@ def bench(
         task = progress.add_task("bench", total=runs * (2 if against else 1))
         result = run_bench(model, against, threads=threads, batch=batch, runs=runs,
                            warmup=warmup, profile_runs=min(runs, PROFILE_RUNS) if profile else 0,
+                           ignore_digest=ignore_digest, max_tensor_mb=max_tensor_mb,
+                           max_input_mb=max_input_mb,
                            on_progress=lambda done, total: progress.update(task,
                                                                            completed=done))
     result = budget_verdict(result, budget_ms, percentile)
+    _warn_damaged(model, result["integrity"])
+    if result["against"]:
+        _warn_damaged(against, result["against"]["integrity"])
     for note in result["warnings"]:
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
     if json_out:

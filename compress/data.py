@@ -15,7 +15,7 @@ import gzip
 import math
 import pickle
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +54,25 @@ class DataConfig:
         d["input_shape"] = list(self.input_shape)
         return d
 
+    def portable(self) -> dict:
+        """``to_dict`` without the machine's own path: an exported file names its data set,
+        and the machine that reads it finds the data itself (or is given --data-dir)."""
+        return {**self.to_dict(), "data_dir": None}
+
     @classmethod
     def from_dict(cls, d: dict) -> DataConfig:
-        d = dict(d)
-        d["input_shape"] = tuple(d.get("input_shape", (1, 28, 28)))
+        """The config a checkpoint or file records; fields this version does not know are
+        ignored, malformed ones refused in one line."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in dict(d).items() if k in known}
+        try:
+            d["input_shape"] = tuple(int(v) for v in d.get("input_shape", (1, 28, 28)))
+        except (TypeError, ValueError):
+            raise CompressError(f"the recorded input shape {d.get('input_shape')!r} is not "
+                                "a list of integers") from None
+        if len(d["input_shape"]) != 3 or min(d["input_shape"]) < 1:
+            raise CompressError(f"the recorded input shape {list(d['input_shape'])} is not "
+                                "C, H, W")
         return cls(**d)
 
 

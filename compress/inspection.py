@@ -54,8 +54,10 @@ def structure_summary(structure: dict | None, macs: int, params: int) -> dict | 
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None,
-                        data_dir: str | None = None, batch_size: int = 512) -> dict:
-    """Top-1 on the test split of the data set recorded in the run (or the one given)."""
+                        data_dir: str | None = None, batch_size: int = 512,
+                        max_test_samples: int | None = None) -> dict:
+    """Top-1 on the test split of the data set recorded in the run (or the one given); the
+    first ``max_test_samples`` images only, when given."""
     path = Path(path)
     ckpt = load_checkpoint(path)
     config = ckpt.data
@@ -66,6 +68,8 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None,
         config.data_dir = data_dir
     elif data_dir is not None:
         config.data_dir = data_dir
+    if max_test_samples is not None:  # else the slice the run recorded, if any
+        config.max_test_samples = max_test_samples
     splits = load_splits(config)
     model = ckpt.build_model()
     top1, loss = evaluate(model, splits.test, batch_size)

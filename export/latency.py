@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import CompressError
+from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 from export.session import open_session
 
 PERCENTILES = ("p50", "p90", "p99")
@@ -44,11 +45,16 @@ def _timed_session(path: Path, threads: int):
     return session, (time.perf_counter() - started) * 1e3
 
 
-def _feed(session, batch: int) -> tuple[dict, list[int]]:
+def _feed(session, batch: int, max_input_mb: float = MAX_INPUT_MB) -> tuple[dict, list[int]]:
     spec = session.get_inputs()[0]
-    dims = [batch] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+    dims = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
     if spec.type != "tensor(float)":
         raise CompressError(f"bench feeds float32 inputs; the model's input is {spec.type}")
+    size_mb = 4 * math.prod(dims) / 2**20
+    if size_mb > max_input_mb:  # checked before allocating what the file declares
+        raise CompressError(f"the model declares an input of shape {tuple(dims)} "
+                            f"({size_mb:,.0f} MiB at batch {batch}), past the {max_input_mb:g} "
+                            "MiB limit; pass --max-input-mb to raise it")
     x = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
     return {spec.name: x}, dims
 
@@ -64,7 +70,8 @@ def cpu_name() -> str:
 
 
 def measure(paths: list[Path], *, threads: int = 1, batch: int = 1, runs: int = 200,
-            warmup: int = 20, blocks: int = 5, on_progress=None):
+            warmup: int = 20, blocks: int = 5, on_progress=None,
+            max_input_mb: float = MAX_INPUT_MB):
     """Time several models in alternating blocks in one process, so machine noise hits all
     alike. Returns the measurements and the (session, feed) pairs, in the order given."""
     for flag, value, least in (("--threads", threads, 1), ("--batch", batch, 1),
@@ -74,7 +81,7 @@ def measure(paths: list[Path], *, threads: int = 1, batch: int = 1, runs: int = 
     sessions, measurements = [], []
     for path in paths:
         session, start_ms = _timed_session(path, threads)
-        feed, dims = _feed(session, batch)
+        feed, dims = _feed(session, batch, max_input_mb)
         sessions.append((session, feed))
         measurements.append(Measurement(str(path), path.stat().st_size, start_ms, dims))
     for session, feed in sessions:
@@ -97,7 +104,8 @@ def measure(paths: list[Path], *, threads: int = 1, batch: int = 1, runs: int = 
 
 def bench(model: str | Path, against: str | Path | None = None, *, threads: int = 1,
           batch: int = 1, runs: int = 200, warmup: int = 20, blocks: int = 5,
-          on_progress=None, profile_runs: int = 0) -> dict:
+          on_progress=None, profile_runs: int = 0, ignore_digest: bool = False,
+          max_tensor_mb: float | None = None, max_input_mb: float = MAX_INPUT_MB) -> dict:
     """Measure ``model`` (and ``against``, interleaved) and return the ``bench --json`` dict.
 
     With ``profile_runs``, ``model`` is then run that often under onnxruntime's profiler (in
@@ -105,9 +113,14 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     added under ``profile``."""
     import onnxruntime as ort
 
+    if max_input_mb <= 0:
+        raise CompressError(f"--max-input-mb must be positive, got {max_input_mb}")
     paths = [Path(model)] + ([Path(against)] if against else [])
+    integrity = [_checked(path, ignore_digest, max_tensor_mb or MAX_TENSOR_MB)
+                 for path in paths]
     measurements, sessions = measure(paths, threads=threads, batch=batch, runs=runs,
-                                     warmup=warmup, blocks=blocks, on_progress=on_progress)
+                                     warmup=warmup, blocks=blocks, on_progress=on_progress,
+                                     max_input_mb=max_input_mb)
     first = measurements[0]
     result = {
         "model": first.model,
@@ -127,12 +140,13 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
         "cpu_count": os.cpu_count(),
         "against": None,
         "ratio_p50": None,
+        "integrity": integrity[0],
     }
     if against:
         other = measurements[1]
         result["against"] = {"model": other.model, "file_bytes": other.file_bytes,
                              "session_start_ms": other.session_start_ms,
-                             "latency_ms": other.latency()}
+                             "latency_ms": other.latency(), "integrity": integrity[1]}
         result["ratio_p50"] = first.latency()["p50"] / other.latency()["p50"]
     result["warnings"] = _warnings(measurements, threads)
     result["profile"] = None
@@ -142,6 +156,23 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
         result["profile"] = profile(paths[0], sessions[0][1], threads=threads,
                                     runs=profile_runs, warmup=min(warmup, 10))
     return result
+
+
+def _checked(path: Path, ignore_digest: bool, max_tensor_mb: float) -> dict:
+    """A file's integrity, checked before a session is opened (ORT format has none)."""
+    if path.suffix.lower() == ".ort":
+        if not path.is_file():
+            raise CompressError(f"no model file at {path}")
+        return {"status": "skipped", "differs": []}
+    try:
+        from export.onnx_inspect import load_checked
+    except ModuleNotFoundError as exc:  # bench itself needs only onnxruntime and numpy
+        if exc.name != "onnx":
+            raise
+        return {"status": "unchecked", "differs": [],
+                "reason": "the onnx package is not installed, so the digests were not read"}
+    return load_checked(path, ignore_digest=ignore_digest,
+                        max_tensor_mb=max_tensor_mb)[1].to_dict()
 
 
 def _warnings(measurements: list[Measurement], threads: int) -> list[str]:

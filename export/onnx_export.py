@@ -28,6 +28,7 @@ from compress.checkpoint import (
 )
 from compress.errors import CompressError, causes, first_line, raise_if_interrupted
 from compress.fileio import replace_or_explain, temporary_beside, usual_file_mode
+from export.integrity import record_integrity
 from export.metadata import set_model_metadata, set_tensor_metadata
 from export.packing import VALUE_TYPES, PackedStream, decoder, encode, worth_packing
 from export.quantize import (
@@ -226,9 +227,9 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
         "model": ckpt.model_spec,
         "target_sparsity": _target_sparsity(ckpt),
         "achieved_sparsity": round(1 - kept / total, 6) if total else 0.0,
-        "recipe": ckpt.recipe,
+        "recipe": _portable_recipe(ckpt.recipe),
         "source_sha256": digest,
-        "dataset": ckpt.data.to_dict(),
+        "dataset": ckpt.data.portable(),
         "val_top1": ckpt.metrics.get("val_top1"),
         "input_shape": list(ckpt.data.input_shape),
         "input_mean": ckpt.data.mean,
@@ -240,6 +241,16 @@ def _metadata(ckpt: Checkpoint, source: Path, values: str, packed: list[str],
         **({"structure": _structure_metadata(ckpt.structure)} if ckpt.structure else {}),
         **({"quantization": quantization} if quantization else {}),
     }
+
+
+def _portable_recipe(recipe: dict | None) -> dict | None:
+    """The recipe without this machine's paths: no data directory, the starting weights
+    by file name only."""
+    if not isinstance(recipe, dict):
+        return recipe
+    weights = recipe.get("weights")
+    return {**recipe, "data_dir": None,
+            "weights": Path(weights).name if isinstance(weights, str) else weights}
 
 
 def _structure_metadata(structure: dict) -> dict:
@@ -378,6 +389,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         set_model_metadata(model, _metadata(ckpt, source_path, values, packed, quantization,
                                             unfinished))
         _check_fits_one_file(model)
+        record_integrity(model)  # last: it covers every other entry
         onnx.save(model, str(tmp))
         report = verify_export(tmp, ckpt, "int8" if quantize == "int8" else values) \
             if verify else None

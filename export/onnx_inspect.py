@@ -13,6 +13,8 @@ import onnx
 from onnx import numpy_helper
 
 from compress.errors import CompressError, first_line
+from export.integrity import IntegrityReport, check_integrity, computed_weights
+from export.limits import MAX_TENSOR_MB
 from export.metadata import model_metadata, tensor_metadata
 from export.packing import PREFIX, PackedStream, decode, read_stream
 from export.quantize import dequantized_sources, quantization_parameters, quantized_weights
@@ -34,7 +36,45 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
             from None
     if not model.graph.node:
         raise CompressError(f"{path} is not an ONNX model (it has no graph)")
+    _check_text(model, path)
     return model
+
+
+def _texts(model: onnx.ModelProto):
+    """Every name and metadata string the readers use (protobuf hands proto2 strings that
+    are not UTF-8 back as bytes)."""
+    graph = model.graph
+    for prop in model.metadata_props:
+        yield prop.key
+        yield prop.value
+    for tensor in graph.initializer:
+        yield tensor.name
+        for prop in tensor.metadata_props:
+            yield prop.key
+            yield prop.value
+    for node in graph.node:
+        yield from (node.op_type, node.domain, node.name, *node.input, *node.output)
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        yield info.name
+    for opset in model.opset_import:
+        yield opset.domain
+
+
+def _check_text(model: onnx.ModelProto, path: str | Path) -> None:
+    if any(not isinstance(text, str) for text in _texts(model)):
+        raise CompressError(f"{path} is damaged: a name or metadata entry is not valid UTF-8")
+
+
+def load_checked(path: str | Path, *, ignore_digest: bool = False,
+                 max_tensor_mb: float = MAX_TENSOR_MB) -> tuple[onnx.ModelProto, IntegrityReport]:
+    """The file, its stored and computed sizes within ``max_tensor_mb``, its digests
+    checked (refused when they differ, unless ``ignore_digest``)."""
+    if max_tensor_mb <= 0:
+        raise CompressError(f"--max-tensor-mb must be positive, got {max_tensor_mb}")
+    model = load_onnx(path)
+    report = check_integrity(model, str(path), ignore=ignore_digest,
+                             max_bytes=int(max_tensor_mb * 2**20))
+    return model, report
 
 
 Packed = tuple[PackedStream, dict[str, np.ndarray]]  # a stream and the weights it decodes to
@@ -159,12 +199,26 @@ def _stale_metadata(weights: dict[str, tuple[np.ndarray, dict]]) -> list[str]:
     return notes
 
 
-def inspect_onnx(path: str | Path) -> dict:
-    model = load_onnx(path)
+def _integrity_warnings(report: IntegrityReport) -> list[str]:
+    if report.status == "damaged":
+        return [f"the file is damaged: its {' and '.join(report.differs)} differ from what "
+                "was exported (shown anyway, --ignore-digest)"]
+    return []
+
+
+def inspect_onnx(path: str | Path, *, ignore_digest: bool = False,
+                 max_tensor_mb: float = MAX_TENSOR_MB) -> dict:
+    """What the file holds. Packed weights are the ones onnxruntime decodes by running the
+    file's own decoder, so a changed decoder constant shows here as it would at run time."""
+    model, integrity = load_checked(path, ignore_digest=ignore_digest,
+                                    max_tensor_mb=max_tensor_mb)
     try:
         packed = read_packed(model)
     except CompressError as exc:
         raise CompressError(f"{path}: {exc}") from None
+    if packed is not None:
+        run = computed_weights(model, str(path), tuple(packed[1]))
+        packed = packed[0], {name: run.get(name, array) for name, array in packed[1].items()}
     weights = dense_weights(model, packed)
     layers = []
     for name in _model_order(model, weights):
@@ -190,7 +244,8 @@ def inspect_onnx(path: str | Path) -> dict:
                   "file_bytes": Path(path).stat().st_size},
         "layers": layers,
         "packing": packing_summary(packed[0] if packed else None),
-        "warnings": _stale_metadata(weights),
+        "warnings": _stale_metadata(weights) + _integrity_warnings(integrity),
+        "integrity": integrity.to_dict(),
         "metadata": {**model_metadata(model), "ir_version": model.ir_version,
                      "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}},
     }

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import CompressError
+from export.limits import MAX_TENSOR_MB
 from export.metadata import model_metadata
-from export.onnx_inspect import load_onnx, read_packed
+from export.onnx_inspect import load_checked, read_packed
 from export.session import open_session
 
 
@@ -41,7 +42,11 @@ def data_config_from_onnx(path: str | Path, meta: dict, data: str | None,
     recorded = meta.get("dataset")
     if data is None and not isinstance(recorded, dict):
         raise CompressError(f"{path} records no readable data set; pass --data")
-    config = DataConfig.from_dict(recorded) if isinstance(recorded, dict) else DataConfig()
+    try:
+        config = DataConfig.from_dict(recorded) if isinstance(recorded, dict) else DataConfig()
+    except (CompressError, TypeError, ValueError) as exc:
+        raise CompressError(f"{path} records an unreadable data set ({exc}); pass "
+                            "--data") from None
     if data is not None:
         if data not in DATASETS:
             raise CompressError(f"unknown data set {data!r}: use one of {', '.join(DATASETS)}")
@@ -52,27 +57,32 @@ def data_config_from_onnx(path: str | Path, meta: dict, data: str | None,
 
 
 def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | None = None,
-                  batch_size: int = 512) -> dict:
-    """Test-split top-1 of the ONNX model, in onnxruntime."""
+                  batch_size: int = 512, *, max_test_samples: int | None = None,
+                  ignore_digest: bool = False,
+                  max_tensor_mb: float = MAX_TENSOR_MB) -> dict:
+    """Test-split top-1 of the ONNX model, in onnxruntime, once the file proved intact."""
     from compress.data import load_splits
 
     if not Path(path).is_file():
         raise CompressError(f"no model file at {path}")
-    meta = {}
+    meta, integrity = {}, {"status": "skipped", "differs": []}  # ORT format has no record
     if not str(path).lower().endswith(".ort"):
-        model = load_onnx(path)
-        meta = model_metadata(model)
+        model, report = load_checked(path, ignore_digest=ignore_digest,
+                                     max_tensor_mb=max_tensor_mb)
+        meta, integrity = model_metadata(model), report.to_dict()
         try:  # a damaged stream can still run, and would give a wrong figure
             read_packed(model)
         except CompressError as exc:
             raise CompressError(f"{path}: {exc}") from None
     config = data_config_from_onnx(path, meta, data, data_dir)
+    if max_test_samples is not None:  # else the slice the run recorded, if any
+        config.max_test_samples = max_test_samples
     unfinished = unfinished_export_note(meta)
     session = ort_session(path)
     splits = load_splits(config)
     return {"top1": split_top1(session, splits.test, batch_size), "samples": len(splits.test),
             "split": "test", "data": config.name, "runtime": "onnxruntime",
-            "unfinished": unfinished}
+            "unfinished": unfinished, "integrity": integrity}
 
 
 def unfinished_export_note(metadata: dict) -> str | None:

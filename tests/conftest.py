@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,16 @@ from compress.pipeline import train_prune
 from compress.recipe import Recipe
 
 SMALL = dict(max_train_samples=1200, max_test_samples=300)
+# One thread count for the whole session, fixtures and subprocesses included: figures are
+# reproducible, and the suite does not oversubscribe the cores beside another torch job.
+THREADS = int(os.environ.get("COMPRESS_TEST_THREADS", "2"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    torch.set_num_threads(2)
+def _pinned_threads():
+    torch.set_num_threads(THREADS)  # a command's --threads may have changed it
 
 
 @pytest.fixture(scope="session")

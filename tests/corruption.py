@@ -1,0 +1,40 @@
+"""Ways a file goes bad, shared by the hostile-input tests and benchmarks/fuzz_readers.py.
+
+A mutation is ``(kind, position, value)``; positions wrap around the data, so any triple of
+integers is a valid mutation of any file and a fuzzer can draw them freely.
+"""
+
+from __future__ import annotations
+
+import random
+
+KINDS = ("flip", "byte", "truncate", "huge", "zero-run", "duplicate")
+Mutation = tuple[str, int, int]
+
+
+def mutate(data: bytes, mutations: list[Mutation]) -> bytes:
+    out = bytearray(data)
+    for kind, position, value in mutations:
+        if not out:
+            break
+        at = position % len(out)
+        if kind == "flip":
+            out[at] ^= 1 << (value % 8)
+        elif kind == "byte":
+            out[at] = value % 256
+        elif kind == "truncate":
+            del out[at:]
+        elif kind == "huge":  # a length or dimension varint becomes enormous
+            out[at:at + 5] = b"\xff\xff\xff\xff\x0f"
+        elif kind == "zero-run":
+            end = min(len(out), at + 1 + value % 64)
+            out[at:end] = bytes(end - at)
+        elif kind == "duplicate":
+            end = min(len(out), at + 1 + value % 64)
+            out[end:end] = out[at:end]
+    return bytes(out)
+
+
+def random_mutations(rng: random.Random, most: int = 3) -> list[Mutation]:
+    return [(rng.choice(KINDS), rng.randrange(2**31), rng.randrange(2**16))
+            for _ in range(rng.randint(1, most))]
