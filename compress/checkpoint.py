@@ -89,7 +89,14 @@ class Checkpoint:
         """The network as the checkpoint holds it (thinner where channels were cut), with
         fresh weights."""
         model = build_model(self.model_spec, self.data.num_classes, self.data.input_shape)
-        return apply_structure(model, self.structure, self.data.input_shape)
+        try:
+            return apply_structure(model, self.structure, self.data.input_shape)
+        except CompressError:
+            raise
+        except Exception as exc:  # a damaged record: the engine fails in many ways on it
+            raise CompressError(f"the checkpoint's channel structure does not fit model "
+                                f"{self.model_spec!r} ({type(exc).__name__}); the file is "
+                                "damaged") from None
 
 
 def apply_structure(model: nn.Module, structure: dict | None,
@@ -167,13 +174,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CompressError(f"{path} is not a compress checkpoint (no {FORMAT!r} header); "
                             "a plain state_dict can be given to train-prune --weights with --model")
+    if not isinstance(payload.get("format_version", 0), int):
+        raise CompressError(f"{path} is a damaged compress checkpoint: its format version is "
+                            f"{payload.get('format_version')!r}")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CompressError(f"{path} was written by a newer compress (format "
                             f"{payload['format_version']}); upgrade compress to read it")
+    _check_payload(payload, path)
+    try:
+        data = DataConfig.from_dict(payload["data"])
+    except CompressError as exc:
+        raise CompressError(f"{path} is a damaged compress checkpoint: {exc}") from None
     try:
         return Checkpoint(
             model_spec=payload["model"]["spec"],
-            data=DataConfig.from_dict(payload["data"]),
+            data=data,
             state_dict=payload["state_dict"],
             method=payload.get("method", "none"),
             masks=payload.get("masks"),
@@ -185,6 +200,40 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (KeyError, TypeError) as exc:
         raise CompressError(f"{path} is a damaged compress checkpoint (missing {exc})") from None
+
+
+def _tensors(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in value.items())
+
+
+_PARTS = {  # what each part of a checkpoint must be, and how to say it
+    "model": (lambda v: isinstance(v, dict) and isinstance(v.get("spec"), str),
+              "a model spec"),
+    "data": (lambda v: isinstance(v, dict), "a data set record"),
+    "method": (lambda v: isinstance(v, str), "a method name"),
+    "state_dict": (_tensors, "tensors by name"),
+    "masks": (lambda v: v is None or _tensors(v), "masks by name"),
+    "recipe": (lambda v: v is None or isinstance(v, dict), "a recipe"),
+    "metrics": (lambda v: v is None or isinstance(v, dict), "metrics"),
+    "versions": (lambda v: v is None or isinstance(v, dict), "library versions"),
+    "training_state": (lambda v: v is None or isinstance(v, dict), "a training state"),
+    "structure": (lambda v: v is None or isinstance(v, dict), "a channel structure"),
+    "format_version": (lambda v: isinstance(v, int) and not isinstance(v, bool),
+                       "a format version"),
+}
+
+
+def _check_payload(payload: dict, path: Path) -> None:
+    """Refuse, in one line, a checkpoint whose parts are not of the kinds this format
+    writes (a damaged or hand-made file)."""
+    for name, (fits, what) in _PARTS.items():
+        if name in payload and not fits(payload[name]):
+            raise CompressError(f"{path} is a damaged compress checkpoint: its {name!r} is not "
+                                f"{what}")
+    if "model" not in payload or "data" not in payload or "state_dict" not in payload:
+        raise CompressError(f"{path} is a damaged compress checkpoint (no model, data or "
+                            "weights)")
 
 
 def load_weights_into(model: nn.Module, path: str | Path) -> dict | None:

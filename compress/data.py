@@ -73,8 +73,35 @@ class DataConfig:
         if len(d["input_shape"]) != 3 or min(d["input_shape"]) < 1:
             raise CompressError(f"the recorded input shape {list(d['input_shape'])} is not "
                                 "C, H, W")
+        for name, (fits, what) in _RECORDED.items():
+            if name in d and not fits(d[name]):
+                raise CompressError(f"the recorded data set's {name} is {d[name]!r}, not "
+                                    f"{what}")
         return cls(**d)
 
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _numbers(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int | float) and
+                                           not isinstance(v, bool) for v in value)
+
+
+_RECORDED = {  # what a recorded DataConfig field must be (files can be damaged)
+    "name": (lambda v: isinstance(v, str), "a name"),
+    "data_dir": (lambda v: v is None or isinstance(v, str), "a path"),
+    "num_classes": (_count, "a positive count"),
+    "val_fraction": (lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+                     and 0 <= v < 1, "a fraction"),
+    "split_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "max_train_samples": (lambda v: v is None or _count(v), "a positive count"),
+    "max_test_samples": (lambda v: v is None or _count(v), "a positive count"),
+    "augment": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "mean": (lambda v: v is None or _numbers(v), "a list of numbers"),
+    "std": (lambda v: v is None or _numbers(v), "a list of numbers"),
+}
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Shard = tuple[int, int]  # (rank, world) of a torchrun process
