@@ -10,6 +10,12 @@ It then opens packed and dense fp32 files in onnxruntime (1 thread, batch 1) alt
 and reports session start time and p50 latency side by side, as ratios measured in the
 same run.
 
+A second table holds every packed file against general-purpose compressors of its
+unpacked twin (the same graph with the same weights stored dense: for fp16 and int8
+values the decoded, rounded weights; for ``--quantize int8`` the unpacked QDQ export):
+``xz -9`` and ``zstd -19``, the two strongest a user would reach for. The packed file
+loads as it is; the compressed twin must be decompressed first.
+
 Sizes do not depend on how well a model is trained, so models train briefly here:
 LeNet-5 with DPF for 2 epochs on the full training set; ResNet-20 dense for 1 epoch on
 5,000 images, then one-shot global magnitude pruning (no fine-tuning).
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import lzma
 import math
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +45,7 @@ from compress.recipe import Recipe
 from export.onnx_export import export_checkpoint
 from export.packing import read_stream
 from export.session import open_session
+from export.verify import decoded_copy
 
 
 def entropy_bound_bytes(run: Path) -> tuple[float, float]:
@@ -64,6 +73,43 @@ def stored_stream(path: Path) -> tuple[int, int, int]:
     stream = read_stream(onnx.load(str(path)))
     bits = 24 + stream.exponent_width if stream.exponent_width else 32
     return stream.mask_bytes, stream.levels, bits
+
+
+def xz9(data: bytes) -> int:
+    return len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+
+
+def zstd19(data: bytes) -> int | None:
+    """zstd -19 of ``data`` with Debian's zstd tool (None where it is not installed)."""
+    try:
+        done = subprocess.run(["zstd", "-19", "-c", "-q"], input=data, capture_output=True,
+                              check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return len(done.stdout)
+
+
+def twin_bytes(packed: Path) -> bytes:
+    """The unpacked twin of a packed file: its decoded weights stored dense."""
+    return decoded_copy(onnx.load(str(packed))).SerializeToString()
+
+
+COMPRESSOR_HEAD = ("| model | sparsity | values | packed | xz -9 of twin | zstd -19 of twin | "
+                   "packed / xz | smaller than both |\n|---|---|---|---|---|---|---|---|")
+
+
+def compressor_rows(model: str, sparsity: float, files: dict[str, Path],
+                    twins: dict[str, bytes]) -> list[str]:
+    rows = []
+    for name, twin in twins.items():
+        packed = files[name].stat().st_size
+        xz, zstd = xz9(twin), zstd19(twin)
+        best = min(xz, zstd if zstd is not None else xz)
+        zstd_text = f"{zstd:,}" if zstd is not None else "-"
+        rows.append(f"| {model} | {sparsity} | {name} | {packed:,} | {xz:,} | "
+                    f"{zstd_text} | {packed / xz:.3f} | "
+                    f"{'yes' if packed < best else 'NO'} |")
+    return rows
 
 
 def session(path: Path) -> tuple[ort.InferenceSession, float]:
@@ -122,6 +168,7 @@ def main() -> None:
           "| fp32 / bound | fp32 value bits | mask / its entropy (tree levels) "
           "| start packed / dense (ms) | p50 packed / dense (ms) | p50 ratio |")
     print("|---" * 14 + "|")
+    against = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for (model, s), run in make_runs(tmp, args.sparsities).items():
@@ -131,6 +178,13 @@ def main() -> None:
                 path = tmp / f"{run.name}-{name}.onnx"
                 export_checkpoint(run, path, pack=pack, values=values, verify=False)
                 files[name] = path
+            for name, pack in (("qdq-int8", "bitmask"), ("qdq-int8 twin", "none")):
+                path = tmp / f"{run.name}-{name.replace(' ', '-')}.onnx"
+                export_checkpoint(run, path, pack=pack, quantize="int8", verify=False)
+                files[name] = path
+            twins = {name: twin_bytes(files[name]) for name in ("fp32", "fp16", "int8")}
+            twins["qdq-int8"] = files["qdq-int8 twin"].read_bytes()
+            against += compressor_rows(model, s, files, twins)
             size = {k: p.stat().st_size for k, p in files.items()}
             gz = len(gzip.compress(files["dense"].read_bytes(), compresslevel=9))
             bound, mask_entropy = entropy_bound_bytes(run)
@@ -149,6 +203,8 @@ def main() -> None:
                   f"{rt['start_ms']['packed']:.1f} / "
                   f"{rt['start_ms']['dense']:.1f} | {rt['p50_ms']['packed']:.3f} / "
                   f"{rt['p50_ms']['dense']:.3f} | {rt['p50_ratio']:.3f} |", flush=True)
+    print("\n" + COMPRESSOR_HEAD)
+    print("\n".join(against))
 
 
 if __name__ == "__main__":

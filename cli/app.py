@@ -32,4 +32,10 @@ for name, command in (("train-prune", commands.train_prune), ("prune", commands.
 
 
 def main() -> None:
-    app()
+    import sys
+
+    args = sys.argv[1:]
+    if "--debug" in args[1:]:  # accepted after the command name too
+        args.remove("--debug")
+        args.insert(0, "--debug")
+    app(args=args, prog_name="compress")

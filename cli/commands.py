@@ -32,13 +32,16 @@ def train_prune(
     lr: Annotated[float | None, Opt(help="Peak learning rate.")] = None,
     recipe: Annotated[str | None, Opt(help="YAML recipe; flags override it.")] = None,
     weights: Annotated[str | None, Opt(help="Start from these weights.")] = None,
-    out_dir: Annotated[str, Opt("--out", help="Run directory to create.")] = "runs/latest",
+    out_dir: Annotated[str | None, Opt("--out", help="Run directory to create.",
+                                       show_default="runs/MODEL-METHOD-TIME")] = None,
     seed: Annotated[int | None, Opt()] = None,
     device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
     resume: Annotated[bool, Opt(help="Continue the run in --out.")] = False,
     scope: Annotated[str | None, Opt(help="global (one threshold) or layer.")] = None,
     layer_floor: Annotated[float | None, Opt(help="Least fraction of each layer the global "
-                                                  "threshold keeps [default: 0].")] = None,
+                                                  "threshold keeps (0: the papers' rule, "
+                                                  "which can empty a layer) [default: "
+                                                  "0.01].")] = None,
     refresh_every: Annotated[int | None, Opt(help="Mask refresh period in steps.")] = None,
     prune_start: Annotated[float | None, Opt(help="Fraction of training when pruning "
                                                   "starts.")] = None,
@@ -74,8 +77,10 @@ def train_prune(
     budget_ms: Annotated[float | None, Opt(help="density, dpf-filter: cut at least as far as "
                                                 "an onnxruntime p50 (batch 1) of this many ms "
                                                 "needs, measured here.")] = None,
-    threads: Annotated[int | None, Opt(help="onnxruntime threads for --budget-ms "
-                                            "[default: 1].")] = None,
+    budget_threads: Annotated[int | None, Opt(help="onnxruntime threads --budget-ms is "
+                                                   "measured with [default: 1].")] = None,
+    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores, split "
+                                            "among torchrun's processes].")] = None,
     weight_decay: Annotated[float | None, Opt()] = None,
     momentum: Annotated[float | None, Opt()] = None,
     lr_schedule: Annotated[str | None, Opt(help="cosine, step or constant.")] = None,
@@ -96,18 +101,22 @@ def train_prune(
     from compress.errors import CompressError
     from compress.pipeline import resolve_recipe
     from compress.pipeline import train_prune as run_train_prune
-    from compress.recipe import FIELDS, Recipe
+    from compress.recipe import FIELDS, Recipe, given_fields
+    from compress.rundir import new_run_name
+    from compress.threads import use_threads
 
     overrides = {key: value for key, value in flags.items() if key in FIELDS}
     overrides["input_shape"] = parse_shape(input_shape)
+    chosen_threads, busy = use_threads(threads)
+    requested = None
     if resume:
-        given = sorted(k for k, v in overrides.items() if v is not None)
-        if given or recipe:
-            named = ", ".join(f"--{k.replace('_', '-')}" for k in given or ["recipe"])
-            raise CompressError(f"--resume continues the saved recipe; drop {named}")
+        if out_dir is None:
+            raise CompressError("--resume continues the run in --out; name it: --out RUN")
+        requested = given_fields(recipe, overrides)  # checked against the saved recipe
         resolved = Recipe()
     else:
         resolved = resolve_recipe(recipe, overrides)
+        out_dir = out_dir or new_run_name(resolved.model, resolved.method)
     def on_start(job) -> None:
         if json_out:
             return
@@ -118,8 +127,11 @@ def train_prune(
         err.print(escape(f"compress train-prune: {r.model} on {r.data}, method {r.method}"
                          + target
                          + f", {r.epochs} epoch{'s' if r.epochs != 1 else ''}, seed {r.seed}"
-                         + f" -> {out_dir}" + (" (resumed)" if resume else "")),
+                         + f", {chosen_threads} thread(s) -> {out_dir}"
+                         + (" (resumed)" if resume else "")),
                   highlight=False, soft_wrap=True)
+        if busy:  # once the run starts: a refused command stays one line
+            err.print(escape(f"warning: {busy}"), highlight=False, soft_wrap=True)
 
     def on_epoch(result) -> None:
         if not json_out and not quiet:
@@ -128,7 +140,8 @@ def train_prune(
                       f"({result.seconds:.1f} s)", highlight=False)
 
     main_process = is_main_process()  # under torchrun only rank 0 prints
-    summary = run_train_prune(resolved, out_dir, resume=resume, console=err,
+    summary = run_train_prune(resolved, out_dir, resume=resume, requested=requested,
+                              console=err,
                               show_progress=not quiet and not json_out and main_process,
                               on_epoch=on_epoch, on_start=on_start)
     if main_process:
@@ -155,7 +168,10 @@ def prune(
     budget_ms: Annotated[float | None, Opt(help="Channels: cut until the exported model's p50 "
                                                 "at batch 1, measured with onnxruntime here, "
                                                 "is at most this many ms.")] = None,
-    threads: Annotated[int, Opt(help="onnxruntime threads for --budget-ms.")] = 1,
+    budget_threads: Annotated[int, Opt(help="onnxruntime threads --budget-ms is measured "
+                                            "with.")] = 1,
+    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores].")]
+    = None,
     update: Annotated[str | None, Opt(help="cbs, woodfisher, magnitude: how the kept weights "
                                            "move (cbs, woodfisher or none).",
                                       show_default="the method's own")] = None,
@@ -177,11 +193,14 @@ def prune(
                                             "compress checkpoint).")] = None,
     finetune_epochs: Annotated[int, Opt(help="Epochs of fine-tuning after pruning (pruned "
                                              "weights stay zero).")] = 0,
-    out_dir: Annotated[str, Opt("--out", help="Run directory to create.")] = "runs/pruned",
+    out_dir: Annotated[str | None, Opt("--out", help="Run directory to create.",
+                                       show_default="runs/pruned-METHOD-TIME")] = None,
     scope: Annotated[str | None, Opt(help="global or layer.", show_default="global for "
                                           "weights, layer for channels")] = None,
-    layer_floor: Annotated[float, Opt(help="Least fraction of each layer the global "
-                                           "threshold keeps.")] = 0.0,
+    layer_floor: Annotated[float | None, Opt(help="Least fraction of each layer the global "
+                                                  "threshold keeps (0: the papers' rule, "
+                                                  "which can empty a layer).",
+                                             show_default="0.01")] = None,
     round_to: Annotated[int, Opt(help="Channels: kept widths are multiples of this (ORT's "
                                       "kernels are fastest on multiples of 8).")] = 8,
     min_channels: Annotated[int | None, Opt(help="Channels: no layer keeps fewer.")] = None,
@@ -212,8 +231,8 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
-    if threads < 1:
-        raise CompressError(f"--threads must be at least 1, got {threads}")
+    if budget_threads < 1:
+        raise CompressError(f"--budget-threads must be at least 1, got {budget_threads}")
     levels = _levels(sparsity)
     from compress.second_order import SwapSettings
 
@@ -232,17 +251,25 @@ def prune(
     if budget_ms is not None:
         from export.budget import latency_meter
 
-        latency = latency_meter(threads)
-    amount = f"latency budget {budget_ms} ms ({threads} thread(s))" if budget_ms is not None \
+        latency = latency_meter(budget_threads)
+    amount = f"latency budget {budget_ms} ms ({budget_threads} thread(s))" \
+        if budget_ms is not None \
         else f"MAC budget {target_macs}" if target_macs is not None else \
         f"sparsity {sparsity}" if sparsity is not None else "no sparsity target"
-    out_dir = str(out_dir)
+    from compress.rundir import new_run_name
+    from compress.threads import use_threads
+
+    chosen_threads, busy = use_threads(threads)
+    out_dir = str(out_dir or new_run_name("pruned", method))
 
     def banner() -> None:  # once the inputs are checked: a bad one is one line alone
         if not json_out:
             err.print(escape(f"compress prune: {method}, {amount}, {finetune_epochs} "
-                             f"fine-tune epoch(s), {checkpoint or model} -> {out_dir}"),
+                             f"fine-tune epoch(s), {chosen_threads} thread(s), "
+                             f"{checkpoint or model} -> {out_dir}"),
                       highlight=False, soft_wrap=True)
+            if busy:
+                err.print(escape(f"warning: {busy}"), highlight=False, soft_wrap=True)
 
     overrides = {"data": data, "data_dir": data_dir, "input_shape": parse_shape(input_shape),
                  "num_classes": num_classes, "max_train_samples": max_train_samples,
@@ -357,6 +384,19 @@ def inspect(
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
 
 
+def _threads(threads: int | None) -> str | None:
+    """Set torch's threads for this command; the warning to print when other work shares
+    the cores (after the command's result, so that an error stays one line)."""
+    from compress.threads import use_threads
+
+    return use_threads(threads)[1]
+
+
+def _warn_busy(busy: str | None, quiet: bool) -> None:
+    if busy and not quiet:
+        err.print(escape(f"warning: {busy}"), highlight=False, soft_wrap=True)
+
+
 def _warn_damaged(path: str, integrity: dict) -> None:
     if integrity["status"] == "unchecked":
         err.print(escape(f"warning: {path}: integrity not checked ({integrity['reason']})"),
@@ -403,6 +443,8 @@ def evaluate(
     batch_size: Annotated[int, Opt()] = 512,
     max_test_samples: Annotated[int | None, Opt(help="Evaluate on the first N test images "
                                                      "only.")] = None,
+    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores].")]
+    = None,
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     json_out: Annotated[bool, Opt("--json")] = False,
@@ -414,6 +456,7 @@ def evaluate(
         raise CompressError(f"--batch-size must be at least 1, got {batch_size}")
     if max_test_samples is not None and max_test_samples < 1:
         raise CompressError(f"--max-test-samples must be at least 1, got {max_test_samples}")
+    busy = None if path.lower().endswith((".onnx", ".ort")) else _threads(threads)
     if path.lower().endswith((".onnx", ".ort")):
         from export.ort_eval import evaluate_onnx
 
@@ -432,6 +475,7 @@ def evaluate(
     else:
         out.print(f"test top-1 {result['top1']:.4f} on {result['samples']} samples of "
                   f"{result['data']}", highlight=False)
+    _warn_busy(busy, json_out)
 
 
 def export_onnx(
@@ -455,11 +499,14 @@ def export_onnx(
     data_dir: Annotated[str | None, Opt(help="Where the run's data set lies now, if it "
                                              "moved (calibration and the accuracy check).")]
     = None,
+    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores].")]
+    = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
     from export.onnx_export import export_checkpoint
 
+    busy = _threads(threads)
     result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
                                verify=verify, file_format=file_format, overwrite=overwrite,
                                measure_accuracy=verify, quantize=quantize,
@@ -512,6 +559,7 @@ def export_onnx(
         out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity "
                   "makes the file smaller, not the model faster", highlight=False,
                   soft_wrap=True)
+    _warn_busy(busy, False)
 
 
 EXIT_OVER_BUDGET = 3

@@ -35,6 +35,7 @@ def friendly_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def wrapper(*args, **kwargs):
+        STATE["command"] = command.__name__
         try:
             return command(*args, **kwargs)
         except typer.Exit:
@@ -47,9 +48,17 @@ def friendly_errors(command: Callable) -> Callable:
     return wrapper
 
 
+INTERRUPTED = {  # what Ctrl-C leaves behind, per command
+    "train_prune": "interrupted: the run keeps its last completed epoch (or, before the "
+                   "first, its recipe); continue it with the same command and --resume",
+    "prune": "interrupted: --out keeps the last completed fine-tune epoch, or nothing if none "
+             "finished (a prune run is not resumed: run it again)",
+}
+
+
 def _exit_interrupted() -> None:
-    err.print("interrupted (a training run keeps its last completed epoch; no "
-              "half-written file is left)")
+    err.print(INTERRUPTED.get(STATE.get("command"), "interrupted; no half-written file is "
+                                                    "left"), highlight=False, soft_wrap=True)
     raise typer.Exit(130) from None
 
 
@@ -130,7 +139,8 @@ def summary_table(summary: dict) -> Table:
         rows.append(("[yellow]warning[/yellow]",
                      f"{len(summary['empty_layers'])} layer(s) have no weight left: "
                      f"{', '.join(summary['empty_layers'])}; no signal passes through them "
-                     "(lower --sparsity)"))
+                     "(keep part of every layer with --layer-floor, e.g. 0.01, or lower "
+                     "--sparsity)"))
     for note in summary.get("notes") or []:
         rows.append(("note", note))
     if "val_top1_before_finetune" in summary:

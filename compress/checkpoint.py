@@ -236,9 +236,11 @@ def _check_payload(payload: dict, path: Path) -> None:
                             "weights)")
 
 
-def load_weights_into(model: nn.Module, path: str | Path) -> dict | None:
-    """Initialise ``model`` from a compress checkpoint or a plain state_dict file; a
-    channel-pruned checkpoint cuts ``model`` to its structure first, which is returned."""
+def load_weights_into(model: nn.Module, path: str | Path,
+                      model_name: str = "the model") -> dict | None:
+    """Initialise ``model`` (``model_name``: how the user named it) from a compress
+    checkpoint or a plain state_dict file; a channel-pruned checkpoint cuts ``model`` to its
+    structure first, which is returned."""
     path = resolve_checkpoint_path(path)
     payload = read_torch_file(path)
     state = payload.get("state_dict") if isinstance(payload, dict) and \
@@ -254,6 +256,9 @@ def load_weights_into(model: nn.Module, path: str | Path) -> dict | None:
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise CompressError(f"weights in {path} do not fit the model: "
+        saved = payload.get("model", {}).get("spec") if state is not payload and \
+            isinstance(payload.get("model"), dict) else None
+        source = f"{path} (weights of {saved!r})" if saved else f"the weights in {path}"
+        raise CompressError(f"{source} do not fit {model_name!r}: "
                             f"{detail.split(':')[0][:200]}") from None
     return structure

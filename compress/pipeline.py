@@ -31,7 +31,13 @@ from compress.masks import Coverage, prunable_weights
 from compress.methods import REGISTRY, FixedMask, MaskPruner, method
 from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
 from compress.models import build_model
-from compress.recipe import Recipe, dump_recipe, load_recipe, recipe_from_mapping
+from compress.recipe import (
+    Recipe,
+    dump_recipe,
+    layer_floor_for,
+    load_recipe,
+    recipe_from_mapping,
+)
 from compress.report import write_report
 from compress.rundir import RunDir
 from compress.training import (
@@ -129,8 +135,17 @@ class Job:
         return _merge_structure(self.structure, cutter.structure if cutter else None)
 
     def save(self, ckpt: Checkpoint) -> None:
-        if self.shard.main:
+        """Write the checkpoint beside the last one and rename it into place: a write that
+        fails (a full disk) leaves the last good checkpoint, and says so."""
+        if not self.shard.main:
+            return
+        try:
             save_checkpoint(ckpt, self.run.checkpoint)
+        except OSError as exc:
+            kept = ("its last good checkpoint is kept and resumes with --resume"
+                    if self.run.checkpoint.exists() else "no checkpoint was written yet")
+            raise CompressError(f"cannot write the checkpoint in {self.run.path} "
+                                f"({exc.strerror or exc}); {kept}") from None
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -151,7 +166,7 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
         structure = resume_state.structure
         apply_structure(model, structure, splits.config.input_shape)
     elif recipe.weights:
-        structure = load_weights_into(model, recipe.weights)
+        structure = load_weights_into(model, recipe.weights, recipe.model)
     model.to(device)
     cfg = optim_config(recipe)
     steps_per_epoch = splits.train.num_batches(cfg.batch_size, shard.world)
@@ -166,7 +181,7 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                                 f"dpf-filter cut; method {recipe.method} has no cut to set")
         from export.budget import latency_meter
 
-        pruner.set_budget(recipe.budget_ms, latency_meter(recipe.threads))
+        pruner.set_budget(recipe.budget_ms, latency_meter(recipe.budget_threads))
     if hasattr(pruner, "attach"):
         if shard.active:
             raise CompressError(f"--method {recipe.method} changes the network while it trains "
@@ -306,19 +321,21 @@ def _run_epochs(job: Job, console: Console, show_progress: bool,
 
 
 def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
+                requested: dict | None = None,
                 console: Console | None = None, show_progress: bool = True,
                 on_epoch: Callable[[EpochResult], None] | None = None,
                 on_start: Callable[[Job], None] | None = None) -> dict:
     """Train (and prune during training) per ``recipe``; write the run to ``out``.
 
-    Under torchrun every process runs this; see `compress.distributed`."""
+    With ``resume``, ``requested`` holds the fields the command line gave: they must equal
+    the saved recipe's. Under torchrun every process runs this; see `compress.distributed`."""
     console = console or Console(stderr=True)
     shard = distributed.from_env()
     if shard.active:
         distributed.start(shard, recipe.device)
     try:
         return _train_prune(recipe, out, resume, shard, console, show_progress, on_epoch,
-                            on_start)
+                            on_start, requested or {})
     finally:
         distributed.stop(shard)
 
@@ -326,11 +343,11 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
 def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shard,
                  console: Console, show_progress: bool,
                  on_epoch: Callable[[EpochResult], None] | None,
-                 on_start: Callable[[Job], None] | None) -> dict:
+                 on_start: Callable[[Job], None] | None, requested: dict) -> dict:
     run = RunDir(out, writer=shard.main)
     job, error = None, None
     try:
-        job = _start_job(recipe, run, resume, shard)
+        job = _start_job(recipe, run, resume, shard, requested)
     except CompressError as exc:
         error = exc
     distributed.agree(shard, error)  # every process stops if one could not start
@@ -347,16 +364,22 @@ def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shar
     return _finish(job)
 
 
-def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard) -> Job:
+def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard,
+               requested: dict | None = None) -> Job:
     resume_state = None
-    if resume:
+    if resume and run.stopped_before_first_epoch():  # start it again, same recipe
+        recipe = load_recipe(run.recipe).validate()
+        _check_same_recipe(recipe.to_dict(), requested or {}, run)
+        run.restart()
+    elif resume:
         run.for_resume()
         resume_state = load_checkpoint(run.checkpoint)
         spec = REGISTRY.get(resume_state.method)
         if spec is not None and spec.when == "one-shot":
-            raise CompressError(f"{run.path} is a one-shot prune run; --resume is for "
-                                "train-prune runs")
+            raise CompressError(f"{run.path} is a one-shot prune run; --resume continues "
+                                "train-prune runs (fine-tune it again with `compress prune`)")
         recipe = recipe_from_mapping(resume_state.recipe).validate()
+        _check_same_recipe(recipe.to_dict(), requested or {}, run)
     else:
         run.create()
     try:
@@ -372,6 +395,17 @@ def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Sha
     else:
         run.write_text("recipe.yaml", dump_recipe(recipe))
     return job
+
+
+def _check_same_recipe(saved: dict, requested: dict, run: RunDir) -> None:
+    """Flags given with --resume must repeat the saved recipe; name the ones that do not."""
+    differ = [f"--{key.replace('_', '-')} {value} (saved: {saved.get(key)})"
+              for key, value in requested.items() if saved.get(key) != value and
+              not (key == "input_shape" and list(value or []) == list(saved.get(key) or []))]
+    if differ:
+        raise CompressError(f"--resume continues {run.path} with its saved recipe; these "
+                            f"differ from it: {', '.join(differ)} (drop them, or start a new "
+                            "run)")
 
 
 def _zero_share(tensors: list[torch.Tensor]) -> float:
@@ -486,7 +520,7 @@ def _source_model(source: PruneSource, ckpt: Checkpoint | None, recipe: Recipe,
     if source.weights is None:
         return model, None, [f"{recipe.model} has no trained weights (no --weights): it is "
                              "pruned as initialised"]
-    return model, load_weights_into(model, source.weights), []
+    return model, load_weights_into(model, source.weights, recipe.model), []
 
 
 def _prune_recipe(base: Recipe, name: str, request: OneShotRequest, finetune_epochs: int,
@@ -519,7 +553,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                   method: str = "magnitude", scope: str | None = None,
                   finetune_epochs: int = 0, lr: float | None = None,
                   batch_size: int | None = None, seed: int = 0,
-                  coverage: Coverage = Coverage(), layer_floor: float = 0.0,
+                  coverage: Coverage = Coverage(), layer_floor: float | None = None,
                   round_to: int = 8, min_channels: int | None = None,
                   target_macs: float | None = None, budget_ms: float | None = None,
                   latency: Callable | None = None, second_order: dict | None = None,
@@ -557,7 +591,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     source = PruneSource(checkpoint, model, weights)
     base, ckpt = _source_recipe(source)
     request = OneShotRequest(sparsity=sparsity, scope=scope, coverage=coverage,
-                             layer_floor=layer_floor, round_to=round_to,
+                             layer_floor=layer_floor_for(layer_floor, sparsity),
+                             round_to=round_to,
                              min_channels=min_channels, target_macs=target_macs,
                              budget_ms=budget_ms, latency=latency,
                              second_order=second_order)
@@ -595,6 +630,21 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         run.discard_if_unused()  # nothing was written: the same --out works next time
         raise
     seconds = time.perf_counter() - started
+    try:
+        return _finish_oneshot(run, recipe, structure, result, net, device, splits, generator,
+                               ckpt, source_sparse, coverage, spec, seconds,
+                               console=console, show_progress=show_progress,
+                               on_epoch=on_epoch, finetune_epochs=finetune_epochs,
+                               source=checkpoint or model, warnings=warnings)
+    except BaseException:
+        run.discard_unless_checkpointed()  # --out is left usable when no epoch finished
+        raise
+
+
+def _finish_oneshot(run, recipe, structure, result, net, device, splits, generator, ckpt,
+                    source_sparse, coverage, spec, seconds, *, console,
+                    show_progress, on_epoch, finetune_epochs, source, warnings) -> dict:
+    """Write the pruned run and fine-tune it."""
     run.write_text("recipe.yaml", dump_recipe(recipe))
     structure = _merge_structure(structure, result.structure)
     net.to(device)
@@ -602,7 +652,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                                                               coverage),
                    generator, device, structure)
     before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
-    run.log("oneshot", source=str(checkpoint or model), method=spec.name, seconds=seconds,
+    run.log("oneshot", source=str(source), method=spec.name, seconds=seconds,
             val_top1=before, **result.details)
     if finetune_epochs > 0:
         _run_epochs(job, console, show_progress, on_epoch)
@@ -612,7 +662,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     summary.update(result.details)
     summary["val_top1_before_finetune"] = before
     summary["finetune_epochs"] = finetune_epochs
-    summary["source"] = str(checkpoint or model)
+    summary["source"] = str(source)
     summary["prune_seconds"] = seconds
     summary["notes"] = result.notes + warnings
     return summary
@@ -650,7 +700,7 @@ def prune_sweep(checkpoint: str | None, out: str, sparsities: list[float],
 def _request_for(sparsity: float, options: dict) -> OneShotRequest:
     return OneShotRequest(sparsity=sparsity, scope=options.get("scope"),
                           coverage=options.get("coverage", Coverage()),
-                          layer_floor=options.get("layer_floor", 0.0),
+                          layer_floor=layer_floor_for(options.get("layer_floor"), sparsity),
                           second_order=options.get("second_order"))
 
 

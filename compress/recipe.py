@@ -19,6 +19,19 @@ import yaml
 from compress.errors import CompressError
 
 
+DEFAULT_LAYER_FLOOR = 0.01  # a global threshold keeps at least 1 % of every layer
+
+
+def layer_floor_for(floor: float | None, sparsity: float | None) -> float:
+    """The floor a global threshold uses: ``floor`` when given (0 is the papers' exact
+    rule), else 1 % of each layer, or half of what the sparsity leaves when that is less.
+    A global threshold empties small layers at high sparsity otherwise, and an emptied layer
+    makes the network's output constant."""
+    if floor is not None:
+        return floor
+    return min(DEFAULT_LAYER_FLOOR, (1.0 - (sparsity or 0.0)) / 2)
+
+
 def check_layer_floor(floor: float, sparsity: float) -> None:
     if not (math.isfinite(floor) and 0.0 <= floor <= 1.0 - sparsity):
         raise CompressError(f"--layer-floor must be between 0 and 1 - sparsity "
@@ -50,7 +63,8 @@ class Recipe:
     sparsity: float | None = None  # None: 0.9 of the weights, or 0.5 of the channels
     scope: str | None = None  # None: the method's own default (global for weights, layer
     # for channels)
-    layer_floor: float = 0.0  # least fraction of each layer a global threshold keeps
+    layer_floor: float | None = None  # least fraction of each layer a global threshold
+    # keeps; None: `layer_floor_for`'s default (1 %), 0: the papers' exact rule
     refresh_every: int = 16
     prune_start: float = 0.0
     prune_end: float = 0.75
@@ -72,7 +86,7 @@ class Recipe:
     density_tolerance: float = 0.03
     # density / dpf-filter: cut at least as far as the p50 (ms, onnxruntime, batch 1) needs
     budget_ms: float | None = None
-    threads: int = 1
+    budget_threads: int = 1  # onnxruntime threads the budget is measured with
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -102,7 +116,8 @@ class Recipe:
             raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.scope not in (None, "global", "layer"):
             raise CompressError(f"--scope must be global or layer, got {self.scope!r}")
-        check_layer_floor(self.layer_floor, self.target_sparsity())
+        if self.layer_floor is not None:
+            check_layer_floor(self.layer_floor, self.target_sparsity())
         if self.lr_schedule not in ("cosine", "step", "constant"):
             raise CompressError(f"--lr-schedule must be cosine, step or constant, "
                                 f"got {self.lr_schedule!r}")
@@ -120,8 +135,9 @@ class Recipe:
         if self.budget_ms is not None and not (math.isfinite(self.budget_ms)
                                                and self.budget_ms > 0):
             raise CompressError(f"--budget-ms must be a positive number, got {self.budget_ms}")
-        if self.threads < 1:
-            raise CompressError(f"--threads must be at least 1, got {self.threads}")
+        if self.budget_threads < 1:
+            raise CompressError(f"--budget-threads must be at least 1, got "
+                                f"{self.budget_threads}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise CompressError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
@@ -188,11 +204,14 @@ def _check_type(key: str, value, annotation) -> object:
     raise CompressError(f"recipe key {key!r} must be {names}, got {value!r}")
 
 
+RENAMED = {"threads": "budget_threads"}  # keys of recipes saved by earlier versions
+
+
 def recipe_from_mapping(mapping: dict, base: Recipe | None = None) -> Recipe:
     """Overlay ``mapping`` on ``base`` (or the defaults), checking keys and types."""
     values = (base or Recipe()).to_dict()
     for raw_key, value in mapping.items():
-        key = str(raw_key).replace("-", "_")
+        key = RENAMED.get(str(raw_key).replace("-", "_"), str(raw_key).replace("-", "_"))
         if key not in FIELDS:
             raise CompressError(f"unknown recipe key {raw_key!r}")
         values[key] = _check_type(key, value, FIELDS[key].type)
@@ -201,6 +220,21 @@ def recipe_from_mapping(mapping: dict, base: Recipe | None = None) -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read a YAML recipe; every problem becomes a one-line `CompressError`."""
+    return recipe_from_mapping(read_recipe_mapping(path))
+
+
+def given_fields(recipe_path: str | None, overrides: dict) -> dict:
+    """The fields a command line sets: a recipe file's keys, then the flags given (not
+    None), type-checked, with the values a `Recipe` would hold."""
+    mapping = read_recipe_mapping(recipe_path) if recipe_path else {}
+    mapping.update({k: v for k, v in overrides.items() if v is not None})
+    recipe = recipe_from_mapping(mapping)
+    return {key: getattr(recipe, key) for key in
+            (RENAMED.get(str(k).replace("-", "_"), str(k).replace("-", "_")) for k in mapping)}
+
+
+def read_recipe_mapping(path: str | Path) -> dict:
+    """A YAML recipe file as the mapping it holds."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -217,7 +251,7 @@ def load_recipe(path: str | Path) -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise CompressError(f"recipe {path} must be a mapping of keys to values")
-    return recipe_from_mapping(data)
+    return data
 
 
 def dump_recipe(recipe: Recipe) -> str:

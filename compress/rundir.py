@@ -46,7 +46,9 @@ class RunDir:
             raise CompressError(f"--out {self.path} exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()):
             hint = " or pass --resume to continue that run" if resumable and \
-                self.checkpoint.exists() else ""
+                self.checkpoint.exists() else \
+                " or pass --resume to start that run again (it stopped before its first " \
+                "epoch ended)" if resumable and self.stopped_before_first_epoch() else ""
             raise CompressError(f"--out {self.path} already holds files; choose a new "
                                 f"directory{hint}")
         self.created_here = not self.path.exists()
@@ -63,9 +65,30 @@ class RunDir:
                 not any(self.path.iterdir()):
             self.path.rmdir()
 
+    def discard_unless_checkpointed(self) -> None:
+        """Remove what a run wrote when it stopped before its first checkpoint."""
+        if not self.writer or self.checkpoint.exists() or not self.path.is_dir():
+            return
+        for name in (RECIPE_NAME, METRICS_NAME):
+            (self.path / name).unlink(missing_ok=True)
+        self.discard_if_unused()
+
     def check_writable(self) -> None:
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise CompressError(f"--out {self.path} is not writable")
+
+    def stopped_before_first_epoch(self) -> bool:
+        """A train-prune run interrupted before any checkpoint: its recipe, no weights."""
+        return self.recipe.is_file() and not self.checkpoint.exists()
+
+    def restart(self) -> RunDir:
+        """Empty a run that stopped before its first epoch, keeping its recipe."""
+        self.check_writable()
+        if self.writer:
+            for path in self.path.iterdir():
+                if path != self.recipe and path.is_file():
+                    path.unlink()
+        return self
 
     def for_resume(self) -> RunDir:
         if not self.checkpoint.exists():
@@ -110,3 +133,20 @@ class RunDir:
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
         return events
+
+
+def new_run_name(*parts: str) -> str:
+    """A fresh default run directory, ``runs/<parts>-<time>``, so running the same command
+    again never collides with the last run (a second within the same second gets -2, ...)."""
+    import time
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise CompressError("under torchrun every process must write the same run: name it "
+                            "with --out RUN")
+    stem = "-".join(p.replace(":", "_").replace("/", "_") for p in parts)
+    base = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, count = base, 1
+    while Path(name).exists():
+        count += 1
+        name = f"{base}-{count}"
+    return name

@@ -25,6 +25,9 @@ PARAMETER_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.Tensor
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        raise CompressError(f"{path} is a run directory, not a model file; export it first: "
+                            f"compress export {path} --onnx {path.name}.onnx")
     if path.is_dir():
         raise CompressError(f"{path} is a directory, not an ONNX file")
     if not path.is_file():

@@ -78,6 +78,11 @@ def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
     model = ckpt.build_model().eval()
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
+    if np.ptp(expected, axis=0).max() == 0.0:  # then any parity figure would be meaningless
+        raise CompressError("the exported model's output does not depend on its input (the "
+                            "same logits for every sample): the network is dead, typically "
+                            "because pruning emptied a layer; prune with --layer-floor or a "
+                            "lower --sparsity")
     scale = max(1.0, float(np.abs(expected).max()))
     vs_torch = float(np.abs(got - expected).max())
     with tempfile.TemporaryDirectory() as tmp:

@@ -287,10 +287,13 @@ def test_bad_numbers(cli, tmp_path, args, fragment):
 
 
 def test_emptied_layers_are_reported(cli, tmp_path):
+    """The papers' exact rule (--layer-floor 0) can empty a layer: the summary says which and
+    names the flag that prevents it (the default floor does)."""
     result = cli("train-prune", "--model", "mlpnet", "--sparsity", "0.999", "--epochs", "1",
-                 "--quiet", *SLICE, "--out", tmp_path / "e")
+                 "--layer-floor", "0", "--quiet", *SLICE, "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output
     assert "no weight left" in result.stdout and "1.weight" in result.stdout
+    assert "--layer-floor" in result.stdout
 
 
 def test_layer_floor_keeps_every_layer_alive(cli, tmp_path):

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.errors import CompressError
 from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
 from export import verify as verify_module
@@ -298,9 +299,11 @@ def test_export_packs_a_layer_pruned_away(runs, tmp_path):
     ckpt.masks["classifier.1.weight"].zero_()
     save_checkpoint(ckpt, tmp_path / "emptied.pt")
     path = tmp_path / "emptied.onnx"
-    result = export_checkpoint(tmp_path / "emptied.pt", path)
+    with pytest.raises(CompressError, match="does not depend on its input"):
+        export_checkpoint(tmp_path / "emptied.pt", path)  # LeNet-5 is dead without it
+    assert not path.exists()
+    result = export_checkpoint(tmp_path / "emptied.pt", path, verify=False)
     assert "classifier.1.weight" in result.packed
-    assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance
     dense_bytes = 120 * 400 * 4
     assert path.stat().st_size < 0.2 * dense_bytes
     shape_init = next(t for t in onnx.load(str(path)).graph.initializer
@@ -582,24 +585,25 @@ def test_evaluate_checks_batch_size_and_input_shape(runs, tmp_path, cli):
     assert "cannot be inspected" in cli("inspect", ort_file).output
 
 
-@pytest.mark.parametrize("spec, data", [
-    ("resnet20", dict()),  # BatchNorm folded into convs, residual adds, option-B shortcuts
-    ("torchvision.models:mobilenet_v3_small",  # depthwise convs, squeeze-excite, hardswish
-     dict(data="synthetic", input_shape=[3, 32, 32])),
+@pytest.mark.parametrize("spec, data, sparsity", [
+    ("resnet20", dict(), 0.9),  # BatchNorm folded into convs, residual adds, option-B shortcuts
+    # depthwise convs, squeeze-excite, hardswish; at 0.7 this barely trained one is dead
+    ("torchvision.models:mobilenet_v3_small", dict(data="synthetic", input_shape=[3, 32, 32]),
+     0.5),
 ])
-def test_batchnorm_and_torchvision_models_export(spec, data, tmp_path, cli):
+def test_batchnorm_and_torchvision_models_export(spec, data, sparsity, tmp_path, cli):
     dense, pruned, path = tmp_path / "dense", tmp_path / "pruned", tmp_path / "m.onnx"
     recipe = Recipe(model=spec, method="none", epochs=1, batch_size=32, max_train_samples=128,
                     max_test_samples=64, **data).validate()
     train_prune(recipe, str(dense), show_progress=False)
-    prune_oneshot(str(dense), str(pruned), 0.9, show_progress=False)
+    prune_oneshot(str(dense), str(pruned), sparsity, show_progress=False)
     result = export_checkpoint(pruned, path, pack="bitmask")
     assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
     assert not set(optimized_ops(path, tmp_path)) & DECODER_OPS
     # folding BatchNorm scales whole output channels: the zeros survive it
     from_onnx = json.loads(cli("inspect", path, "--json").stdout)["total"]
-    assert from_onnx["prunable_sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert from_onnx["prunable_sparsity"] == pytest.approx(sparsity, abs=2e-3)
     int8 = cli("export", pruned, "--onnx", tmp_path / "q.onnx", "--quantize", "int8",
                "--calibration-samples", "32", "--json")
     assert int8.exit_code == 0, int8.output

@@ -166,11 +166,13 @@ class MaskPruner:
 
 def schedule_options(recipe, total_steps: int) -> tuple[CubicSchedule, dict]:
     """The cubic schedule and the common `MaskPruner` options a training recipe asks for."""
+    from compress.recipe import layer_floor_for
+
     schedule = CubicSchedule(recipe.target_sparsity(), round(recipe.prune_start * total_steps),
                              round(recipe.prune_end * total_steps))
     freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)
     options = dict(refresh_every=recipe.refresh_every, scope=recipe.scope or "global",
-                   layer_floor=recipe.layer_floor,
+                   layer_floor=layer_floor_for(recipe.layer_floor, recipe.target_sparsity()),
                    coverage=Coverage(recipe.skip_first, recipe.skip_classifier),
                    freeze_step=freeze)
     return schedule, options
