@@ -196,3 +196,50 @@ def test_no_layer_is_emptied_by_default_and_a_dead_network_is_not_exported(cli, 
     line = _one_line_exit_2(cli("export", tmp_path / "exact", "--onnx", tmp_path / "x.onnx"))
     assert "does not depend on its input" in line and not (tmp_path / "x.onnx").exists()
     assert cli("export", tmp_path / "kept", "--onnx", tmp_path / "k.onnx").exit_code == 0
+
+
+def test_default_threads_split_the_cores_among_torchrun_processes(monkeypatch):
+    from compress import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.default_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert threads.default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.default_threads() == 3
+
+
+def test_busy_cores_give_a_warning_that_names_the_flag(monkeypatch):
+    from compress import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1.9)
+    chosen, warning = threads.use_threads(2)
+    assert chosen == 2 and "--threads 1" in warning
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.1)
+    assert threads.use_threads(2)[1] is None
+    assert threads.use_threads(1)[1] is None
+
+
+@pytest.mark.parametrize("command", ["export", "bench"])
+def test_interrupted_export_and_bench_speak_of_themselves(cli, dpf_run, tmp_path, monkeypatch,
+                                                          command):
+    import export.latency
+    import export.onnx_export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "m.onnx"
+    if command == "bench":
+        export.onnx_export.export_checkpoint(dpf_run, path, verify=False)
+        monkeypatch.setattr(export.latency, "measure", interrupted)
+        result = cli("bench", path)
+    else:
+        monkeypatch.setattr(export.onnx_export, "_clean_model", interrupted)
+        result = cli("export", dpf_run, "--onnx", path)
+        assert not path.exists()
+    assert result.exit_code == 130
+    assert "epoch" not in result.output and "--resume" not in result.output
