@@ -630,39 +630,25 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         run.discard_if_unused()  # nothing was written: the same --out works next time
         raise
     seconds = time.perf_counter() - started
-    try:
-        return _finish_oneshot(run, recipe, structure, result, net, device, splits, generator,
-                               ckpt, source_sparse, coverage, spec, seconds,
-                               console=console, show_progress=show_progress,
-                               on_epoch=on_epoch, finetune_epochs=finetune_epochs,
-                               source=checkpoint or model, warnings=warnings)
-    except BaseException:
-        run.discard_unless_checkpointed()  # --out is left usable when no epoch finished
-        raise
-
-
-def _finish_oneshot(run, recipe, structure, result, net, device, splits, generator, ckpt,
-                    source_sparse, coverage, spec, seconds, *, console,
-                    show_progress, on_epoch, finetune_epochs, source, warnings) -> dict:
-    """Write the pruned run and fine-tune it."""
-    run.write_text("recipe.yaml", dump_recipe(recipe))
-    structure = _merge_structure(structure, result.structure)
-    net.to(device)
-    job = _job_for(recipe, run, splits, net, _finetune_pruner(net, result, source_sparse,
-                                                              coverage),
-                   generator, device, structure)
-    before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
-    run.log("oneshot", source=str(source), method=spec.name, seconds=seconds,
-            val_top1=before, **result.details)
-    if finetune_epochs > 0:
-        _run_epochs(job, console, show_progress, on_epoch)
-    summary = _finish(job)
+    with run.discarded_unless_checkpointed():  # --out stays usable if no epoch finished
+        run.write_text("recipe.yaml", dump_recipe(recipe))
+        structure = _merge_structure(structure, result.structure)
+        net.to(device)
+        job = _job_for(recipe, run, splits, net, _finetune_pruner(net, result, source_sparse,
+                                                                  coverage),
+                       generator, device, structure)
+        before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
+        run.log("oneshot", source=str(checkpoint or model), method=spec.name,
+                seconds=seconds, val_top1=before, **result.details)
+        if finetune_epochs > 0:
+            _run_epochs(job, console, show_progress, on_epoch)
+        summary = _finish(job)
     if spec.granularity == "channels":  # a weight-sparsity target is not what was asked
         summary["target_sparsity"] = None
     summary.update(result.details)
     summary["val_top1_before_finetune"] = before
     summary["finetune_epochs"] = finetune_epochs
-    summary["source"] = str(source)
+    summary["source"] = str(checkpoint or model)
     summary["prune_seconds"] = seconds
     summary["notes"] = result.notes + warnings
     return summary

@@ -18,7 +18,6 @@ import yaml
 
 from compress.errors import CompressError
 
-
 DEFAULT_LAYER_FLOOR = 0.01  # a global threshold keeps at least 1 % of every layer
 
 

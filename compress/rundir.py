@@ -5,6 +5,7 @@ An existing directory is never overwritten: it must be empty, or be resumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -64,6 +65,16 @@ class RunDir:
         if getattr(self, "created_here", False) and self.path.is_dir() and \
                 not any(self.path.iterdir()):
             self.path.rmdir()
+
+    @contextlib.contextmanager
+    def discarded_unless_checkpointed(self):
+        """On any exit by exception (Ctrl-C included), remove what the run wrote if it has
+        no checkpoint yet, so that the same --out works next time."""
+        try:
+            yield self
+        except BaseException:
+            self.discard_unless_checkpointed()
+            raise
 
     def discard_unless_checkpointed(self) -> None:
         """Remove what a run wrote when it stopped before its first checkpoint."""
