@@ -205,7 +205,7 @@ def _run_constant_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(sub.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+                                       providers=["CPUExecutionProvider"], enable_fallback=0)
         quiet(session)
         values = session.run(None, {})
     except Exception as exc:

@@ -38,7 +38,8 @@ def open_session(path: str | Path, *, threads: int | None = None, basic_only: bo
     if save_as_ort:
         options.add_session_config_entry("session.save_model_format", "ORT")
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                       enable_fallback=0)  # see `quiet`
     except Exception as exc:
         raise CompressError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
     quiet(session)
@@ -46,6 +47,7 @@ def open_session(path: str | Path, *, threads: int | None = None, basic_only: bo
 
 
 def quiet(session) -> None:
-    """No retry on another provider: it would print a multi-line "EP Error" banner to
-    stdout, and there is no other provider to retry on."""
+    """No retry on another provider, when the session starts (``enable_fallback=0``) or
+    runs: it would print a multi-line "EP Error" banner to stdout, and there is no other
+    provider to retry on."""
     session.disable_fallback()

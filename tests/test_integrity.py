@@ -224,3 +224,11 @@ def test_fuzzed_packed_stream_never_crashes_a_reader(packed, tmp_path, cli, name
         assert result.exit_code in (0, 2), (name, data, result.output)
         if result.exit_code == 2:
             assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_sessions_never_retry_with_a_banner(packed):
+    """onnxruntime's provider fallback prints a multi-line "EP Error" banner to stdout when a
+    session fails to start; every session compress opens has it switched off."""
+    from export.session import open_session
+
+    assert open_session(packed)._enable_fallback is False
