@@ -33,10 +33,13 @@ def _one_line_exit_2(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("method", ["dpf", "gmp", "density", "dpf-filter"])
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, method):
-    """A process killed with SIGKILL in its second epoch, resumed with the same command and
-    --resume appended, ends with exactly the weights of a run that was never stopped."""
+@pytest.mark.parametrize("method, sent", [
+    ("dpf", signal.SIGKILL), ("gmp", signal.SIGKILL), ("density", signal.SIGKILL),
+    ("dpf-filter", signal.SIGKILL), ("dpf", signal.SIGINT)])
+def test_killed_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, method, sent):
+    """A process killed with SIGKILL (or stopped with Ctrl-C's SIGINT) in its second epoch,
+    resumed with the same command and --resume appended, ends with exactly the weights of
+    a run that was never stopped."""
     flags = [*SMALL, "--method", method, "--epochs", "3", "--threads", "1",
              "--max-train-samples", "4000"]
     if method == "density":
@@ -53,9 +56,10 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, met
             epochs = [e for e in map(json.loads, (cut / "metrics.jsonl").read_text().split(
                 "\n")[:-1]) if e["event"] == "epoch"]
     time.sleep(0.4 * epochs[0]["seconds"])  # into the second epoch
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(sent)
     process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    expected = -signal.SIGKILL if sent == signal.SIGKILL else 130  # 130: Ctrl-C, handled
+    assert process.returncode == expected, "the run ended before it could be stopped"
     again = subprocess.run([*COMPRESS, "train-prune", *flags, "--out", str(cut), "--resume"],
                            env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
