@@ -40,8 +40,8 @@ def train_prune(
     scope: Annotated[str | None, Opt(help="global (one threshold) or layer.")] = None,
     layer_floor: Annotated[float | None, Opt(help="Least fraction of each layer the global "
                                                   "threshold keeps (0: the papers' rule, "
-                                                  "which can empty a layer) [default: "
-                                                  "0.01].")] = None,
+                                                  "which can empty a layer) (default: "
+                                                  "0.01).")] = None,
     refresh_every: Annotated[int | None, Opt(help="Mask refresh period in steps.")] = None,
     prune_start: Annotated[float | None, Opt(help="Fraction of training when pruning "
                                                   "starts.")] = None,
@@ -56,31 +56,32 @@ def train_prune(
     skip_classifier: Annotated[bool | None, Opt("--skip-classifier/--prune-classifier",
                                                 help="Leave the classifier dense.")] = None,
     round_to: Annotated[int | None, Opt(help="Channels (density, dpf-filter): widths are "
-                                             "multiples of this [default: 8].")] = None,
+                                             "multiples of this (default: 8).")] = None,
     min_channels: Annotated[int | None, Opt(help="Channels: no layer keeps fewer "
-                                                 "[default: 1].")] = None,
+                                                 "(default: 1).")] = None,
     probe_samples: Annotated[int | None, Opt(help="density: training images its activations "
-                                                  "are measured on [default: 512].")] = None,
+                                                  "are measured on (default: 512).")] = None,
     density_start: Annotated[float | None, Opt(help="density: no cut before this fraction "
-                                                    "of the run [default: 0.2].")] = None,
+                                                    "of the run (default: 0.2).")] = None,
     density_every: Annotated[float | None, Opt(help="density: least fraction of the run "
-                                                    "between cuts [default: 0.15].")] = None,
+                                                    "between cuts (default: 0.15).")] = None,
     density_stop: Annotated[float | None, Opt(help="density: no cut after this fraction of "
-                                                   "the run [default: 0.8].")] = None,
-    density_cuts: Annotated[int | None, Opt(help="density: most cuts [default: 1].")] = None,
+                                                   "the run (default: 0.8).")] = None,
+    density_cuts: Annotated[int | None, Opt(help="density: most cuts (default: 1).")] = None,
     density_until_settled: Annotated[bool | None, Opt(
         "--density-until-settled/--density-fixed-cuts",
         help="density: cut until no width changes, instead of --density-cuts times.")] = None,
     density_tolerance: Annotated[float | None, Opt(
         help="density: layer densities count as settled when none moved more than this "
-             "since the last measurement [default: 0.03].")] = None,
+             "since the last measurement (default: 0.03).")] = None,
     budget_ms: Annotated[float | None, Opt(help="density, dpf-filter: cut at least as far as "
                                                 "an onnxruntime p50 (batch 1) of this many ms "
                                                 "needs, measured here.")] = None,
     budget_threads: Annotated[int | None, Opt(help="onnxruntime threads --budget-ms is "
-                                                   "measured with [default: 1].")] = None,
-    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores, split "
-                                            "among torchrun's processes].")] = None,
+                                                   "measured with (default: 1).")] = None,
+    threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else "
+                                            "the usable cores split among torchrun's "
+                                            "processes).")] = None,
     weight_decay: Annotated[float | None, Opt()] = None,
     momentum: Annotated[float | None, Opt()] = None,
     lr_schedule: Annotated[str | None, Opt(help="cosine, step or constant.")] = None,
@@ -170,7 +171,8 @@ def prune(
                                                 "is at most this many ms.")] = None,
     budget_threads: Annotated[int, Opt(help="onnxruntime threads --budget-ms is measured "
                                             "with.")] = 1,
-    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores].")]
+    threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else the "
+                                            "usable cores).")]
     = None,
     update: Annotated[str | None, Opt(help="cbs, woodfisher, magnitude: how the kept weights "
                                            "move (cbs, woodfisher or none).",
@@ -443,7 +445,8 @@ def evaluate(
     batch_size: Annotated[int, Opt()] = 512,
     max_test_samples: Annotated[int | None, Opt(help="Evaluate on the first N test images "
                                                      "only.")] = None,
-    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores].")]
+    threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else the "
+                                            "usable cores).")]
     = None,
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
@@ -499,7 +502,8 @@ def export_onnx(
     data_dir: Annotated[str | None, Opt(help="Where the run's data set lies now, if it "
                                              "moved (calibration and the accuracy check).")]
     = None,
-    threads: Annotated[int | None, Opt(help="torch threads [default: the usable cores].")]
+    threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else the "
+                                            "usable cores).")]
     = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
