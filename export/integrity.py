@@ -267,10 +267,12 @@ def record_integrity(model: onnx.ModelProto) -> dict[str, str]:
 
 @dataclass
 class IntegrityReport:
-    """What a file's digests say: ``status`` is verified, damaged, not-recorded or skipped."""
+    """What a file's digests say: ``status`` is verified, damaged, not-recorded or skipped;
+    ``weights``: the decoded weights, where checking them decoded them (for reuse)."""
 
     status: str
     differs: list[str]
+    weights: dict[str, np.ndarray] | None = None
 
     def to_dict(self) -> dict:
         return {"status": self.status, "differs": self.differs}
@@ -310,8 +312,10 @@ def check_integrity(model: onnx.ModelProto, where: str, *, ignore: bool = False,
             return IntegrityReport("damaged", ["integrity record"])
         raise CompressError(f"{where}: its integrity record is unreadable{hint}")
     differs = [p for p in ("graph", "metadata") if recorded[p] != digests_part(model, p)]
+    weights = None
     try:
-        if recorded["weights"] != _weights_digest(computed_weights(model, where)):
+        weights = computed_weights(model, where)
+        if recorded["weights"] != _weights_digest(weights):
             differs.append("weights")
     except CompressError:
         if not (ignore or differs):
@@ -321,7 +325,7 @@ def check_integrity(model: onnx.ModelProto, where: str, *, ignore: bool = False,
         raise CompressError(f"{where} failed its integrity check: its "
                             f"{' and '.join(differs)} differ from what was exported (the "
                             f"file is damaged){hint}")
-    return IntegrityReport("damaged" if differs else "verified", differs)
+    return IntegrityReport("damaged" if differs else "verified", differs, weights)
 
 
 def digests_part(model: onnx.ModelProto, part: str) -> str:

@@ -219,8 +219,10 @@ def inspect_onnx(path: str | Path, *, ignore_digest: bool = False,
         packed = read_packed(model)
     except CompressError as exc:
         raise CompressError(f"{path}: {exc}") from None
-    if packed is not None:
-        run = computed_weights(model, str(path), tuple(packed[1]))
+    if packed is not None:  # decoded once: by the digest check where it ran
+        missing = [n for n in packed[1] if n not in (integrity.weights or {})]
+        run = {**(integrity.weights or {}),
+               **(computed_weights(model, str(path), tuple(missing)) if missing else {})}
         packed = packed[0], {name: run.get(name, array) for name, array in packed[1].items()}
     weights = dense_weights(model, packed)
     layers = []

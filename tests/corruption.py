@@ -38,3 +38,20 @@ def mutate(data: bytes, mutations: list[Mutation]) -> bytes:
 def random_mutations(rng: random.Random, most: int = 3) -> list[Mutation]:
     return [(rng.choice(KINDS), rng.randrange(2**31), rng.randrange(2**16))
             for _ in range(rng.randint(1, most))]
+
+
+def mutation_lists():
+    """The hypothesis strategy for 1 to 3 mutations (hypothesis is imported only here, so
+    the fuzzing benchmark runs without it)."""
+    from hypothesis import strategies as st
+
+    return st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 2**31),
+                              st.integers(0, 2**16)), min_size=1, max_size=3)
+
+
+def assert_answered(result) -> None:
+    """A reader given a damaged file either works (exit 0) or says why in one line (2)."""
+    assert result.exit_code in (0, 2), result.output
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        assert len(result.output.strip().splitlines()) == 1, result.output
