@@ -19,6 +19,9 @@ training slice) is what runs are checked on; the test split is only reported.
 
     .venv/bin/python benchmarks/structured_fashion_mnist.py            # the README table
     .venv/bin/python benchmarks/structured_fashion_mnist.py --table    # print it again
+
+A results file already holding some seeds is resumed; one written with other training
+settings is refused rather than mixed into the same table.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "structured_fashion_mnist.json"
 COMPRESS = [str(Path(sys.executable).parent / "compress")]
+TRAINING_SETTINGS = ("epochs", "finetune_epochs", "train_samples", "filter_sparsity")
 METHODS = ("dense", "density", "dpf-filter", "l1-filter+ft", "tp-magnitude+ft")
 
 
@@ -179,8 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg-small", "resnet20"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--train-samples", type=int, default=6000)
     parser.add_argument("--filter-sparsity", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=200)
@@ -190,6 +194,11 @@ def main() -> None:
     path = args.results
     results = json.loads(path.read_text()) if path.exists() else {"models": {}}
     if not args.table:
+        settings = {k: v for k, v in vars(args).items() if k in TRAINING_SETTINGS}
+        saved = {k: v for k, v in results.get("settings", {}).items() if k in TRAINING_SETTINGS}
+        if results["models"] and saved != settings:
+            sys.exit(f"{path} was measured with {saved}; these settings are {settings}: "
+                     "give another --results")
         results["settings"] = {k: v for k, v in vars(args).items()
                                if k not in ("table", "results")}
         for model in args.models:
