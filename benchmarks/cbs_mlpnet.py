@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from compress_cli import compress_json
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "cbs.json"
-COMPRESS = str(Path(sys.executable).parent / "compress")
 METHODS = {"MP": ["--method", "magnitude"], "WF": ["--method", "woodfisher"],
            "CBS-S": ["--method", "cbs-s"], "CBS": ["--method", "cbs"],
            "MP + CBS-U": ["--method", "magnitude", "--update", "cbs"]}
@@ -39,23 +39,17 @@ PAPER_MNIST = {  # the authors' MLPNet on MNIST (DESIGN.md section 6), test top-
 }
 
 
-def run(*args: object) -> dict:
-    done = subprocess.run([COMPRESS, *map(str, args), "--json", "--quiet"],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"compress {' '.join(map(str, args))}: {done.stderr[-600:]}")
-    return json.loads(done.stdout)
-
-
 def one_seed(args, seed: int, work: Path) -> dict:
-    dense = run("train-prune", "--model", args.model, "--method", "none", "--epochs",
-                args.epochs, "--seed", seed, "--out", work / "dense",
-                *(["--max-train-samples", args.train_samples] if args.train_samples else []))
+    dense = compress_json("train-prune", "--model", args.model, "--method", "none",
+                          "--epochs", args.epochs, "--seed", seed, "--out", work / "dense",
+                          *(["--max-train-samples", args.train_samples]
+                            if args.train_samples else []))
     rows = {"dense": {"test_top1": dense["test_top1"]}}
     for name in args.methods:
         out = work / name.replace(" ", "").replace("+", "_")
-        sweep = run("prune", work / "dense", *METHODS[name], "--sparsity", args.sparsities,
-                    "--fisher-samples", args.fisher_samples, "--out", out, "--evaluate")
+        sweep = compress_json("prune", work / "dense", *METHODS[name], "--sparsity",
+                              args.sparsities, "--fisher-samples", args.fisher_samples,
+                              "--out", out, "--evaluate")
         rows[name] = {f"{float(s['sparsity']):.4g}": {
             "test_top1": s["test_top1"], "heldout_loss": s.get("heldout_loss"),
             "seconds": s.get("prune_seconds"), "peak_memory_mb": s.get("peak_memory_mb")}

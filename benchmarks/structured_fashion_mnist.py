@@ -29,24 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from compress_cli import compress_json
+
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "structured_fashion_mnist.json"
-COMPRESS = [str(Path(sys.executable).parent / "compress")]
 TRAINING_SETTINGS = ("epochs", "finetune_epochs", "train_samples", "filter_sparsity")
 METHODS = ("dense", "density", "dpf-filter", "l1-filter+ft", "tp-magnitude+ft")
-
-
-def run_cli(*args: str) -> dict:
-    done = subprocess.run([*COMPRESS, *map(str, args), "--json", "--quiet"],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"compress {' '.join(map(str, args))} failed: {done.stderr[-800:]}")
-    return json.loads(done.stdout)
 
 
 def tp_magnitude(dense_run: Path, out: Path, target_macs: float) -> Path:
@@ -99,21 +91,21 @@ def one_seed(model: str, seed: int, args, work: Path) -> dict[str, dict]:
     common = ["--model", model, "--max-train-samples", args.train_samples, "--seed", seed,
               "--batch-size", 128]
     rows = {}
-    rows["dense"] = run_cli("train-prune", *common, "--method", "none", "--epochs",
-                            args.epochs, "--out", work / "dense")
-    rows["density"] = run_cli("train-prune", *common, "--method", "density", "--epochs",
-                              args.epochs, "--out", work / "density")
-    rows["dpf-filter"] = run_cli("train-prune", *common, "--method", "dpf-filter",
-                                 "--sparsity", args.filter_sparsity, "--epochs", args.epochs,
-                                 "--out", work / "dpf-filter")
+    rows["dense"] = compress_json("train-prune", *common, "--method", "none", "--epochs",
+                                  args.epochs, "--out", work / "dense")
+    rows["density"] = compress_json("train-prune", *common, "--method", "density",
+                                    "--epochs", args.epochs, "--out", work / "density")
+    rows["dpf-filter"] = compress_json("train-prune", *common, "--method", "dpf-filter",
+                                       "--sparsity", args.filter_sparsity, "--epochs",
+                                       args.epochs, "--out", work / "dpf-filter")
     target = rows["density"]["mac_ratio"]
-    rows["l1-filter+ft"] = run_cli("prune", work / "dense", "--method", "l1-filter",
-                                   "--target-macs", target, "--finetune-epochs",
-                                   args.finetune_epochs, "--out", work / "l1-filter")
+    rows["l1-filter+ft"] = compress_json("prune", work / "dense", "--method", "l1-filter",
+                                         "--target-macs", target, "--finetune-epochs",
+                                         args.finetune_epochs, "--out", work / "l1-filter")
     tp_ckpt = tp_magnitude(work / "dense", work, target)
-    tp_row = run_cli("train-prune", *common, "--method", "none", "--weights", tp_ckpt,
-                     "--epochs", args.finetune_epochs, "--lr", 0.005, "--out", work / "tp")
-    rows["tp-magnitude+ft"] = tp_row
+    rows["tp-magnitude+ft"] = compress_json(
+        "train-prune", *common, "--method", "none", "--weights", tp_ckpt,
+        "--epochs", args.finetune_epochs, "--lr", 0.005, "--out", work / "tp")
     runs = {"dense": "dense", "density": "density", "dpf-filter": "dpf-filter",
             "l1-filter+ft": "l1-filter", "tp-magnitude+ft": "tp"}
     return _with_latency(rows, runs, work, args)
@@ -179,6 +171,11 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def training_settings(settings: dict) -> dict:
+    """The settings that change what a row measures (not which rows, nor timing runs)."""
+    return {k: v for k, v in settings.items() if k in TRAINING_SETTINGS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg-small", "resnet20"])
@@ -194,8 +191,8 @@ def main() -> None:
     path = args.results
     results = json.loads(path.read_text()) if path.exists() else {"models": {}}
     if not args.table:
-        settings = {k: v for k, v in vars(args).items() if k in TRAINING_SETTINGS}
-        saved = {k: v for k, v in results.get("settings", {}).items() if k in TRAINING_SETTINGS}
+        settings = training_settings(vars(args))
+        saved = training_settings(results.get("settings", {}))
         if results["models"] and saved != settings:
             sys.exit(f"{path} was measured with {saved}; these settings are {settings}: "
                      "give another --results")
