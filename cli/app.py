@@ -27,7 +27,9 @@ def main_options(debug: Annotated[bool, typer.Option(
 
 for name, command in (("train-prune", commands.train_prune), ("prune", commands.prune),
                       ("inspect", commands.inspect), ("evaluate", commands.evaluate),
-                      ("export", commands.export_onnx), ("bench", commands.bench)):
+                      ("export", commands.export_onnx), ("bench", commands.bench),
+                      ("keygen", commands.keygen), ("sign", commands.sign),
+                      ("verify", commands.verify)):
     app.command(name)(friendly_errors(command))
 
 

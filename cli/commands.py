@@ -17,6 +17,9 @@ IgnoreDigest = Annotated[bool, Opt("--ignore-digest", help="Use a file that fail
                                                          "integrity check anyway.")]
 MaxTensorMb = Annotated[float, Opt(help="Largest tensor (MiB) a file may declare or make "
                                         "onnxruntime compute per sample.")]
+VerifyKey = Annotated[str | None, Opt("--verify-key", help="Public key (PEM): refuse the file "
+                                                        "unless it is signed by this key and "
+                                                        "unchanged since.")]
 
 
 def train_prune(
@@ -336,9 +339,11 @@ def inspect(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
+    verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Per-layer shapes, parameters, non-zeros and sparsity, with totals and MACs."""
+    verified_by = check_signed([path], verify_key)  # before anything else reads the file
     if path.lower().endswith(".ort"):
         from compress.errors import CompressError
 
@@ -352,6 +357,7 @@ def inspect(
         _warn_unfinished(unfinished_export_note(report["metadata"]))
         report["metadata"].setdefault("model", path)
         report["metadata"].setdefault("method", "unknown")
+        report["signature"] = _signature(path, verified_by)
     else:
         from compress.inspection import inspect_checkpoint
 
@@ -382,6 +388,8 @@ def inspect(
     if "file_bytes" in t:
         out.print(escape(f"file: {t['file_bytes']:,} bytes; {_packing_line(report['packing'])}"),
                   highlight=False, soft_wrap=True)
+    if report.get("signature", {}).get("signed"):
+        out.print(_signature_line(report["signature"]), highlight=False, soft_wrap=True)
     for note in report.get("warnings", []):
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
 
@@ -450,11 +458,13 @@ def evaluate(
     = None,
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
+    verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Top-1 accuracy on the test split."""
     from compress.errors import CompressError
 
+    verified_by = check_signed([path], verify_key)  # before anything else reads the file
     if batch_size < 1:
         raise CompressError(f"--batch-size must be at least 1, got {batch_size}")
     if max_test_samples is not None and max_test_samples < 1:
@@ -468,6 +478,7 @@ def evaluate(
                                max_tensor_mb=max_tensor_mb)
         _warn_damaged(path, result["integrity"])
         _warn_unfinished(result.get("unfinished"))
+        result["signature"] = _signature(path, verified_by)
     else:
         from compress.inspection import evaluate_checkpoint
 
@@ -505,6 +516,8 @@ def export_onnx(
     threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else the "
                                             "usable cores).")]
     = None,
+    sign: Annotated[str | None, Opt("--sign", help="Private key (from `compress keygen`) "
+                                                  "that signs the file.")] = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
@@ -514,13 +527,15 @@ def export_onnx(
     result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
                                verify=verify, file_format=file_format, overwrite=overwrite,
                                measure_accuracy=verify, quantize=quantize,
-                               calibration_samples=calibration_samples, data_dir=data_dir)
+                               calibration_samples=calibration_samples, data_dir=data_dir,
+                               sign=sign)
     accuracy = result.accuracy
     _warn_unfinished(result.unfinished)
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
                "values": result.values, "exponent_width": result.exponent_width,
                "quantize": quantize, "opset": result.opset,
-               "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy}
+               "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy,
+               "signed_by": result.signed_by}
     if json_out:
         print_json(payload)
         return
@@ -559,6 +574,9 @@ def export_onnx(
                   f"{accuracy['samples']} samples)", highlight=False, soft_wrap=True)
     elif accuracy:
         out.print(escape(f"accuracy not measured: {accuracy['error']}"), highlight=False)
+    if result.signed_by:
+        out.print(escape(f"signed by key {result.signed_by} ({sign})"), highlight=False,
+                  soft_wrap=True)
     if result.packed:
         out.print("note: onnxruntime has no sparse Conv/Gemm kernels; unstructured sparsity "
                   "makes the file smaller, not the model faster", highlight=False,
@@ -608,9 +626,11 @@ def bench(
     = MAX_INPUT_MB,
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
+    verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Latency of a model in onnxruntime (needs no torch): p50/p90/p99, start time, ratio."""
+    verified_by = check_signed([model] + ([against] if against else []), verify_key)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from export.latency import bench as run_bench
@@ -627,6 +647,9 @@ def bench(
                            on_progress=lambda done, total: progress.update(task,
                                                                            completed=done))
     result = budget_verdict(result, budget_ms, percentile)
+    result["signature"] = _signature(model, verified_by)
+    if result["against"]:
+        result["against"]["signature"] = _signature(against, verified_by)
     _warn_damaged(model, result["integrity"])
     if result["against"]:
         _warn_damaged(against, result["against"]["integrity"])
@@ -664,3 +687,91 @@ def bench(
                       f"the budget of {budget_ms} ms", highlight=False)
     if budget_ms is not None and not result["within_budget"]:
         raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def check_signed(paths: list[str], verify_key: str | None,
+                 option: str = "--verify-key") -> str | None:
+    """With ``--verify-key``, refuse (one line) any of ``paths`` that is not signed by that
+    key or was changed since; returns the key's fingerprint (None without the flag)."""
+    if verify_key is None:
+        return None
+    from compress.errors import CompressError
+    from export.signing import SIGNED_SUFFIXES, load_public_key, verify_file
+
+    key = load_public_key(verify_key, option)
+    for path in paths:
+        if not path.lower().endswith(SIGNED_SUFFIXES):
+            raise CompressError(f"{option} checks signed exports (.onnx or .ort files); "
+                                f"{path} is not one")
+        fingerprint = verify_file(path, key)
+    return fingerprint
+
+
+def _signature(path: str, verified_by: str | None) -> dict:
+    """The ``signature`` entry of the JSON outputs: read from the file; ``verified`` only
+    when ``--verify-key`` checked it (a failed check has refused the file already)."""
+    from export.signing import signature_info
+
+    return {**signature_info(path), "verified": verified_by is not None}
+
+
+def _signature_line(signature: dict) -> str:
+    state = "verified" if signature["verified"] else "not verified (pass --verify-key PUB)"
+    return f"signed by key {signature['key']}: {state}"
+
+
+def keygen(
+    out_path: Annotated[str, Opt("--out", help="Private key file to create; the public key "
+                                               "goes to the same name + .pub.")],
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Make an Ed25519 key pair for signing exports (never overwrites a key)."""
+    from export.signing import generate_key
+
+    private, public, fingerprint = generate_key(out_path)
+    if json_out:
+        print_json({"private_key": str(private), "public_key": str(public),
+                    "key": fingerprint})
+        return
+    out.print(escape(f"wrote {private} (private: keep it where exports are made, mode 0600, "
+                     f"out of the repository) and {public} (public: ship it to the devices "
+                     f"that verify); key {fingerprint}"), highlight=False, soft_wrap=True)
+
+
+def sign(
+    path: Annotated[str, typer.Argument(help="Exported .onnx or .ort file, signed in place.")],
+    key: Annotated[str, Opt("--key", help="Private key from `compress keygen`.")],
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Sign an exported file in place (a signature it had is replaced)."""
+    from compress.errors import CompressError
+    from export.signing import check_signable, load_private_key, sign_file
+
+    private = load_private_key(key)
+    check_signable(path)
+    if not Path(path).is_file():
+        raise CompressError(f"no model file at {path}")
+    if path.lower().endswith(".onnx"):  # a signature would vouch for damage
+        from export.onnx_inspect import load_checked
+
+        load_checked(path)
+    fingerprint = sign_file(path, private)
+    if json_out:
+        print_json({"path": path, "key": fingerprint})
+    else:
+        out.print(escape(f"signed {path} with key {fingerprint}"), highlight=False,
+                  soft_wrap=True)
+
+
+def verify(
+    path: Annotated[str, typer.Argument(help="Signed .onnx or .ort file.")],
+    key: Annotated[str, Opt("--key", help="Public key (PEM) the file must be signed by.")],
+    json_out: Annotated[bool, Opt("--json")] = False,
+) -> None:
+    """Check that a file is signed by KEY and unchanged since (needs no torch, no onnx)."""
+    fingerprint = check_signed([path], key, "--key")
+    if json_out:
+        print_json({"path": path, "signed": True, "key": fingerprint, "verified": True})
+    else:
+        out.print(escape(f"{path}: signed by key {fingerprint}: verified"), highlight=False,
+                  soft_wrap=True)

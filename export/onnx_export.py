@@ -40,6 +40,7 @@ from export.quantize import (
     settings,
 )
 from export.session import open_session
+from export.signing import load_private_key, sign_file
 from export.verify import VerifyReport, verify_export
 
 PACK_MODES = ("auto", "none", "bitmask")
@@ -58,6 +59,7 @@ class ExportResult:
     verify: VerifyReport | None = None
     accuracy: dict | None = None
     unfinished: str | None = None  # the source run stopped before its last epoch
+    signed_by: str | None = None  # fingerprint of the key that signed the file
 
     @property
     def value_bits(self) -> int | None:
@@ -361,13 +363,15 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
                       file_format: str = "onnx", overwrite: bool = False,
                       measure_accuracy: bool = False, quantize: str = "none",
                       calibration_samples: int | None = None,
-                      data_dir: str | None = None) -> ExportResult:
+                      data_dir: str | None = None,
+                      sign: str | Path | None = None) -> ExportResult:
     """Export, [quantize], pack, annotate, verify; the target appears only if every step
     succeeded.
 
     With ``measure_accuracy`` the validation top-1 of PyTorch and of onnxruntime are
     measured on the file before it is renamed into place. ``data_dir`` replaces the data
-    directory the run recorded (for calibration and that accuracy).
+    directory the run recorded (for calibration and that accuracy). ``sign`` is a private
+    key file: the file is signed before it is renamed into place.
     """
     _check_options(pack, values, opset, file_format, quantize, calibration_samples)
     if not str(out).strip():
@@ -375,6 +379,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     out = Path(out)
     source_path = resolve_checkpoint_path(source)
     _check_target(out, source_path, file_format, overwrite)
+    # a bad key is refused now, not after minutes of work
+    signing_key = load_private_key(sign, "--sign") if sign is not None else None
     tmp = temporary_beside(out, "--onnx")  # an unwritable directory fails now, not minutes on
     ort_tmp = tmp.with_name(tmp.name + ".ort")  # onnxruntime recognises the format by name
     try:
@@ -400,6 +406,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
                 _check_ort_file(ort_tmp, tmp, ckpt.data.input_shape)
             final = ort_tmp
         accuracy = validation_accuracy(ckpt, final) if measure_accuracy else None
+        signed_by = sign_file(final, signing_key) if signing_key is not None else None
         os.chmod(final, usual_file_mode())  # mkstemp makes 0600
         replace_or_explain(final, out, "--onnx")
     finally:
@@ -409,7 +416,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     width = stream.exponent_width if stream and in_file else 0
     return ExportResult(str(out), out.stat().st_size, packed=packed if in_file else [],
                         values=values, exponent_width=width, opset=opset, verify=report,
-                        accuracy=accuracy, unfinished=unfinished)
+                        accuracy=accuracy, unfinished=unfinished, signed_by=signed_by)
 
 
 def _target_sparsity(ckpt: Checkpoint) -> float:
