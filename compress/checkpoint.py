@@ -25,8 +25,9 @@ from torch import nn
 
 from compress.data import DataConfig
 from compress.errors import CompressError
-from compress.fileio import atomic_write
+from compress.fileio import atomic_write, regular_file_size
 from compress.masks import canonical_zeros
+from compress.model_specs import check_spec_from_file
 from compress.models import build_model
 
 FORMAT = "compress.checkpoint"
@@ -145,8 +146,34 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+MAX_CHECKPOINT_MB = 8192  # the largest torchvision classifier's checkpoint takes 2.5 GiB
+
+
+def check_archive(path: Path) -> None:
+    """Refuse, before torch reads it, a file that is not regular (a FIFO would hang the
+    reader), past ``MAX_CHECKPOINT_MB``, or a zip archive that would expand: ``torch.save``
+    stores its entries uncompressed, so a compressed entry (a zip bomb) is refused."""
+    size = regular_file_size(path, MAX_CHECKPOINT_MB, "a checkpoint")
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # torch's legacy format, or not a torch file: torch.load says which
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        raise CompressError(f"{path} is truncated or corrupted") from None
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED
+              or e.file_size != e.compress_size]
+    if packed:
+        raise CompressError(f"{path} is not a checkpoint torch.save wrote: its entry "
+                            f"{packed[0][:80]!r} is compressed")
+    if sum(e.file_size for e in entries) > size:
+        raise CompressError(f"{path} is corrupted: its entries declare more bytes than the "
+                            "file holds")
+
+
 def read_torch_file(path: Path) -> object:
     """``torch.load(weights_only=True)`` with every failure turned into one line."""
+    check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles; we say it once
             warnings.simplefilter("ignore")
@@ -181,6 +208,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CompressError(f"{path} was written by a newer compress (format "
                             f"{payload['format_version']}); upgrade compress to read it")
     _check_payload(payload, path)
+    check_spec_from_file(payload["model"]["spec"], str(path))
+    recipe_model = (payload.get("recipe") or {}).get("model")
+    if recipe_model is not None:
+        check_spec_from_file(recipe_model, f"{path} (its recipe)")
     try:
         data = DataConfig.from_dict(payload["data"])
     except CompressError as exc:
@@ -200,6 +231,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (KeyError, TypeError) as exc:
         raise CompressError(f"{path} is a damaged compress checkpoint (missing {exc})") from None
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run or a damaged file): every
+    figure computed from them would be meaningless, and parity checks cannot compare them."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CompressError(f"{where}: {name} holds {bad:,} NaN or infinite value(s); "
+                                "such weights cannot be exported (did training diverge?)")
 
 
 def _tensors(value: object) -> bool:

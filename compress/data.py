@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gzip
 import math
-import pickle
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
+from compress.fileio import regular_file_size
+from compress.safe_pickle import load_cifar_batch
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -222,21 +224,31 @@ class Splits:
 
 
 # -- readers --------------------------------------------------------------------------------
+MAX_SYNTHETIC_MB = 4096  # what drawing one synthetic split may take
+MAX_IDX_MB = 2048  # Fashion-MNIST's training images take 45 MiB
+
+
 def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes; reads no more than its header declares (a gzip bomb
+    stops there), and refuses a declared size past ``MAX_IDX_MB``."""
+    regular_file_size(path, MAX_IDX_MB, "an IDX file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:
-        raise CompressError(f"cannot read {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
-        raise CompressError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != math.prod(dims):
-        raise CompressError(f"{path} is truncated ({body.size} of {math.prod(dims)} bytes)")
-    return body.reshape(dims)
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 8:
+                raise CompressError(f"{path} is not an IDX file of unsigned bytes")
+            dims = [int.from_bytes(f.read(4), "big") for _ in range(head[3])]
+            count = math.prod(dims)
+            if count > MAX_IDX_MB * 2**20:
+                raise CompressError(f"{path} declares {count:,} bytes of data, more than an "
+                                    f"IDX data set may hold here ({MAX_IDX_MB:,} MiB)")
+            raw = f.read(count)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CompressError(f"cannot read {path}: {first_line(exc)}") from None
+    if len(raw) != count:
+        raise CompressError(f"{path} is truncated ({len(raw)} of {count} bytes)")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def _find_idx_dir(name: str, data_dir: str | None) -> Path:
@@ -290,13 +302,24 @@ def _load_cifar(name: str, data_dir: str | None):
     for split, names in files.items():
         data, labels = [], []
         for fname in names:
+            entry = load_cifar_batch(root / fname)
             try:
-                with open(root / fname, "rb") as f:
-                    entry = pickle.load(f, encoding="latin1")
-                data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels += list(entry[label_key])
-            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-                raise CompressError(f"{name}: cannot read {root / fname}: {exc}") from None
+                images = entry["data"]
+                if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or \
+                        images.size % 3072:
+                    raise ValueError("its data are not uint8 images of 3x32x32")
+                batch_labels = entry[label_key]
+                if not isinstance(batch_labels, list) or len(batch_labels) * 3072 != \
+                        images.size or not all(type(v) is int for v in batch_labels):
+                    raise ValueError("its labels are not one integer per image")
+            except KeyError as exc:
+                raise CompressError(f"{name}: {root / fname} is not a CIFAR batch: it has "
+                                    f"no {exc.args[0]!r}") from None
+            except ValueError as exc:
+                raise CompressError(f"{name}: {root / fname} is not a CIFAR batch: "
+                                    f"{first_line(exc)}") from None
+            data.append(images.reshape(-1, 3, 32, 32))
+            labels += batch_labels
         out[split] = (torch.from_numpy(np.concatenate(data)), torch.tensor(labels))
     return out
 
@@ -305,6 +328,13 @@ def _synthetic(config: DataConfig):
     """Gaussian inputs labelled by a fixed random linear map: learnable, not trivial."""
     g = torch.Generator().manual_seed(1234)
     c, h, w = config.input_shape
+    samples = max(config.max_train_samples or 2048, config.max_test_samples or 512)
+    needed = 4 * c * h * w * (samples + config.num_classes)  # float32 draws, projection
+    if needed > MAX_SYNTHETIC_MB * 2**20:
+        raise CompressError(f"synthetic data of shape {c}x{h}x{w} with {samples:,} samples and "
+                            f"{config.num_classes:,} classes needs {needed / 2**30:,.1f} GiB "
+                            f"to draw, past the {MAX_SYNTHETIC_MB // 1024} GiB limit; ask for "
+                            "fewer samples or a smaller shape")
     proj = torch.randn(c * h * w, config.num_classes, generator=g)
 
     def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:

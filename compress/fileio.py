@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -54,3 +55,21 @@ def usual_file_mode() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def regular_file_size(path: str | Path, max_mb: float, what: str, name: str | None = None) -> int:
+    """The size of ``path``, refused in one line unless it is a regular file of at most
+    ``max_mb`` MiB: a FIFO or a device would hang or never end a read, and a file past any
+    plausible size is not what it claims to be. ``name``: how messages call the file."""
+    path = Path(path)
+    name = name or str(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise CompressError(f"cannot read {name}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CompressError(f"{name} is not a regular file, so it cannot be {what}")
+    if info.st_size > max_mb * 2**20:
+        raise CompressError(f"{name} is {info.st_size / 2**20:,.1f} MiB, more than {what} "
+                            f"may be ({max_mb:,g} MiB)")
+    return info.st_size

@@ -17,6 +17,8 @@ from pathlib import Path
 import yaml
 
 from compress.errors import CompressError
+from compress.fileio import regular_file_size
+from compress.model_specs import check_spec_from_file
 
 DEFAULT_LAYER_FLOOR = 0.01  # a global threshold keeps at least 1 % of every layer
 
@@ -184,6 +186,15 @@ class Recipe:
 FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
 
 
+MAX_RECIPE_INT = 2**31 - 1  # no count or seed a recipe holds is larger
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of text
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and \
+        abs(value) <= MAX_RECIPE_INT
+
+
 def _check_type(key: str, value, annotation) -> object:
     hint = typing.get_type_hints(Recipe)[key]
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
@@ -191,16 +202,21 @@ def _check_type(key: str, value, annotation) -> object:
         return None
     for kind in allowed:
         origin = typing.get_origin(kind) or kind
-        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool) \
+                and (isinstance(value, float) or abs(value) <= MAX_RECIPE_INT):
             return float(value)
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+        if origin is int and _integer(value):
             return value
         if origin in (bool, str) and isinstance(value, origin):
             return value
-        if origin is list and isinstance(value, list):
+        if origin is list and isinstance(value, list) and len(value) <= 16 and \
+                all(_integer(v) for v in value):
             return value
-    names = "/".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise CompressError(f"recipe key {key!r} must be {names}, got {value!r}")
+    names = "/".join("a list of integers" if typing.get_origin(k) is list else
+                     getattr(k, "__name__", str(k)) for k in allowed)
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    bound = f" of at most {MAX_RECIPE_INT}" if "int" in names else ""
+    raise CompressError(f"recipe key {key!r} must be {names}{bound}, got {shown}")
 
 
 RENAMED = {"threads": "budget_threads"}  # keys of recipes saved by earlier versions
@@ -232,11 +248,24 @@ def given_fields(recipe_path: str | None, overrides: dict) -> dict:
             (RENAMED.get(str(k).replace("-", "_"), str(k).replace("-", "_")) for k in mapping)}
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases: a recipe never needs them, and a few
+    hundred bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in "
+                                              "a recipe", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_recipe_mapping(path: str | Path) -> dict:
     """A YAML recipe file as the mapping it holds."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        regular_file_size(path, MAX_RECIPE_BYTES / 2**20, "a recipe", f"recipe {path}")
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except OSError as exc:
         raise CompressError(f"cannot read recipe {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -250,6 +279,8 @@ def read_recipe_mapping(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise CompressError(f"recipe {path} must be a mapping of keys to values")
+    if "model" in data:
+        check_spec_from_file(data["model"], f"recipe {path}")
     return data
 
 

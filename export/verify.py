@@ -96,6 +96,9 @@ def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
     if leftover:
         raise CompressError(f"onnxruntime did not fold the weight decoder ({', '.join(leftover)} "
                             "left in the optimized graph); export with --pack none")
+    if not (np.isfinite(vs_torch) and np.isfinite(vs_decoded) and np.isfinite(scale)):
+        raise CompressError("the export's outputs are not finite numbers (NaN or infinity) on "
+                            "random inputs; parity cannot pass")
     if vs_decoded > FP32_TOLERANCE * scale:
         raise CompressError(f"onnxruntime output differs from the decoded weights by "
                             f"{vs_decoded:.2e} (tolerance {FP32_TOLERANCE * scale:.2e})")

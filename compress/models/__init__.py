@@ -6,6 +6,8 @@ A factory is called with the keyword arguments it accepts among ``num_classes``,
 different number of channels than the data has, that conv is replaced by one with the
 data's channel count (same shape otherwise; its fresh weights are the old ones averaged
 over input channels).
+
+A spec read from a file must not choose code to run: see `compress.model_specs`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from torch import nn
 
 from compress.errors import CompressError
+from compress.model_specs import check_spec_from_file, trust_model_spec
 from compress.models.cifar import resnet20, resnet32, resnet56, vgg_small, wrn_28_2
 from compress.models.small import lenet5, lenet300, mlpnet
 
@@ -106,4 +109,5 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, int, int]) 
     return model
 
 
-__all__ = ["REGISTRY", "adapt_input_channels", "build_model", "resolve_factory"]
+__all__ = ["REGISTRY", "adapt_input_channels", "build_model", "check_spec_from_file",
+           "resolve_factory", "trust_model_spec"]

@@ -338,7 +338,21 @@ def rebuild(model: nn.Module, structure: Structure, input_shape: tuple[int, ...]
         raise CompressError(f"cannot rebuild the pruned structure: {type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[0][:200]}") from None
     after_prune(model)
+    _check_recorded_widths(model, graph, structure)
     return model
+
+
+def _check_recorded_widths(model: nn.Module, graph, structure: Structure) -> None:
+    """Refuse a record whose widths disagree with what its cuts leave: they are what
+    reports and an export's metadata show."""
+    modules = dict(model.named_modules())
+    for root, (_, kept) in structure.widths.items():
+        module = modules.get(root)
+        pruner = None if module is None else graph.get_pruner_of_module(module)
+        width = None if pruner is None else pruner.get_out_channels(module)
+        if width != kept:
+            raise CompressError(f"the pruned structure records layer {root!r} at {kept} "
+                                f"channels, but its cuts leave {width}; the file is damaged")
 
 
 def count_params(model: nn.Module) -> int:
