@@ -17,12 +17,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import onnxruntime as ort
-
 from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
 from export.latency import cpu_name, measure
 from export.onnx_export import export_checkpoint
+from export.runtime import load_onnxruntime
+
+ort = load_onnxruntime()  # with its telemetry off (export/runtime.py)
 
 MODELS = {  # name: input shape
     "resnet20": (3, 32, 32),

@@ -189,9 +189,10 @@ def computed_weights(model: onnx.ModelProto, where: str,
 def _run_constant_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
                         outputs: list[str], stored: dict[str, TensorProto],
                         where: str) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
+    from export.runtime import load_onnxruntime
     from export.session import quiet
+
+    ort = load_onnxruntime()
 
     needed = {name for node in nodes for name in node.input}
     graph = helper.make_graph(nodes, "constants", [],

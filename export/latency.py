@@ -111,8 +111,9 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     With ``profile_runs``, ``model`` is then run that often under onnxruntime's profiler (in
     a session of its own, so profiling does not slow the timed runs) and the summary is
     added under ``profile``."""
-    import onnxruntime as ort
+    from export.runtime import load_onnxruntime
 
+    ort = load_onnxruntime()
     if max_input_mb <= 0:
         raise CompressError(f"--max-input-mb must be positive, got {max_input_mb}")
     paths = [Path(model)] + ([Path(against)] if against else [])

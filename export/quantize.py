@@ -53,6 +53,9 @@ def settings(samples: int) -> dict:
 
 def quantize_int8(model: onnx.ModelProto, batches: list[np.ndarray]) -> onnx.ModelProto:
     """The model quantized to int8 QDQ, calibrated on ``batches``."""
+    from export.runtime import load_onnxruntime
+
+    load_onnxruntime()
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

@@ -14,6 +14,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
+# tests/test_telemetry.py checks under strace that onnxruntime opens no socket
+if ! command -v strace >/dev/null; then
+    echo "setup: installing strace"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq strace >/dev/null
+fi
+
 # torch comes with its CUDA libraries (the registry's torchvision needs them), so the
 # environment takes about 6 GB while it installs; fail early and clearly where it cannot fit.
 if [ ! -x .venv/bin/compress ]; then

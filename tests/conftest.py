@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.app import app
+from cli.app import app  # sets ORT_DISABLE_TELEMETRY before any test loads onnxruntime
 from compress.data import DataConfig, load_splits
 from compress.pipeline import train_prune
 from compress.recipe import Recipe
