@@ -92,6 +92,7 @@ OPTIONAL_MODULES = {  # what still works on a device without them
     "torch": "`compress bench` and `compress inspect MODEL.onnx` run without it",
     "torchvision": "`compress bench` and `compress inspect MODEL.onnx` run without it",
     "onnx": "`pip install onnx` (plain `compress bench` runs without it)",
+    "cryptography": "`pip install cryptography` (only signing and --verify-key need it)",
 }
 
 

@@ -1,4 +1,5 @@
-"""Ed25519 signatures of exported files, checked without torch (stdlib and cryptography).
+"""Ed25519 signatures of exported files, checked without torch (stdlib and cryptography;
+reading whether a file is signed, as ``inspect --json`` does, needs only the stdlib).
 
 A signature covers the file's exact bytes, so one changed byte anywhere is refused. It is
 appended to the file as one more field of the ONNX ``ModelProto`` (field 1000, which ONNX
@@ -20,10 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from compress.errors import CompressError
 from compress.fileio import replace_or_explain, temporary_beside, usual_file_mode
@@ -38,6 +36,14 @@ SIGNED_SUFFIXES = (".onnx", ".ort")
 _CHUNK = 1 << 20
 _MAX_KEY_FILE = 1 << 16  # a PEM key takes a few hundred bytes
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+# cryptography itself is imported where a key is used: `bench` and `inspect` without
+# --verify-key run where it is not installed
+
 
 def fingerprint(key: Ed25519PublicKey | bytes) -> str:
     raw = key if isinstance(key, bytes) else _raw(key)
@@ -45,6 +51,8 @@ def fingerprint(key: Ed25519PublicKey | bytes) -> str:
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -65,6 +73,10 @@ def _key_text(path: str | Path, option: str) -> bytes:
 
 def load_private_key(path: str | Path, option: str = "--key") -> Ed25519PrivateKey:
     """The signing key in ``path``; anything else is one line saying what it is instead."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     data = _key_text(path, option)
     if b"PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
         raise CompressError(f"{option} {path} is a public key; signing needs the private key "
@@ -85,6 +97,10 @@ def load_private_key(path: str | Path, option: str = "--key") -> Ed25519PrivateK
 def load_public_key(path: str | Path, option: str = "--key") -> Ed25519PublicKey:
     """The verifying key in ``path`` (a private key is refused: it does not belong on the
     machines that verify)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     data = _key_text(path, option)
     if b"PRIVATE KEY-----" in data:
         raise CompressError(f"{option} {path} is a private key; verification takes the public "
@@ -112,6 +128,9 @@ def public_key_path(private: str | Path) -> Path:
 def generate_key(out: str | Path) -> tuple[Path, Path, str]:
     """Write a new private key to ``out`` (mode 0600) and its public key to ``out.pub``;
     neither may exist. Returns both paths and the fingerprint."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private_path, public_path = Path(out), public_key_path(out)
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
@@ -216,6 +235,9 @@ def verify_file(path: str | Path, key: Ed25519PublicKey) -> str:
     """Check that ``path`` is signed by ``key`` and unchanged since; returns the key's
     fingerprint. An unsigned file, one altered after signing, or one signed by another key
     is refused in one line."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     path = Path(path)
     expected = fingerprint(key)
     found = read_signature(path)

@@ -271,6 +271,15 @@ def test_verification_without_torch(signed, unsigned, keys):
     proc = run("verify", unsigned, "--key", keys["pub"])
     assert proc.returncode == 2 and "is not signed" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # without cryptography, only what needs a key asks for it
+    blocked = ("torch", "torchvision", "cryptography")
+    body = f"sys.argv[1:] = {['inspect', str(signed), '--json']!r}\n" + CLI_WITHOUT_TORCH
+    proc = _without(blocked, body)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["signature"]["signed"] is True
+    body = f"sys.argv[1:] = {['verify', str(signed), '--key', str(keys['pub'])]!r}\n"
+    proc = _without(blocked, body + CLI_WITHOUT_TORCH)
+    assert proc.returncode == 2 and "pip install cryptography" in proc.stderr, proc.stderr
     # the check itself needs only cryptography: not even onnx, onnxruntime or numpy
     proc = _without(("torch", "torchvision", "onnx", "onnxruntime", "numpy"), (
         "from export.signing import load_public_key, verify_file\n"
