@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from compress.checkpoint import (
     Checkpoint,
     load_checkpoint,
+    refuse_non_finite,
     resolve_checkpoint_path,
     unfinished_note,
 )
@@ -385,6 +386,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     ort_tmp = tmp.with_name(tmp.name + ".ort")  # onnxruntime recognises the format by name
     try:
         ckpt = load_checkpoint(source_path)
+        refuse_non_finite(ckpt.state_dict, str(source_path))
         if data_dir is not None:  # the data set moved since training
             ckpt.data.data_dir = data_dir
         model, quantization = _clean_model(ckpt, opset, quantize, calibration_samples)

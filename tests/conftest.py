@@ -50,3 +50,34 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+HOSTILE_MEMORY_GB = 6  # address space a reader may take on a hostile file (torch maps ~3)
+
+
+def _cap_memory() -> None:
+    import resource
+
+    limit = HOSTILE_MEMORY_GB * 2**30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.fixture
+def run_capped(tmp_path):
+    """Run the real ``compress`` console script in a subprocess under an address-space cap
+    and a timeout, with its working directory and HOME in ``tmp_path`` (so whatever it
+    writes stays there); returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("compress")
+
+    def run(*args: str, timeout: float = 120, env: dict | None = None):
+        environment = {**os.environ, "HOME": str(tmp_path), "OPENBLAS_NUM_THREADS": "1",
+                       **(env or {})}
+        return subprocess.run([str(script), *map(str, args)], cwd=tmp_path, env=environment,
+                              capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=_cap_memory)
+
+    return run
+

@@ -55,3 +55,14 @@ def assert_answered(result) -> None:
     assert "Traceback" not in result.output
     if result.exit_code == 2:
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def assert_refused(result, *fragments: str) -> None:
+    """A subprocess refused its input: exit 2, one short line on stderr naming each of
+    ``fragments``, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and len(lines[0]) < 400, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
