@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.output import err, out, parse_shape, print_json, show_summary
+from cli.timelimit import time_limit_option, time_limited
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 
 Opt = typer.Option
@@ -20,6 +21,11 @@ MaxTensorMb = Annotated[float, Opt(help="Largest tensor (MiB) a file may declare
 VerifyKey = Annotated[str | None, Opt("--verify-key", help="Public key (PEM): refuse the file "
                                                         "unless it is signed by this key and "
                                                         "unchanged since.")]
+# the commands that only read a file stop after this long (cli/timelimit.py); evaluate and
+# bench do real work on a legitimate model too, so they get more
+INSPECT_TIME_LIMIT_S, RUN_TIME_LIMIT_S = 600, 1800
+InspectTimeLimit = time_limit_option(INSPECT_TIME_LIMIT_S)
+RunTimeLimit = time_limit_option(RUN_TIME_LIMIT_S)
 
 
 def train_prune(
@@ -335,12 +341,14 @@ def _warn_unfinished(note: str | None) -> None:
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
 
 
+@time_limited
 def inspect(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
+    time_limit: InspectTimeLimit = INSPECT_TIME_LIMIT_S,  # applied by @time_limited
 ) -> None:
     """Per-layer shapes, parameters, non-zeros and sparsity, with totals and MACs."""
     verified_by = check_signed([path], verify_key)  # before anything else reads the file
@@ -446,6 +454,7 @@ def _packing_line(packing: dict | None) -> str:
             f"values {packing['values']}{coding} in {packing['value_bits']} bits each")
 
 
+@time_limited
 def evaluate(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
@@ -460,6 +469,7 @@ def evaluate(
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
+    time_limit: RunTimeLimit = RUN_TIME_LIMIT_S,  # applied by @time_limited
 ) -> None:
     """Top-1 accuracy on the test split."""
     from compress.errors import CompressError
@@ -610,6 +620,7 @@ def _print_profile(summary: dict, model: str) -> None:
     out.print(nodes)
 
 
+@time_limited
 def bench(
     model: Annotated[str, typer.Argument(help="ONNX (or .ort) file to time.")],
     against: Annotated[str | None, Opt(help="A second model, timed interleaved.")] = None,
@@ -628,6 +639,7 @@ def bench(
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
+    time_limit: RunTimeLimit = RUN_TIME_LIMIT_S,  # applied by @time_limited
 ) -> None:
     """Latency of a model in onnxruntime (needs no torch): p50/p90/p99, start time, ratio."""
     verified_by = check_signed([model] + ([against] if against else []), verify_key)
