@@ -4,7 +4,9 @@ exit 2 (or works), never a traceback or exit 1."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -93,5 +95,32 @@ def test_fuzzed_checkpoint_tensors_never_crash_a_reader(payload, tmp_path, cli, 
 def test_fuzzed_checkpoint_bytes_never_crash_a_reader(dpf_run, tmp_path, cli, mutations):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(mutate((dpf_run / "checkpoint.pt").read_bytes(), mutations))
+    for reader in READERS:
+        assert_answered(cli(reader[0], path, *reader[1:]))
+
+
+def _rewritten_archive(source: Path, entry_suffix: str, mutations) -> bytes:
+    """``source``'s zip archive written anew with one entry's bytes mutated, so that the
+    damage passes the archive's checksums and reaches the reader behind them."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(source) as original, \
+            zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for info in original.infolist():
+            data = original.read(info.filename)
+            if info.filename.endswith(entry_suffix):
+                data = mutate(data, mutations)
+            archive.writestr(info.filename, data)
+    return buffer.getvalue()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(("data.pkl", "/data/0", "byteorder")), mutation_lists())
+def test_fuzzed_checkpoint_archive_entries_never_crash_a_reader(dpf_run, tmp_path, cli, entry,
+                                                                mutations):
+    """Damage inside the archive's entries (the pickle that names the tensors, a tensor's
+    bytes, the byte order) with valid checksums, so the unpickler and tensor reader meet it."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(_rewritten_archive(dpf_run / "checkpoint.pt", entry, mutations))
     for reader in READERS:
         assert_answered(cli(reader[0], path, *reader[1:]))
