@@ -1,10 +1,13 @@
-"""A fuzzing campaign against every reader of exported files: thousands of damaged variants
-of packed LeNet-5 and ResNet-20 exports through `inspect`, `evaluate` and `bench`, with the
-digest check on and off (``--ignore-digest``).
+"""A fuzzing campaign against every reader of files a user may be handed: thousands of
+damaged variants of packed LeNet-5 and ResNet-20 exports through `inspect`, `evaluate` and
+`bench`, with the digest check on and off (``--ignore-digest``); of a run's checkpoint (its
+bytes, and the entries inside its archive rewritten with valid checksums) through `inspect`
+and `evaluate`; and of its recipe through the recipe reader and its checks.
 
 Each variant applies one to three random mutations (`tests/corruption.py`: bit flips, byte
 overwrites, truncation, huge varints, zeroed and duplicated runs) to a real export. A
-reader passes when it exits 0 or 2 and, on 2, prints exactly one line. Reported: exit codes
+reader passes when it exits 0 or 2 and, on 2, prints exactly one line, within
+``CALL_LIMIT_S``. Reported: exit codes
 per reader, failures (with the mutation that caused them), the slowest single call, and
 the peak resident memory of each worker process (the readers run in-process, as the test
 suite runs them, so a worker's peak bounds every call it made).
@@ -30,6 +33,10 @@ sys.path.insert(0, str(ROOT.parent / "tests"))
 
 READERS = {"inspect": ("inspect",), "evaluate": ("evaluate", "--max-test-samples", "64"),
            "bench": ("bench", "--runs", "3", "--warmup", "1")}
+CHECKPOINT_READERS = {"inspect": ("inspect",),
+                      "evaluate": ("evaluate", "--max-test-samples", "64")}
+CALL_LIMIT_S = 60.0  # a call slower than this counts as a failure
+ARCHIVE_ENTRIES = ("data.pkl", "/data/0", "byteorder")
 
 
 def make_files(folder: Path) -> dict[str, Path]:
@@ -51,12 +58,50 @@ def make_files(folder: Path) -> dict[str, Path]:
         export_checkpoint(folder / name, path, pack="bitmask", quantize=quantize,
                           values="fp32", verify=False)
         files[path.stem] = path
+    files["checkpoint"] = folder / "lenet5" / "checkpoint.pt"
+    files["recipe"] = folder / "lenet5" / "recipe.yaml"
     return files
+
+
+def _variant(kind: str, source: bytes, seed: int) -> tuple[bytes, list]:
+    """A damaged copy of ``source``: its bytes mutated, or for ``checkpoint-archive`` one
+    entry of its zip archive mutated and the archive written anew (valid checksums)."""
+    import io
+    import zipfile
+
+    from corruption import mutate, random_mutations
+
+    rng = random.Random(seed)
+    mutations = random_mutations(rng)
+    if kind != "checkpoint-archive":
+        return mutate(source, mutations), mutations
+    entry = rng.choice(ARCHIVE_ENTRIES)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(source)) as original, \
+            zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for info in original.infolist():
+            data = original.read(info.filename)
+            archive.writestr(info.filename, mutate(data, mutations)
+                             if info.filename.endswith(entry) else data)
+    return buffer.getvalue(), [entry, *mutations]
+
+
+def _read_recipe(path: Path) -> tuple[int, str]:
+    """The recipe reader as `train-prune --recipe` runs it: (exit code it would give, text)."""
+    from compress.errors import CompressError
+    from compress.recipe import load_recipe
+
+    try:
+        load_recipe(path).validate()
+        return 0, ""
+    except CompressError as exc:
+        return 2, str(exc)
+    except Exception as exc:  # what the campaign is looking for
+        return 1, f"{type(exc).__name__}: {exc}"
 
 
 def worker(job: tuple[int, list[tuple[str, int]], dict[str, str], str]) -> dict:
     """Run its share of variants; return counts, failures, the slowest call, peak RSS."""
-    from corruption import mutate, random_mutations
     from typer.testing import CliRunner
 
     from cli.app import app
@@ -65,28 +110,50 @@ def worker(job: tuple[int, list[tuple[str, int]], dict[str, str], str]) -> dict:
     runner = CliRunner()
     codes, failures, slowest = collections.Counter(), [], (0.0, "")
     sources = {name: Path(path).read_bytes() for name, path in files.items()}
-    target = Path(folder) / f"variant-{index}.onnx"
     for source, seed in variants:
-        mutations = random_mutations(random.Random(seed))
-        target.write_bytes(mutate(sources[source], mutations))
-        for reader, args in READERS.items():
-            for extra in ((), ("--ignore-digest",)):
-                started = time.perf_counter()
-                result = runner.invoke(app, [args[0], str(target), *args[1:], *extra])
-                seconds = time.perf_counter() - started
-                lines = result.output.strip().splitlines()
-                label = reader + (" --ignore-digest" if extra else "")
-                codes[(label, result.exit_code)] += 1
-                if seconds > slowest[0]:
-                    slowest = (seconds, f"{label} on {source} seed {seed}")
-                if result.exit_code not in (0, 2) or (result.exit_code == 2 and
-                                                      len(lines) != 1):
-                    failures.append({"reader": label, "source": source, "seed": seed,
-                                     "mutations": mutations, "exit": result.exit_code,
-                                     "output": lines[-3:]})
+        kind = source if source in ("recipe", "checkpoint", "checkpoint-archive") else "onnx"
+        original = sources["checkpoint" if kind == "checkpoint-archive" else source]
+        data, mutations = _variant(kind, original, seed)
+        target = Path(folder) / f"variant-{index}" / ("recipe.yaml" if kind == "recipe" else
+                                                      "checkpoint.pt" if "checkpoint" in kind
+                                                      else "model.onnx")
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(data)
+        for label, call in _calls(kind, target, runner, app):
+            started = time.perf_counter()
+            code, lines = call()
+            seconds = time.perf_counter() - started
+            label = f"{kind}: {label}"
+            codes[(label, code)] += 1
+            if seconds > slowest[0]:
+                slowest = (seconds, f"{label} on {source} seed {seed}")
+            if code not in (0, 2) or (code == 2 and len(lines) != 1) or \
+                    seconds > CALL_LIMIT_S:
+                failures.append({"reader": label, "source": source, "seed": seed,
+                                 "mutations": mutations, "exit": code,
+                                 "seconds": round(seconds, 1), "output": lines[-3:]})
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"codes": [[k[0], k[1], v] for k, v in codes.items()], "failures": failures,
             "slowest": slowest, "peak_rss_mib": peak_mib}
+
+
+def _calls(kind: str, target: Path, runner, app):
+    """(label, call) for every reader of a file of ``kind``; a call gives (exit, lines)."""
+    def cli(args: tuple[str, ...]):
+        def call():
+            result = runner.invoke(app, [args[0], str(target), *args[1:]])
+            return result.exit_code, result.output.strip().splitlines()
+        return call
+
+    if kind == "recipe":
+        def recipe():
+            code, text = _read_recipe(target)
+            return code, text.splitlines()
+        return [("recipe", recipe)]
+    if kind != "onnx":
+        return [(reader, cli(args)) for reader, args in CHECKPOINT_READERS.items()]
+    return [(reader + (" --ignore-digest" if extra else ""), cli((*args, *extra)))
+            for reader, args in READERS.items() for extra in ((), ("--ignore-digest",))]
 
 
 def main() -> None:
@@ -100,8 +167,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="compress-fuzz-") as name:
         folder = Path(name)
         files = {k: str(v) for k, v in make_files(folder).items()}
-        variants = [(rng.choice(sorted(files)), rng.randrange(2**31))
-                    for _ in range(args.variants)]
+        kinds = sorted(files) + ["checkpoint-archive"]
+        variants = [(rng.choice(kinds), rng.randrange(2**31)) for _ in range(args.variants)]
         shares = [variants[i::args.workers] for i in range(args.workers)]
         started = time.perf_counter()
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
@@ -115,7 +182,8 @@ def main() -> None:
     failures = [f for r in results for f in r["failures"]]
     slowest = max(r["slowest"] for r in results)
     summary = {"variants": args.variants, "seed": args.seed, "wall_seconds": wall,
-               "files": sorted(files), "codes": {f"{k[0]} exit {k[1]}": v
+               "files": kinds, "call_limit_seconds": CALL_LIMIT_S,
+               "codes": {f"{k[0]} exit {k[1]}": v
                                                  for k, v in sorted(codes.items())},
                "failures": failures, "slowest_call_seconds": slowest[0],
                "slowest_call": slowest[1],
@@ -126,7 +194,7 @@ def main() -> None:
     for reader in sorted({k[0] for k in codes}):
         other = sum(v for (r, c), v in codes.items() if r == reader and c not in (0, 2))
         print(f"| {reader} | {codes[(reader, 0)]} | {codes[(reader, 2)]} | {other} |")
-    print(f"\n{args.variants} variants of {', '.join(sorted(files))}; {len(failures)} "
+    print(f"\n{args.variants} variants of {', '.join(kinds)}; {len(failures)} "
           f"failures; slowest call {slowest[0]:.2f} s ({slowest[1]}); peak RSS per worker "
           f"{summary['peak_rss_mib_per_worker']} MiB; {wall:.0f} s wall")
 
