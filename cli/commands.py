@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cli.output import err, out, parse_shape, print_json, show_summary
 from cli.timelimit import time_limit_option, time_limited
+from compress.model_specs import trust_model_spec
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 
 Opt = typer.Option
@@ -18,6 +19,9 @@ IgnoreDigest = Annotated[bool, Opt("--ignore-digest", help="Use a file that fail
                                                          "integrity check anyway.")]
 MaxTensorMb = Annotated[float, Opt(help="Largest tensor (MiB) a file may declare or make "
                                         "onnxruntime compute per sample.")]
+TrustedModel = Annotated[str | None, Opt(
+    "--model", help="The module:callable the checkpoint names, when it is neither registered "
+                    "nor torchvision's: a file never chooses code to run by itself.")]
 VerifyKey = Annotated[str | None, Opt("--verify-key", help="Public key (PEM): refuse the file "
                                                         "unless it is signed by this key and "
                                                         "unchanged since.")]
@@ -107,6 +111,7 @@ def train_prune(
     """Train a model, pruning it during training (DPF, GMP, ADP, DPF-filter) or not at
     all."""
     flags = dict(locals())  # taken first: every option that is a recipe field overrides it
+    trust_model_spec(model)
     from compress.distributed import is_main_process
     from compress.errors import CompressError
     from compress.pipeline import resolve_recipe
@@ -232,6 +237,7 @@ def prune(
     quiet: Annotated[bool, Opt()] = False,
 ) -> None:
     """Prune a model in one shot (weights or whole channels), then optionally fine-tune."""
+    trust_model_spec(model)
     from compress.errors import CompressError
     from compress.masks import Coverage
     from compress.pipeline import prune_oneshot
@@ -346,11 +352,13 @@ def inspect(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
+    model: TrustedModel = None,
     verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
     time_limit: InspectTimeLimit = INSPECT_TIME_LIMIT_S,  # applied by @time_limited
 ) -> None:
     """Per-layer shapes, parameters, non-zeros and sparsity, with totals and MACs."""
+    trust_model_spec(model)
     verified_by = check_signed([path], verify_key)  # before anything else reads the file
     if path.lower().endswith(".ort"):
         from compress.errors import CompressError
@@ -467,11 +475,13 @@ def evaluate(
     = None,
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
+    model: TrustedModel = None,
     verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
     time_limit: RunTimeLimit = RUN_TIME_LIMIT_S,  # applied by @time_limited
 ) -> None:
     """Top-1 accuracy on the test split."""
+    trust_model_spec(model)
     from compress.errors import CompressError
 
     verified_by = check_signed([path], verify_key)  # before anything else reads the file
@@ -528,9 +538,11 @@ def export_onnx(
     = None,
     sign: Annotated[str | None, Opt("--sign", help="Private key (from `compress keygen`) "
                                                   "that signs the file.")] = None,
+    model: TrustedModel = None,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
+    trust_model_spec(model)
     from export.onnx_export import export_checkpoint
 
     busy = _threads(threads)
