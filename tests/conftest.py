@@ -65,16 +65,18 @@ def _cap_memory() -> None:
 @pytest.fixture
 def run_capped(tmp_path):
     """Run the real ``compress`` console script in a subprocess under an address-space cap
-    and a timeout, with its working directory and HOME in ``tmp_path`` (so whatever it
-    writes stays there); returns the CompletedProcess."""
+    and a timeout, with its working directory, HOME and TMPDIR in ``tmp_path`` (so whatever
+    it writes stays there); returns the CompletedProcess."""
     import subprocess
     import sys
 
     script = Path(sys.executable).with_name("compress")
 
     def run(*args: str, timeout: float = 120, env: dict | None = None):
-        environment = {**os.environ, "HOME": str(tmp_path), "OPENBLAS_NUM_THREADS": "1",
-                       **(env or {})}
+        scratch = tmp_path / "tmp"
+        scratch.mkdir(exist_ok=True)
+        environment = {**os.environ, "HOME": str(tmp_path), "TMPDIR": str(scratch),
+                       "OPENBLAS_NUM_THREADS": "1", **(env or {})}
         return subprocess.run([str(script), *map(str, args)], cwd=tmp_path, env=environment,
                               capture_output=True, text=True, timeout=timeout,
                               preexec_fn=_cap_memory)
