@@ -11,99 +11,16 @@ cores. ImageFolder trees go through torchvision's ``ImageFolder`` and a ``DataLo
 
 from __future__ import annotations
 
-import gzip
 import math
-import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from compress.errors import CompressError, first_line
-from compress.fileio import regular_file_size
-from compress.safe_pickle import load_cifar_batch
-
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
-FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-
-@dataclass
-class DataConfig:
-    """Everything needed to rebuild the same splits later (saved in each checkpoint)."""
-
-    name: str = "fashion-mnist"
-    data_dir: str | None = None
-    input_shape: tuple[int, int, int] = (1, 28, 28)
-    num_classes: int = 10
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    augment: bool | None = None
-    # per-channel normalisation computed from the training images (filled by load_splits);
-    # kept so an exported model can be fed without the training data at hand
-    mean: list[float] | None = None
-    std: list[float] | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["input_shape"] = list(self.input_shape)
-        return d
-
-    def portable(self) -> dict:
-        """``to_dict`` without the machine's own path: an exported file names its data set,
-        and the machine that reads it finds the data itself (or is given --data-dir)."""
-        return {**self.to_dict(), "data_dir": None}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataConfig:
-        """The config a checkpoint or file records; fields this version does not know are
-        ignored, malformed ones refused in one line."""
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in dict(d).items() if k in known}
-        try:
-            d["input_shape"] = tuple(int(v) for v in d.get("input_shape", (1, 28, 28)))
-        except (TypeError, ValueError):
-            raise CompressError(f"the recorded input shape {d.get('input_shape')!r} is not "
-                                "a list of integers") from None
-        if len(d["input_shape"]) != 3 or min(d["input_shape"]) < 1:
-            raise CompressError(f"the recorded input shape {list(d['input_shape'])} is not "
-                                "C, H, W")
-        for name, (fits, what) in _RECORDED.items():
-            if name in d and not fits(d[name]):
-                raise CompressError(f"the recorded data set's {name} is {d[name]!r}, not "
-                                    f"{what}")
-        return cls(**d)
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _numbers(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int | float) and
-                                           not isinstance(v, bool) for v in value)
-
-
-_RECORDED = {  # what a recorded DataConfig field must be (files can be damaged)
-    "name": (lambda v: isinstance(v, str), "a name"),
-    "data_dir": (lambda v: v is None or isinstance(v, str), "a path"),
-    "num_classes": (_count, "a positive count"),
-    "val_fraction": (lambda v: isinstance(v, int | float) and not isinstance(v, bool)
-                     and 0 <= v < 1, "a fraction"),
-    "split_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "max_train_samples": (lambda v: v is None or _count(v), "a positive count"),
-    "max_test_samples": (lambda v: v is None or _count(v), "a positive count"),
-    "augment": (lambda v: v is None or isinstance(v, bool), "true or false"),
-    "mean": (lambda v: v is None or _numbers(v), "a list of numbers"),
-    "std": (lambda v: v is None or _numbers(v), "a list of numbers"),
-}
+from compress.dataconfig import DATASETS, DataConfig
+from compress.datafiles import read_split
+from compress.errors import CompressError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Shard = tuple[int, int]  # (rank, world) of a torchrun process
@@ -224,126 +141,16 @@ class Splits:
 
 
 # -- readers --------------------------------------------------------------------------------
-MAX_SYNTHETIC_MB = 4096  # what drawing one synthetic split may take
-MAX_IDX_MB = 2048  # Fashion-MNIST's training images take 45 MiB
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes; reads no more than its header declares (a gzip bomb
-    stops there), and refuses a declared size past ``MAX_IDX_MB``."""
-    regular_file_size(path, MAX_IDX_MB, "an IDX file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(4)
-            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 8:
-                raise CompressError(f"{path} is not an IDX file of unsigned bytes")
-            dims = [int.from_bytes(f.read(4), "big") for _ in range(head[3])]
-            count = math.prod(dims)
-            if count > MAX_IDX_MB * 2**20:
-                raise CompressError(f"{path} declares {count:,} bytes of data, more than an "
-                                    f"IDX data set may hold here ({MAX_IDX_MB:,} MiB)")
-            raw = f.read(count)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise CompressError(f"cannot read {path}: {first_line(exc)}") from None
-    if len(raw) != count:
-        raise CompressError(f"{path} is truncated ({len(raw)} of {count} bytes)")
-    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
-
-
-def _find_idx_dir(name: str, data_dir: str | None) -> Path:
-    folder = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[name]
-    candidates: list[Path] = []
-    if data_dir:
-        root = Path(data_dir)
-        candidates += [root, root / folder / "raw", root / name]
-    elif name == "fashion-mnist":
-        candidates.append(FASHION_MNIST_SYSTEM_DIR)
-    for c in candidates:
-        stem = IDX_FILES["train"][0]
-        if (c / stem).exists() or (c / f"{stem}.gz").exists():
-            return c
-    if not candidates:
-        raise CompressError(f"{name} needs --data-dir (IDX files, or torchvision's layout)")
-    where = ", ".join(str(c) for c in candidates)
-    hint = (" (install Debian's dataset-fashion-mnist or pass --data-dir)"
-            if name == "fashion-mnist" else "")
-    raise CompressError(f"{name} IDX files not found in {where}{hint}")
-
-
-def _load_idx_set(name: str, data_dir: str | None):
-    root = _find_idx_dir(name, data_dir)
-
-    def load(stem: str) -> np.ndarray:
-        path = root / stem if (root / stem).exists() else root / f"{stem}.gz"
-        return _read_idx(path)
-
+def _tensor_sets(config: DataConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Train and test images and labels of an in-memory data set, as torch tensors."""
+    samples = {"train": config.max_train_samples, "test": config.max_test_samples}
     out = {}
-    for split, (img, lab) in IDX_FILES.items():
-        images, labels = load(img), load(lab)
-        if len(images) != len(labels):
-            raise CompressError(f"{name} {split}: {len(images)} images but {len(labels)} labels")
-        out[split] = (torch.from_numpy(images.copy()).unsqueeze(1),
-                      torch.from_numpy(labels.astype(np.int64)))
+    for split in ("train", "test"):
+        images, labels = read_split(config.name, config.data_dir, split,
+                                    tuple(config.input_shape), config.num_classes,
+                                    samples[split])
+        out[split] = torch.from_numpy(images.copy()), torch.from_numpy(labels)
     return out
-
-
-def _load_cifar(name: str, data_dir: str | None):
-    if not data_dir:
-        raise CompressError(f"{name} needs --data-dir (torchvision's on-disk layout)")
-    ten = name == "cifar10"
-    root = Path(data_dir) / ("cifar-10-batches-py" if ten else "cifar-100-python")
-    if not root.is_dir():
-        raise CompressError(f"{name}: {root} not found (torchvision's on-disk layout expected)")
-    files = {"train": [f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"],
-             "test": ["test_batch"] if ten else ["test"]}
-    label_key = "labels" if ten else "fine_labels"
-    out = {}
-    for split, names in files.items():
-        data, labels = [], []
-        for fname in names:
-            entry = load_cifar_batch(root / fname)
-            try:
-                images = entry["data"]
-                if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or \
-                        images.size % 3072:
-                    raise ValueError("its data are not uint8 images of 3x32x32")
-                batch_labels = entry[label_key]
-                if not isinstance(batch_labels, list) or len(batch_labels) * 3072 != \
-                        images.size or not all(type(v) is int for v in batch_labels):
-                    raise ValueError("its labels are not one integer per image")
-            except KeyError as exc:
-                raise CompressError(f"{name}: {root / fname} is not a CIFAR batch: it has "
-                                    f"no {exc.args[0]!r}") from None
-            except ValueError as exc:
-                raise CompressError(f"{name}: {root / fname} is not a CIFAR batch: "
-                                    f"{first_line(exc)}") from None
-            data.append(images.reshape(-1, 3, 32, 32))
-            labels += batch_labels
-        out[split] = (torch.from_numpy(np.concatenate(data)), torch.tensor(labels))
-    return out
-
-
-def _synthetic(config: DataConfig):
-    """Gaussian inputs labelled by a fixed random linear map: learnable, not trivial."""
-    g = torch.Generator().manual_seed(1234)
-    c, h, w = config.input_shape
-    samples = max(config.max_train_samples or 2048, config.max_test_samples or 512)
-    needed = 4 * c * h * w * (samples + config.num_classes)  # float32 draws, projection
-    if needed > MAX_SYNTHETIC_MB * 2**20:
-        raise CompressError(f"synthetic data of shape {c}x{h}x{w} with {samples:,} samples and "
-                            f"{config.num_classes:,} classes needs {needed / 2**30:,.1f} GiB "
-                            f"to draw, past the {MAX_SYNTHETIC_MB // 1024} GiB limit; ask for "
-                            "fewer samples or a smaller shape")
-    proj = torch.randn(c * h * w, config.num_classes, generator=g)
-
-    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(n, c, h, w, generator=g)
-        y = (x.flatten(1) @ proj).argmax(1)
-        return (x * 40 + 128).clamp(0, 255).to(torch.uint8), y
-
-    return {"train": make(config.max_train_samples or 2048),
-            "test": make(config.max_test_samples or 512)}
 
 
 def _image_folder(config: DataConfig) -> Splits:
@@ -398,14 +205,9 @@ def load_splits(config: DataConfig) -> Splits:
         raise CompressError(f"validation fraction must be in (0, 1), got {config.val_fraction}")
     if config.name == "imagefolder":
         return _image_folder(config)
-    if config.name == "synthetic":
-        raw = _synthetic(config)
-    elif config.name in ("cifar10", "cifar100"):
-        raw = _load_cifar(config.name, config.data_dir)
-        config.num_classes = 10 if config.name == "cifar10" else 100
-    else:
-        raw = _load_idx_set(config.name, config.data_dir)
-        config.num_classes = 10
+    if config.name != "synthetic":
+        config.num_classes = 100 if config.name == "cifar100" else 10
+    raw = _tensor_sets(config)
     train_x, train_y = raw["train"]
     config.input_shape = tuple(int(d) for d in train_x.shape[1:])
     augment = config.augment if config.augment is not None else config.name.startswith("cifar")

@@ -5,7 +5,6 @@ onnx and onnxruntime; verification runs where torch is not installed."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from export import onnx_export
 from export.onnx_export import export_checkpoint, to_ort_format
 from export.signing import TRAILER_BYTES, read_signature
+
+sys.path.insert(0, str(Path(__file__).parent))
+from isolation import CLI_WITHOUT_TORCH, run_without  # noqa: E402
 
 
 def _one_line_exit_2(result) -> str:
@@ -227,38 +229,10 @@ def test_ort_format_files_are_signed_too(unsigned, keys, tmp_path, cli):
     assert result.exit_code == 0, result.output
 
 
-def _without(modules: tuple[str, ...], body: str) -> subprocess.CompletedProcess:
-    """Run ``body`` in a fresh interpreter where importing any of ``modules`` fails as if
-    they were not installed."""
-    code = (
-        "import importlib.abc, sys\n"
-        "class Absent(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.partition('.')[0] in {modules!r}:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, Absent())\n" + body)
-    env = {**os.environ, "PYTHONNOUSERSITE": "1"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=300)
-
-
-CLI_WITHOUT_TORCH = (
-    "from cli.app import main\n"
-    "sys.argv = ['compress', *sys.argv[1:]]\n"
-    "try:\n"
-    "    main()\n"
-    "except SystemExit as exc:\n"
-    "    code = exc.code or 0\n"
-    "else:\n"
-    "    code = 0\n"
-    "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules\n"
-    "sys.exit(code)\n")
-
-
 def test_verification_without_torch(signed, unsigned, keys):
     def run(*args) -> subprocess.CompletedProcess:
         body = f"sys.argv[1:] = {[str(a) for a in args]!r}\n" + CLI_WITHOUT_TORCH
-        return _without(("torch", "torchvision"), body)
+        return run_without(("torch", "torchvision"), body)
 
     proc = run("verify", signed, "--key", keys["pub"])
     assert proc.returncode == 0, proc.stderr
@@ -274,14 +248,14 @@ def test_verification_without_torch(signed, unsigned, keys):
     # without cryptography, only what needs a key asks for it
     blocked = ("torch", "torchvision", "cryptography")
     body = f"sys.argv[1:] = {['inspect', str(signed), '--json']!r}\n" + CLI_WITHOUT_TORCH
-    proc = _without(blocked, body)
+    proc = run_without(blocked, body)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["signature"]["signed"] is True
     body = f"sys.argv[1:] = {['verify', str(signed), '--key', str(keys['pub'])]!r}\n"
-    proc = _without(blocked, body + CLI_WITHOUT_TORCH)
+    proc = run_without(blocked, body + CLI_WITHOUT_TORCH)
     assert proc.returncode == 2 and "pip install cryptography" in proc.stderr, proc.stderr
     # the check itself needs only cryptography: not even onnx, onnxruntime or numpy
-    proc = _without(("torch", "torchvision", "onnx", "onnxruntime", "numpy"), (
+    proc = run_without(("torch", "torchvision", "onnx", "onnxruntime", "numpy"), (
         "from export.signing import load_public_key, verify_file\n"
         f"print(verify_file({str(signed)!r}, load_public_key({str(keys['pub'])!r})))\n"
         "assert not {'torch', 'onnx', 'onnxruntime', 'numpy'} & set(sys.modules)\n"))
