@@ -1,15 +1,21 @@
 """Digests that let an exported file prove it still computes what was exported.
 
-A file records three SHA-256 digests in its metadata (``io.compress.integrity``):
+A file records three SHA-256 digests in its metadata (``io.compress.integrity``, version 2):
 
-- ``weights``: every constant tensor the computing nodes read, *after* decoding: packed
-  weights are rebuilt by running the file's own decoder subgraph in onnxruntime, int8
-  weights through their DequantizeLinear. A flipped bit in the packed stream, a changed
-  decoder constant or a NaN in a dense initializer all change it. A packed fp32 file and
-  its unpacked twin have the same weights digest.
-- ``graph``: the nodes, inputs, outputs, opsets and the name, type and shape of every
-  initializer (not their values).
+- ``weights``: the bytes of every initializer as stored (its name, type and shape, then its
+  data), hashed a tensor at a time. Packed weights are hashed as their stream and decoder
+  constants, not decoded: a flipped bit in the stream, a changed decoder constant or a NaN
+  in a dense initializer all change it, and checking it needs neither onnxruntime nor
+  memory beyond the file.
+- ``graph``: the nodes (Constant values included), inputs, outputs, opsets and the name,
+  type and shape of every initializer. With the weights digest it pins everything the file
+  computes, the decoder included, so no decoding is needed to check a file.
 - ``metadata``: every metadata entry of the model and its tensors but this one.
+
+The graph and metadata are checked, then the weights; nothing is decoded to check them.
+Version-1 records (earlier exports) hashed the weights *after decoding*, by running the
+file's decoder subgraph in onnxruntime; they are still read, and that decoding runs only
+when the graph and metadata digests have matched.
 
 Digests catch damage (bad copies, truncated downloads, bit rot), not forgery: someone who
 edits a file on purpose can recompute them. Before anything is decoded, the declared size
@@ -33,7 +39,8 @@ from export.limits import MAX_TENSOR_MB
 from export.metadata import PREFIX
 
 INTEGRITY_KEY = PREFIX + "integrity"
-INTEGRITY_VERSION = 1
+INTEGRITY_VERSION = 2  # 1: the weights digest hashed the decoded weights (still read)
+READ_VERSIONS = (1, 2)
 PARTS = ("graph", "weights", "metadata")
 _INT32_HELD = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
                TensorProto.INT32, TensorProto.BOOL, TensorProto.FLOAT16, TensorProto.BFLOAT16,
@@ -215,13 +222,38 @@ def _run_constant_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     return dict(zip(outputs, values, strict=True))
 
 
-def _weights_digest(weights: dict[str, np.ndarray]) -> str:
+def _decoded_weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """Version 1's weights digest: over the weights after decoding (`computed_weights`)."""
     digest = hashlib.sha256()
     for name in sorted(weights):
         array = np.ascontiguousarray(weights[name])
         header = json.dumps([name, array.dtype.str, list(array.shape)])
         digest.update(header.encode())
         digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+_TYPED_FIELDS = (("float_data", np.float32), ("int32_data", np.int32),
+                 ("int64_data", np.int64), ("double_data", np.float64),
+                 ("uint64_data", np.uint64))
+
+
+def _stored_weights_digest(model: onnx.ModelProto) -> str:
+    """Version 2's weights digest: every initializer as stored, one at a time (its name,
+    type, shape, where it lies, then its bytes and any typed values); nothing decoded."""
+    digest = hashlib.sha256()
+    for tensor in model.graph.initializer:
+        typed = [len(getattr(tensor, name)) for name, _ in _TYPED_FIELDS]
+        header = [tensor.name, tensor.data_type, list(tensor.dims), tensor.data_location,
+                  [(e.key, e.value) for e in tensor.external_data], typed,
+                  len(tensor.string_data)]
+        digest.update(json.dumps(header).encode())
+        digest.update(tensor.raw_data)
+        for (name, dtype), count in zip(_TYPED_FIELDS, typed, strict=True):
+            if count:
+                digest.update(np.asarray(getattr(tensor, name), dtype=dtype).tobytes())
+        for text in tensor.string_data:
+            digest.update(len(text).to_bytes(8, "little") + text)
     return digest.hexdigest()
 
 
@@ -247,9 +279,9 @@ def _metadata_digest(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def digests(model: onnx.ModelProto, where: str = "the model") -> dict[str, str]:
-    return {"graph": _graph_digest(model),
-            "weights": _weights_digest(computed_weights(model, where)),
+def digests(model: onnx.ModelProto) -> dict[str, str]:
+    """The file's version-2 digests (nothing decoded)."""
+    return {"graph": _graph_digest(model), "weights": _stored_weights_digest(model),
             "metadata": _metadata_digest(model)}
 
 
@@ -268,12 +300,10 @@ def record_integrity(model: onnx.ModelProto) -> dict[str, str]:
 
 @dataclass
 class IntegrityReport:
-    """What a file's digests say: ``status`` is verified, damaged, not-recorded or skipped;
-    ``weights``: the decoded weights, where checking them decoded them (for reuse)."""
+    """What a file's digests say: ``status`` is verified, damaged, not-recorded or skipped."""
 
     status: str
     differs: list[str]
-    weights: dict[str, np.ndarray] | None = None
 
     def to_dict(self) -> dict:
         return {"status": self.status, "differs": self.differs}
@@ -307,26 +337,28 @@ def check_integrity(model: onnx.ModelProto, where: str, *, ignore: bool = False,
             raise CompressError(f"{where} carries no integrity record (exported by an older "
                                 f"compress, or the record was damaged); re-export it{hint}")
         return IntegrityReport("not-recorded", [])
-    if recorded.get("version") != INTEGRITY_VERSION or \
+    if type(recorded.get("version")) is not int or recorded["version"] not in READ_VERSIONS or \
             not all(isinstance(recorded.get(p), str) for p in PARTS):
         if ignore:
             return IntegrityReport("damaged", ["integrity record"])
         raise CompressError(f"{where}: its integrity record is unreadable{hint}")
     differs = [p for p in ("graph", "metadata") if recorded[p] != digests_part(model, p)]
-    weights = None
-    try:
-        weights = computed_weights(model, where)
-        if recorded["weights"] != _weights_digest(weights):
+    if recorded["version"] != 1:
+        if recorded["weights"] != _stored_weights_digest(model):
             differs.append("weights")
-    except CompressError:
-        if not (ignore or differs):
-            raise
-        differs.append("weights")
+    elif not differs:  # version 1 decodes the weights: only once the graph is the exported one
+        try:
+            if recorded["weights"] != _decoded_weights_digest(computed_weights(model, where)):
+                differs.append("weights")
+        except CompressError:
+            if not ignore:
+                raise
+            differs.append("weights")
     if differs and not ignore:
         raise CompressError(f"{where} failed its integrity check: its "
                             f"{' and '.join(differs)} differ from what was exported (the "
                             f"file is damaged){hint}")
-    return IntegrityReport("damaged" if differs else "verified", differs, weights)
+    return IntegrityReport("damaged" if differs else "verified", differs)
 
 
 def digests_part(model: onnx.ModelProto, part: str) -> str:

@@ -1,7 +1,11 @@
 """Per-layer counts and MACs read from an exported ONNX file, with numpy and onnx only.
 
-Packed weights are decoded from the packed stream, so the non-zeros reported are
-the ones in the file, not the ones the metadata claims.
+The non-zeros reported are the ones in the file, not the ones the metadata claims. A file
+whose digests verified is read lean: a packed weight's non-zeros are counted from its mask
+(every value the export stores is non-zero), a piece of the mask at a time, and a dense
+one's a tensor at a time, so reading costs about the file, not its decoded weights. A file
+that did not verify (looked at with ``--ignore-digest``) or has no record is counted from
+the weights onnxruntime decodes with the file's own decoder, as it would run them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from compress.errors import CompressError, first_line
 from export.integrity import IntegrityReport, check_integrity, computed_weights
 from export.limits import MAX_TENSOR_MB
 from export.metadata import model_metadata, tensor_metadata
-from export.packing import PREFIX, PackedStream, decode, read_stream
+from export.packing import PREFIX, PackedStream, StreamLayout, decode, read_layout, read_stream
 from export.quantize import dequantized_sources, quantization_parameters, quantized_weights
 
 # float weights and biases, and the int32 biases of a QDQ-quantized model
@@ -83,15 +87,30 @@ def load_checked(path: str | Path, *, ignore_digest: bool = False,
 Packed = tuple[PackedStream, dict[str, np.ndarray]]  # a stream and the weights it decodes to
 
 
+_DAMAGE = (KeyError, ValueError, IndexError, StopIteration, ZeroDivisionError, TypeError)
+
+
+def packed_layout(model: onnx.ModelProto) -> StreamLayout | None:
+    """The file's packed stream as stored, checked to fit together (as many values as the
+    mask has non-zeros), nothing decoded; None where nothing is packed."""
+    if not any(t.name == PREFIX + "top" for t in model.graph.initializer):
+        return None
+    try:
+        return read_layout(model)
+    except _DAMAGE as exc:
+        raise CompressError(f"its packed weights are damaged: {_damage(exc)}") from None
+
+
 def read_packed(model: onnx.ModelProto) -> Packed | None:
-    """The file's packed stream and the weights it decodes to, checked to fit together;
-    None where nothing is packed."""
+    """The file's packed stream and the weights it decodes to in numpy, checked to fit
+    together; None where nothing is packed (for the export's checks: it holds every packed
+    weight dense)."""
     if not any(t.name == PREFIX + "top" for t in model.graph.initializer):
         return None
     try:
         stream = read_stream(model)
         return stream, decode(stream)
-    except (KeyError, ValueError, IndexError, StopIteration, ZeroDivisionError) as exc:
+    except _DAMAGE as exc:
         raise CompressError(f"its packed weights are damaged: {_damage(exc)}") from None
 
 
@@ -118,6 +137,36 @@ def dense_weights(model: onnx.ModelProto,
     return out
 
 
+Counted = tuple[tuple[int, ...], int, dict]  # shape, non-zeros, tensor metadata
+
+
+def weight_counts(model: onnx.ModelProto, layout: StreamLayout | None,
+                  decoded: dict[str, np.ndarray] | None = None) -> dict[str, Counted]:
+    """Shape and non-zeros of every float initializer of rank >= 1 and every packed weight:
+    a packed one's from ``decoded`` where given (the weights onnxruntime decodes), else from
+    its mask; the others read one at a time."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, Counted] = {}
+    for t, nonzero in zip(layout.tensors if layout else [], layout.nonzeros if layout else [],
+                          strict=True):
+        shape_init = inits.get(f"{t.name}__shape")
+        meta = tensor_metadata(shape_init) if shape_init is not None else {}
+        array = decoded.get(t.name) if decoded is not None else None
+        if array is not None:
+            out[t.name] = (tuple(array.shape), int(np.count_nonzero(array)), meta)
+        else:
+            out[t.name] = (t.shape, nonzero, meta)
+    skip = quantization_parameters(model)  # scales and zero points are not parameters
+    int8_weights = quantized_weights(model)
+    for name, tensor in inits.items():
+        if name.startswith(PREFIX) or name in out or name in skip or not tensor.dims:
+            continue
+        if tensor.data_type in PARAMETER_TYPES or name in int8_weights:
+            array = numpy_helper.to_array(tensor)
+            out[name] = (array.shape, int(np.count_nonzero(array)), tensor_metadata(tensor))
+    return out
+
+
 def _damage(exc: Exception) -> str:
     """What is wrong with a packed stream, in words."""
     if isinstance(exc, KeyError):
@@ -128,10 +177,38 @@ def _damage(exc: Exception) -> str:
         f"its arrays do not fit together ({first_line(exc)})"
 
 
-def _macs(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, dict]]) -> tuple[int, int]:
+SHAPE_VALUES = 4096  # largest int tensor whose values shape inference is given
+
+
+def _shapes_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model for shape inference: every stored tensor but small int ones (shapes, split
+    sizes, axes) becomes a graph input of its type and shape, so inference sees every shape
+    and onnx holds no second copy of the weights (it serialises the model it is given)."""
+    graph = model.graph
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    out = light.graph
+    out.input.extend(graph.input)
+    out.output.extend(graph.output)
+    out.value_info.extend(graph.value_info)
+    declared = {info.name for info in graph.input}
+    for tensor in graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and \
+                int(np.prod(tensor.dims)) <= SHAPE_VALUES:
+            out.initializer.append(tensor)
+        elif tensor.name not in declared:
+            declared.add(tensor.name)
+            out.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+    out.node.extend(graph.node)
+    return light
+
+
+def _macs(model: onnx.ModelProto, weights: dict[str, Counted]) -> tuple[int, int]:
     """(dense MACs, MACs with non-zero weights) for one sample, from inferred shapes."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(_shapes_model(model))
     except Exception:
         return 0, 0
     shapes = {}
@@ -149,13 +226,13 @@ def _macs(model: onnx.ModelProto, weights: dict[str, tuple[np.ndarray, dict]]) -
         out_shape = shapes.get(node.output[0])
         if weight is None or not out_shape:
             continue
-        w = weights[weight][0]
+        shape, nonzeros, _ = weights[weight]
         if node.op_type == "Conv":
             positions = int(np.prod(out_shape[2:])) if len(out_shape) > 2 else 1
         else:
             positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
-        dense += positions * w.size
-        nonzero += positions * int(np.count_nonzero(w))
+        dense += positions * int(np.prod(shape))
+        nonzero += positions * nonzeros
     return dense, nonzero
 
 
@@ -176,26 +253,26 @@ def _model_order(model: onnx.ModelProto, names) -> list[str]:
 _VALUE_NAMES = {"float32": "fp32", "float16": "fp16", "int8": "int8"}
 
 
-def packing_summary(stream: PackedStream | None) -> dict | None:
+def packing_summary(stream: StreamLayout | None) -> dict | None:
     """How the file stores its packed weights."""
     if stream is None:
         return None
     bits = 24 + stream.exponent_width if stream.exponent_width else \
-        8 * stream.values.itemsize
+        8 * stream.value_dtype.itemsize
     return {"weights": len(stream.tensors), "mask_levels": stream.levels,
             "mask_bytes": stream.mask_bytes,
-            "values": "qdq-int8" if stream.raw_int8 else _VALUE_NAMES[stream.values.dtype.name],
+            "values": "qdq-int8" if stream.raw_int8 else _VALUE_NAMES[stream.value_dtype.name],
             "value_coding": stream.value_coding, "value_bits": bits,
-            "values_stored": int(stream.values.size)}
+            "values_stored": stream.value_count}
 
 
-def _stale_metadata(weights: dict[str, tuple[np.ndarray, dict]]) -> list[str]:
+def _stale_metadata(weights: dict[str, Counted]) -> list[str]:
     """Tensors whose recorded sparsity is not what the file holds."""
     notes = []
-    for name, (array, meta) in weights.items():
-        recorded = meta.get("sparsity")
-        if isinstance(recorded, int | float) and array.size:
-            actual = 1.0 - np.count_nonzero(array) / array.size
+    for name, (shape, nonzero, meta) in weights.items():
+        recorded, size = meta.get("sparsity"), int(np.prod(shape))
+        if isinstance(recorded, int | float) and size:
+            actual = 1.0 - nonzero / size
             if abs(actual - recorded) > 5e-6:
                 notes.append(f"{name}: its metadata records sparsity {recorded}, the file "
                              f"holds {actual:.6f}")
@@ -211,28 +288,28 @@ def _integrity_warnings(report: IntegrityReport) -> list[str]:
 
 def inspect_onnx(path: str | Path, *, ignore_digest: bool = False,
                  max_tensor_mb: float = MAX_TENSOR_MB) -> dict:
-    """What the file holds. Packed weights are the ones onnxruntime decodes by running the
-    file's own decoder, so a changed decoder constant shows here as it would at run time."""
+    """What the file holds. A verified file is counted lean (its packed weights from their
+    mask); any other from the weights onnxruntime decodes by running the file's own decoder,
+    so a changed decoder constant shows here as it would at run time."""
     model, integrity = load_checked(path, ignore_digest=ignore_digest,
                                     max_tensor_mb=max_tensor_mb)
     try:
-        packed = read_packed(model)
+        layout = packed_layout(model)
     except CompressError as exc:
         raise CompressError(f"{path}: {exc}") from None
-    if packed is not None:  # decoded once: by the digest check where it ran
-        missing = [n for n in packed[1] if n not in (integrity.weights or {})]
-        run = {**(integrity.weights or {}),
-               **(computed_weights(model, str(path), tuple(missing)) if missing else {})}
-        packed = packed[0], {name: run.get(name, array) for name, array in packed[1].items()}
-    weights = dense_weights(model, packed)
+    decoded = None
+    if layout is not None and integrity.status != "verified":
+        names = tuple(t.name for t in layout.tensors)
+        decoded = computed_weights(model, str(path), names)
+    weights = weight_counts(model, layout, decoded)
+    del decoded
     layers = []
     for name in _model_order(model, weights):
-        array, meta = weights[name]
-        n = int(array.size)
-        nz = int(np.count_nonzero(array))
-        layers.append({"name": name, "shape": list(array.shape), "params": n, "nonzero": nz,
+        shape, nz, meta = weights[name]
+        n = int(np.prod(shape))
+        layers.append({"name": name, "shape": list(shape), "params": n, "nonzero": nz,
                        "sparsity": 1.0 - nz / n if n else 0.0,
-                       "prunable": bool(meta.get("prunable", array.ndim >= 2)),
+                       "prunable": bool(meta.get("prunable", len(shape) >= 2)),
                        "encoding": meta.get("encoding", "dense")})
     params = sum(r["params"] for r in layers)
     nonzero = sum(r["nonzero"] for r in layers)
@@ -248,7 +325,7 @@ def inspect_onnx(path: str | Path, *, ignore_digest: bool = False,
                   "macs": macs[0], "nonzero_macs": macs[1],
                   "file_bytes": Path(path).stat().st_size},
         "layers": layers,
-        "packing": packing_summary(packed[0] if packed else None),
+        "packing": packing_summary(layout),
         "warnings": _stale_metadata(weights) + _integrity_warnings(integrity),
         "integrity": integrity.to_dict(),
         "metadata": {**model_metadata(model), "ir_version": model.ir_version,

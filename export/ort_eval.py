@@ -9,7 +9,7 @@ import numpy as np
 from compress.errors import CompressError
 from export.limits import MAX_TENSOR_MB
 from export.metadata import model_metadata
-from export.onnx_inspect import load_checked, read_packed
+from export.onnx_inspect import load_checked, packed_layout
 from export.session import open_session
 
 
@@ -71,9 +71,10 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
                                      max_tensor_mb=max_tensor_mb)
         meta, integrity = model_metadata(model), report.to_dict()
         try:  # a damaged stream can still run, and would give a wrong figure
-            read_packed(model)
+            packed_layout(model)
         except CompressError as exc:
             raise CompressError(f"{path}: {exc}") from None
+        del model  # onnxruntime reads the file itself
     config = data_config_from_onnx(path, meta, data, data_dir)
     if max_test_samples is not None:  # else the slice the run recorded, if any
         config.max_test_samples = max_test_samples

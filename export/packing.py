@@ -362,32 +362,68 @@ def _exponent_decoder(b: _Builder, code: ExponentCode) -> str:
     return b.op("Concat", [zero, b.op("Mul", [fraction, power])], axis=0)
 
 
+def _value_layout(inits: dict[str, TensorProto], count: int) -> tuple[np.dtype, int]:
+    """(the type the stored non-zeros decode to, exponent index width or 0) of a file's
+    stream, checked from the stored shapes alone to hold exactly ``count`` values (as many as
+    its mask has non-zeros); nothing is decoded."""
+    if PREFIX + "high" not in inits:
+        stored = inits[PREFIX + "values"]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(stored.data_type))
+        if dtype not in (np.float32, np.float16, np.int8):
+            raise ValueError(f"{PREFIX}values holds {dtype}, not float32, float16 or int8")
+        if len(stored.dims) != 1 or stored.dims[0] - 1 != count:  # less the padding 0
+            held = int(np.prod(stored.dims)) - 1
+            raise ValueError(f"the mask has {count} non-zeros but {held} values are stored")
+        return dtype, 0
+    size = {k: int(np.prod(inits[PREFIX + k].dims))
+            for k in ("low", "high", "indices", "powers")}
+    width = int(size["powers"] // 2).bit_length() - 1
+    if width not in EXPONENT_WIDTHS or size["powers"] != 2 << width:
+        raise ValueError(f"{PREFIX}powers has {size['powers']} entries, not 4, 8 or 32")
+    stored = size["indices"] * (8 // width)
+    if not size["low"] == size["high"] == stored or not count <= stored < count + 8 // width:
+        raise ValueError(f"the mask has {count} non-zeros but the exponent code stores "
+                         f"{size['low']}, {size['high']} and {stored} fields")
+    return np.dtype(np.float32), width
+
+
 def _read_values(inits: dict[str, TensorProto], count: int) -> tuple[np.ndarray, int]:
     """(the stored non-zeros, exponent index width or 0) of a file's stream, which must
     hold exactly as many values as its mask has non-zeros."""
-    if PREFIX + "high" not in inits:
-        values = numpy_helper.to_array(inits[PREFIX + "values"])[1:]  # drop the padding 0
-        if values.size != count:
-            raise ValueError(f"the mask has {count} non-zeros but {values.size} values are "
-                             "stored")
-        return values, 0
+    _, width = _value_layout(inits, count)
+    if not width:
+        return numpy_helper.to_array(inits[PREFIX + "values"])[1:], 0  # drop the padding 0
     array = {k: numpy_helper.to_array(inits[PREFIX + k])
              for k in ("low", "high", "indices", "powers")}
-    width = int(array["powers"].size // 2).bit_length() - 1
-    if width not in EXPONENT_WIDTHS or array["powers"].size != 2 << width:
-        raise ValueError(f"{PREFIX}powers has {array['powers'].size} entries, not 4, 8 or 32")
-    stored = array["indices"].size * (8 // width)
-    if not array["low"].size == array["high"].size == stored or \
-            not count <= stored < count + 8 // width:
-        raise ValueError(f"the mask has {count} non-zeros but the exponent code stores "
-                         f"{array['low'].size}, {array['high'].size} and {stored} fields")
     code = ExponentCode(array["low"], array["high"], array["indices"], array["powers"], width)
     return exponent_decode(code, count), width
 
 
-def read_stream(model: onnx.ModelProto) -> PackedStream:
-    """The stream back from a file, laid out as its decoder reads it: which weight each
-    Split output becomes, its offset, shape and int8 scale all come from the graph itself."""
+@dataclass
+class StreamLayout:
+    """A file's stream as stored, nothing decoded but its mask: where each weight lies, how
+    many of its positions the mask marks non-zero, and what values are stored."""
+
+    tensors: list[PackedTensor]
+    nonzeros: list[int]  # per tensor, from the mask
+    top: np.ndarray
+    nibbles: list[np.ndarray]
+    value_dtype: np.dtype  # what the stored values decode to
+    value_count: int
+    raw_int8: bool
+    exponent_width: int
+
+    value_coding = PackedStream.value_coding
+    levels = PackedStream.levels
+    mask_bytes = PackedStream.mask_bytes
+
+
+def read_layout(model: onnx.ModelProto) -> StreamLayout:
+    """The stream of a file laid out as its decoder reads it: which weight each Split output
+    becomes, its offset, shape and int8 scale all come from the graph itself. The mask is
+    read a piece at a time (`mask_pieces`) and the values are not decoded, so this costs
+    about the file's mask, not its weights; the values stored must be as many as the mask's
+    non-zeros."""
     inits = {t.name: t for t in model.graph.initializer}
     consumers: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:
@@ -410,10 +446,63 @@ def read_stream(model: onnx.ModelProto) -> PackedStream:
     while PREFIX + f"level{len(levels)}" in inits:
         levels.append(numpy_helper.to_array(inits[PREFIX + f"level{len(levels)}"]))
     top = numpy_helper.to_array(inits[PREFIX + "top"])
-    count = int(decode_mask(top, levels, sum(t.size for t in tensors)).sum())
-    values, width = _read_values(inits, count)
-    raw_int8 = values.dtype == np.int8 and all(t.scale is None for t in tensors)
-    return PackedStream(tensors, values, top, levels, raw_int8, width)
+    total = sum(t.size for t in tensors)
+    nonzeros, count = _count_mask(top, levels, tensors, total)
+    dtype, width = _value_layout(inits, count)
+    raw_int8 = dtype == np.int8 and all(t.scale is None for t in tensors)
+    return StreamLayout(tensors, nonzeros, top, levels, dtype, count, raw_int8, width)
+
+
+def _count_mask(top: np.ndarray, nibbles: list[np.ndarray], tensors: list[PackedTensor],
+                total: int) -> tuple[list[int], int]:
+    """(non-zeros the mask marks in each tensor, in the first ``total`` positions)."""
+    counts, count, start = [0] * len(tensors), 0, 0
+    for piece in mask_pieces(top, nibbles, total):
+        end = start + piece.size
+        count += int(np.count_nonzero(piece))
+        for i, t in enumerate(tensors):
+            lo, hi = max(t.offset, start), min(t.offset + t.size, end)
+            if lo < hi:
+                counts[i] += int(np.count_nonzero(piece[lo - start: hi - start]))
+        start = end
+    if start < max((t.offset + t.size for t in tensors), default=0):
+        raise ValueError(f"the mask covers {start} weights, fewer than its tensors hold")
+    return counts, count
+
+
+def mask_pieces(top: np.ndarray, nibbles: list[np.ndarray], total: int,
+                piece: int = 1 << 20):
+    """The first ``total`` positions of the mask `decode_mask` gives, in consecutive
+    boolean pieces of about ``piece`` weights: the tree is walked a run of top-level blocks
+    at a time, each level's rank counted on from where the last run stopped, so no array
+    is larger than a piece whatever the file's size."""
+    step = max(1, piece // FANOUT ** len(nibbles) // 8)  # bytes of top-level bits per run
+    used = [0] * len(nibbles)  # nibbles of each level read by earlier runs
+    emitted = 0
+    for first in range(0, top.size, step):
+        if emitted >= total:
+            return
+        occupied = _unpack(top[first: first + step], 1)
+        for depth, level in enumerate(nibbles):
+            rank = np.cumsum(occupied, dtype=np.int64)
+            found = int(rank[-1]) if rank.size else 0
+            rank = (rank + used[depth]) * occupied  # 0 (the leading empty nibble) where empty
+            used[depth] += found
+            nibble = (level[rank >> 1] >> ((rank & 1) << 2).astype(np.uint8)) & 0xF
+            occupied = _unpack(nibble.astype(np.uint8), 1, FANOUT)
+        out = occupied[: total - emitted].astype(bool)
+        emitted += out.size
+        yield out
+
+
+def read_stream(model: onnx.ModelProto) -> PackedStream:
+    """The stream back from a file with its values decoded (`read_layout`, then the
+    values): for the export's own checks; the readers of a file need only its layout."""
+    layout = read_layout(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    values, width = _read_values(inits, layout.value_count)
+    return PackedStream(layout.tensors, values, layout.top, layout.nibbles, layout.raw_int8,
+                        width)
 
 
 def worth_packing(weight: np.ndarray, values: str) -> bool:

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
+from compress.errors import CompressError
+from export import integrity
 from export.integrity import INTEGRITY_KEY, digests, recorded_digests
 from export.onnx_export import export_checkpoint
 from export.packing import PREFIX
@@ -62,14 +64,91 @@ READERS = (("inspect",), ("evaluate", "--max-test-samples", "64"),
            ("bench", "--runs", "2", "--warmup", "0"))
 
 
+def _decoded_digest(model: onnx.ModelProto) -> str:
+    """Version 1's weights digest: over the weights onnxruntime decodes."""
+    return integrity._decoded_weights_digest(integrity.computed_weights(model, "the model"))
+
+
 def test_export_records_digests_that_match(packed, unpacked, cli):
-    model = onnx.load(str(packed))
+    model, twin = onnx.load(str(packed)), onnx.load(str(unpacked))
     recorded = recorded_digests(model)
-    assert recorded == {"version": 1, **digests(model)}
-    # the weights onnxruntime decodes from the packed file are those of the unpacked one
-    assert recorded["weights"] == recorded_digests(onnx.load(str(unpacked)))["weights"]
+    assert recorded == {"version": 2, **digests(model)}
+    # the weights digest is over the bytes stored: the packed file and its unpacked twin
+    # compute with the same weights (what version 1 hashed) but store different bytes
+    assert _decoded_digest(model) == _decoded_digest(twin)
+    assert recorded["weights"] != recorded_digests(twin)["weights"]
     report = json.loads(cli("evaluate", packed, "--max-test-samples", "32", "--json").stdout)
     assert report["integrity"] == {"status": "verified", "differs": []}
+
+
+def _set_byte(name: str):
+    def change(model):
+        tensor = _init(model, name)
+        data = bytearray(tensor.raw_data)
+        data[len(data) // 2] ^= 0x10
+        tensor.raw_data = bytes(data)
+    return change
+
+
+@pytest.mark.parametrize("name", [PREFIX + "low", PREFIX + "top", PREFIX + "field1",
+                                  "features.0.bias"])
+def test_the_digest_check_decodes_nothing(packed, tmp_path, cli, monkeypatch, name):
+    """A changed byte of the packed stream, of a decoder constant or of a dense initializer
+    is refused from the stored bytes alone: the check runs with decoding made impossible."""
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the digest check decoded the weights")
+
+    monkeypatch.setattr(integrity, "computed_weights", no_decoding)
+    assert integrity.check_integrity(onnx.load(str(packed)), "good").status == "verified"
+    bad = _variant(packed, tmp_path / "byte.onnx", _set_byte(name))
+    with pytest.raises(CompressError, match="its weights differ from what was exported"):
+        integrity.check_integrity(onnx.load(str(bad)), "bad")
+    monkeypatch.undo()
+    for reader in READERS:
+        assert "its weights differ" in _one_line_exit_2(cli(reader[0], bad, *reader[1:]))
+
+
+def _graph_and_stream_damaged(model):
+    """A node's text changed (the graph digest fails, the computation does not change) and
+    the stream made undecodable: every top-level block marked occupied, so the decoder
+    gathers past the nibbles stored and onnxruntime refuses to run it."""
+    model.graph.node[0].doc_string = "edited"
+    top = _init(model, PREFIX + "top")
+    top.raw_data = b"\xff" * len(top.raw_data)
+
+
+def _version_1(model):
+    """The record an earlier compress wrote: the weights digest over decoded weights."""
+    record = {"version": 1, **digests(model), "weights": _decoded_digest(model)}
+    for prop in model.metadata_props:
+        if prop.key == INTEGRITY_KEY:
+            prop.value = json.dumps(record)
+
+
+def test_version_1_records_still_verify(packed, tmp_path, cli):
+    old = _variant(packed, tmp_path / "v1.onnx", _version_1)
+    for reader in READERS:
+        report = json.loads(cli(reader[0], old, *reader[1:], "--json").stdout)
+        assert report["integrity"] == {"status": "verified", "differs": []}
+    assert json.loads(cli("inspect", old, "--json").stdout)["layers"] == \
+        json.loads(cli("inspect", packed, "--json").stdout)["layers"]
+    bad = _variant(old, tmp_path / "v1-bad.onnx", _set_byte(PREFIX + "low"))
+    assert "its weights differ" in _one_line_exit_2(cli("inspect", bad))
+
+
+def test_nothing_is_decoded_after_the_graph_digest_failed(packed, tmp_path, cli):
+    """Version 1 decodes to check the weights, but not once the graph failed: its one line
+    names the graph alone, never the stream that onnxruntime could not decode."""
+    old = _variant(packed, tmp_path / "v1.onnx", _version_1)
+    bad = _variant(old, tmp_path / "v1-graph.onnx", _graph_and_stream_damaged)
+    for reader in READERS:
+        line = _one_line_exit_2(cli(reader[0], bad, *reader[1:]))
+        assert "its graph differ from what was exported" in line, line
+    # version 2 names both from the stored bytes, without decoding either
+    bad = _variant(packed, tmp_path / "v2-graph.onnx", _graph_and_stream_damaged)
+    for reader in READERS:
+        line = _one_line_exit_2(cli(reader[0], bad, *reader[1:]))
+        assert "its graph and weights differ from what was exported" in line, line
 
 
 def test_exported_metadata_holds_no_machine_path(packed, dpf_run):
