@@ -13,6 +13,7 @@ from pathlib import Path
 from compress.checkpoint import CHECKPOINT_NAME
 from compress.errors import CompressError
 from compress.fileio import atomic_write_text
+from compress.jsontext import read_json
 
 METRICS_NAME = "metrics.jsonl"
 RECIPE_NAME = "recipe.yaml"
@@ -121,10 +122,11 @@ class RunDir:
         cut = 0
         for i, line in enumerate(lines):
             try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
+                event = read_json(line, "a line of metrics.jsonl")
+            except CompressError:
                 continue
-            if event.get("event") == "epoch" and event.get("epoch") == epoch:
+            if isinstance(event, dict) and event.get("event") == "epoch" and \
+                    event.get("epoch") == epoch:
                 cut = i + 1
         if cut < len(lines):
             atomic_write_text(self.metrics, "".join(lines[:cut]))
@@ -140,9 +142,11 @@ class RunDir:
         events = []
         for line in self.metrics.read_text().splitlines():
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+                event = read_json(line, "a line of metrics.jsonl")
+            except CompressError:
+                continue  # a line cut short by a crash, or past the limits of JSON read
+            if isinstance(event, dict):
+                events.append(event)
         return events
 
 

@@ -35,6 +35,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.errors import CompressError, first_line
+from compress.jsontext import read_json
+from export.graph_sizes import check_graph_sizes, check_sparse_tensor, sparse_tensors
 from export.limits import MAX_TENSOR_MB
 from export.metadata import PREFIX
 
@@ -117,32 +119,25 @@ def stored_tensors(model: onnx.ModelProto):
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.TENSOR:
                 yield attribute.t
+            elif attribute.type == onnx.AttributeProto.TENSORS:
+                yield from attribute.tensors
 
 
 def check_stored_sizes(model: onnx.ModelProto, where: str,
                        max_bytes: int = MAX_TENSOR_MB * 2**20) -> None:
     for tensor in stored_tensors(model):
         check_stored_tensor(tensor, where, max_bytes)
+    for sparse in sparse_tensors(model):  # onnx and onnxruntime make them dense
+        check_sparse_tensor(sparse, where, max_bytes)
+        check_stored_tensor(sparse.values, where, max_bytes)
+        check_stored_tensor(sparse.indices, where, max_bytes)
 
 
 def check_computed_sizes(model: onnx.ModelProto, where: str,
                          max_bytes: int = MAX_TENSOR_MB * 2**20) -> None:
-    """Refuse a graph that would compute a tensor past ``max_bytes`` for one sample, as far
-    as onnx's shape inference can tell before anything runs."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # an inconsistent graph: onnxruntime will refuse it in one line
-        return
-    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
-        tensor_type = info.type.tensor_type
-        count = 1
-        for dim in tensor_type.shape.dim:
-            count *= dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else 1
-        size = count * max(_itemsize(tensor_type.elem_type), 1.0)
-        if size > max_bytes:
-            raise CompressError(f"{where}: the graph computes {info.name!r} of "
-                                f"{size / 2**20:,.0f} MiB per sample, past the "
-                                f"{max_bytes / 2**20:,.0f} MiB limit (--max-tensor-mb)")
+    """Refuse a graph that would compute a tensor past ``max_bytes`` per sample, or whose
+    sizes cannot be known before it runs (see `export.graph_sizes`)."""
+    check_graph_sizes(model, where, max_bytes)
 
 
 @dataclass
@@ -313,8 +308,8 @@ def recorded_digests(model: onnx.ModelProto) -> dict | None:
     for prop in model.metadata_props:
         if prop.key == INTEGRITY_KEY:
             try:
-                value = json.loads(prop.value)
-            except ValueError:
+                value = read_json(prop.value, "the integrity record")
+            except CompressError:  # too deep, too long, not JSON: unreadable
                 return {}
             return value if isinstance(value, dict) else {}
     return None

@@ -20,7 +20,7 @@ import numpy as np
 
 from compress.errors import CompressError
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
-from export.session import open_session
+from export.session import open_session, single_input
 
 PERCENTILES = ("p50", "p90", "p99")
 
@@ -45,17 +45,18 @@ def _timed_session(path: Path, threads: int):
     return session, (time.perf_counter() - started) * 1e3
 
 
-def _feed(session, batch: int, max_input_mb: float = MAX_INPUT_MB) -> tuple[dict, list[int]]:
-    spec = session.get_inputs()[0]
+def _feed(session, batch: int, max_input_mb: float = MAX_INPUT_MB,
+          where: str | Path = "the model") -> tuple[dict, list[int]]:
+    spec = single_input(session, where)
     dims = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape[1:]]
     if spec.type != "tensor(float)":
         raise CompressError(f"bench feeds float32 inputs; the model's input is {spec.type}")
-    size_mb = 4 * math.prod(dims) / 2**20
+    size_mb = np.dtype(np.float32).itemsize * math.prod(dims) / 2**20  # as drawn below
     if size_mb > max_input_mb:  # checked before allocating what the file declares
         raise CompressError(f"the model declares an input of shape {tuple(dims)} "
                             f"({size_mb:,.0f} MiB at batch {batch}), past the {max_input_mb:g} "
                             "MiB limit; pass --max-input-mb to raise it")
-    x = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(dims, dtype=np.float32)
     return {spec.name: x}, dims
 
 
@@ -81,7 +82,7 @@ def measure(paths: list[Path], *, threads: int = 1, batch: int = 1, runs: int = 
     sessions, measurements = [], []
     for path in paths:
         session, start_ms = _timed_session(path, threads)
-        feed, dims = _feed(session, batch, max_input_mb)
+        feed, dims = _feed(session, batch, max_input_mb, path)
         sessions.append((session, feed))
         measurements.append(Measurement(str(path), path.stat().st_size, start_ms, dims))
     for session, feed in sessions:

@@ -11,6 +11,8 @@ import json
 
 import onnx
 
+from compress.jsontext import NotJson, read_json
+
 PREFIX = "io.compress."
 
 
@@ -31,18 +33,20 @@ def set_tensor_metadata(tensor: onnx.TensorProto, entries: dict[str, object]) ->
         tensor.metadata_props.add(key=PREFIX + key, value=text)
 
 
-def _decode(value: str) -> object:
+def _decode(key: str, value: str) -> object:
+    """An entry's JSON value, or its text where it is not JSON; JSON past the limits of
+    `read_json` (too long, too deep, a huge integer) is refused in one line."""
     try:
-        return json.loads(value)
-    except json.JSONDecodeError:
+        return read_json(value, f"metadata entry {key[:80]!r}")
+    except NotJson:
         return value
 
 
 def model_metadata(model: onnx.ModelProto) -> dict[str, object]:
-    return {p.key.removeprefix(PREFIX): _decode(p.value) for p in model.metadata_props
+    return {p.key.removeprefix(PREFIX): _decode(p.key, p.value) for p in model.metadata_props
             if p.key.startswith(PREFIX)}
 
 
 def tensor_metadata(tensor: onnx.TensorProto) -> dict[str, object]:
-    return {p.key.removeprefix(PREFIX): _decode(p.value) for p in tensor.metadata_props
+    return {p.key.removeprefix(PREFIX): _decode(p.key, p.value) for p in tensor.metadata_props
             if p.key.startswith(PREFIX)}

@@ -10,7 +10,7 @@ from compress.errors import CompressError
 from export.limits import MAX_TENSOR_MB
 from export.metadata import model_metadata
 from export.onnx_inspect import load_checked, packed_layout
-from export.session import open_session
+from export.session import open_session, single_input
 
 
 def ort_session(path: str | Path):
@@ -18,7 +18,7 @@ def ort_session(path: str | Path):
 
 
 def split_top1(session, split, batch_size: int = 512) -> float:
-    spec = session.get_inputs()[0]
+    spec = single_input(session, "the model")
     correct = seen = 0
     for x, y in split.batches(batch_size):
         expected = [d for d in spec.shape[1:]]

@@ -36,11 +36,15 @@ decode on every inference.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from compress.errors import CompressError
+from export.limits import MAX_TENSOR_MB
 
 VALUE_TYPES = ("fp32", "fp16", "int8")
 MAX_LEVELS = 3
@@ -418,7 +422,8 @@ class StreamLayout:
     mask_bytes = PackedStream.mask_bytes
 
 
-def read_layout(model: onnx.ModelProto) -> StreamLayout:
+def read_layout(model: onnx.ModelProto,
+                max_bytes: int = MAX_TENSOR_MB * 2**20) -> StreamLayout:
     """The stream of a file laid out as its decoder reads it: which weight each Split output
     becomes, its offset, shape and int8 scale all come from the graph itself. The mask is
     read a piece at a time (`mask_pieces`) and the values are not decoded, so this costs
@@ -441,16 +446,35 @@ def read_layout(model: onnx.ModelProto) -> StreamLayout:
         if node is not None and node.op_type == "Reshape":
             shape = tuple(int(d) for d in numpy_helper.to_array(inits[node.input[1]]))
             tensors.append(PackedTensor(node.output[0], shape, offset, scale))
+            if math.prod(shape) != int(size):
+                raise ValueError(f"weight {node.output[0]!r} of shape {shape[:8]} does not "
+                                 f"hold its share of the stream ({int(size)})")
         offset += int(size)
+    if PREFIX + f"level{MAX_LEVELS}" in inits:  # each level multiplies what is decoded by 4
+        raise ValueError(f"its mask has more than {MAX_LEVELS} levels")
     levels = []
     while PREFIX + f"level{len(levels)}" in inits:
         levels.append(numpy_helper.to_array(inits[PREFIX + f"level{len(levels)}"]))
     top = numpy_helper.to_array(inits[PREFIX + "top"])
+    _check_decoded_length(top.size * 8 * FANOUT ** len(levels), sizes, max_bytes)
     total = sum(t.size for t in tensors)
     nonzeros, count = _count_mask(top, levels, tensors, total)
     dtype, width = _value_layout(inits, count)
     raw_int8 = dtype == np.int8 and all(t.scale is None for t in tensors)
     return StreamLayout(tensors, nonzeros, top, levels, dtype, count, raw_int8, width)
+
+
+def _check_decoded_length(length: int, sizes: np.ndarray, max_bytes: int) -> None:
+    """Before anything is decoded: the stream decodes to ``length`` weights, which its
+    decoder ranks as int64 (8 bytes each, within ``max_bytes``) and which the Split sizes
+    share out exactly."""
+    if length * 8 > max_bytes:
+        raise CompressError(f"its packed stream decodes to {length:,} weights, past the "
+                            f"{max_bytes / 2**20:,.0f} MiB limit (--max-tensor-mb)")
+    shares = [int(size) for size in sizes.reshape(-1)]
+    if any(share < 0 for share in shares) or sum(shares) != length:
+        raise ValueError(f"{PREFIX}split shares out {sum(shares)} weights, the mask holds "
+                         f"{length}")
 
 
 def _count_mask(top: np.ndarray, nibbles: list[np.ndarray], tensors: list[PackedTensor],

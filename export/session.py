@@ -52,3 +52,14 @@ def quiet(session) -> None:
     runs: it would print a multi-line "EP Error" banner to stdout, and there is no other
     provider to retry on."""
     session.disable_fallback()
+
+
+def single_input(session, where: str | Path):
+    """The model's one input (a classifier takes one image batch); a model with none or
+    several is refused in one line naming them, since compress cannot feed it sensibly."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(repr(spec.name[:60]) for spec in inputs[:8])
+        raise CompressError(f"{where} takes {len(inputs)} inputs{f' ({names})' if names else ''}"
+                            "; compress feeds classifiers with one input (an image batch)")
+    return inputs[0]

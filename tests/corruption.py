@@ -7,6 +7,7 @@ integers is a valid mutation of any file and a fuzzer can draw them freely.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 KINDS = ("flip", "byte", "truncate", "huge", "zero-run", "duplicate")
 Mutation = tuple[str, int, int]
@@ -66,3 +67,11 @@ def assert_refused(result, *fragments: str) -> None:
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def files_under(root: Path) -> set[str]:
+    """Every file under ``root`` (where a command ran, its HOME and TMPDIR), but for
+    matplotlib's font cache, which a command that imports it writes into HOME: a refused
+    command must leave this set as it found it."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+            and not str(p.relative_to(root)).startswith(".cache/matplotlib/")}

@@ -247,8 +247,14 @@ def test_invalid_utf8_in_metadata_is_one_line(packed, tmp_path, cli):
 
 
 def test_bench_checks_the_declared_input_before_allocating(packed, tmp_path, cli):
-    bad = _variant(packed, tmp_path / "wide.onnx", CORRUPTIONS["huge-declared-input"])
-    line = _one_line_exit_2(cli("bench", bad, "--ignore-digest", "--max-tensor-mb", "1e6"))
+    wide = tmp_path / "wide.onnx"  # a graph that fits its 20000 x 20000 input (1.5 GiB)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0)], "wide",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 20000, 20000])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)],
+                                     ir_version=10), wide)
+    line = _one_line_exit_2(cli("bench", wide, "--max-tensor-mb", "1e6"))
     assert "--max-input-mb" in line
     line = _one_line_exit_2(cli("bench", packed, "--max-input-mb", "0.001"))
     assert "--max-input-mb" in line

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from corruption import assert_refused  # noqa: E402
+from corruption import assert_refused, files_under  # noqa: E402
 
 MARKER = "code-ran.txt"
 
@@ -36,13 +36,6 @@ def lenet_run(tmp_path_factory) -> Path:
                   data_overrides={"data": "synthetic", "max_train_samples": 256,
                                   "max_test_samples": 64})
     return out
-
-
-def _files(root: Path) -> set[str]:
-    """Every file under ``root`` (where the command ran, its HOME and TMPDIR), but for
-    matplotlib's font cache, which a command that imports it writes into HOME."""
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-            and not str(p.relative_to(root)).startswith(".cache/matplotlib/")}
 
 
 def _payload(run: Path) -> dict:
@@ -74,10 +67,10 @@ def test_a_checkpoint_cannot_choose_code_to_run(lenet_run, tmp_path, run_capped,
     payload = _payload(lenet_run)
     payload["model"]["spec"] = "evilnets:make"
     run = _save_run(payload, tmp_path / "run")
-    before = _files(tmp_path)
+    before = files_under(tmp_path)
     result = run_capped(command[0], run, *command[1:], env=env)
     assert_refused(result, "evilnets:make", "--model")
-    assert _files(tmp_path) == before  # no marker, no output, nothing in HOME or TMPDIR
+    assert files_under(tmp_path) == before  # no marker, no output, nothing in HOME or TMPDIR
 
 
 def test_a_checkpoint_recipe_cannot_choose_code_either(lenet_run, tmp_path, run_capped):
@@ -156,10 +149,10 @@ def test_cifar_batches_load_without_running_anything(tmp_path):
 ])
 def test_a_crafted_cifar_batch_cannot_run_a_shell_command(tmp_path, run_capped, command):
     data = _cifar_dir(tmp_path, _RunsAShellCommand(tmp_path / MARKER))
-    before = _files(tmp_path)
+    before = files_under(tmp_path)
     result = run_capped(*command, "--data", "cifar10", "--data-dir", data)
     assert_refused(result, "data_batch_3", "posix.system")
-    assert _files(tmp_path) == before
+    assert files_under(tmp_path) == before
 
 
 def test_a_cifar_batch_with_an_object_array_is_refused(tmp_path):
