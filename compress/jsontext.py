@@ -18,7 +18,10 @@ import math
 import re
 
 from compress.errors import CompressError
-from export.limits import MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_JSON_INT_DIGITS
+
+MAX_JSON_BYTES = 2**20  # longest JSON text read from a file (metadata, records, logs)
+MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects in it
+MAX_JSON_INT_DIGITS = 64  # longest integer in it
 
 _SPECIAL = re.compile(r'["\\\[\]{}]')
 

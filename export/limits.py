@@ -4,6 +4,3 @@ MAX_TENSOR_MB = 4096  # largest tensor a file may declare or make onnxruntime co
 MAX_INPUT_MB = 256  # largest random input `bench` allocates
 PROBE_BATCH = 512  # computed sizes are checked at batch 1 and at this batch (evaluate's)
 MAX_FOLDED_ELEMENTS = 4096  # largest constant the size check computes (shapes, axes, sizes)
-MAX_JSON_BYTES = 2**20  # longest JSON text read from a file (metadata, records, logs)
-MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects in it
-MAX_JSON_INT_DIGITS = 64  # longest integer in it

@@ -21,9 +21,8 @@ from onnx import helper as oh
 from onnx import numpy_helper
 
 from compress.errors import CompressError
-from compress.jsontext import NotJson, read_json
+from compress.jsontext import MAX_JSON_DEPTH, MAX_JSON_INT_DIGITS, NotJson, read_json
 from export.integrity import INTEGRITY_KEY
-from export.limits import MAX_JSON_DEPTH, MAX_JSON_INT_DIGITS
 from export.metadata import PREFIX
 from export.packing import PREFIX as STREAM
 from export.packing import PackedStream, PackedTensor, decoder, encode
