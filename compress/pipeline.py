@@ -30,6 +30,7 @@ from compress.errors import CompressError, first_line
 from compress.masks import Coverage, prunable_weights
 from compress.methods import REGISTRY, FixedMask, MaskPruner, method
 from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
+from compress.model_specs import trust_model_spec
 from compress.models import build_model
 from compress.recipe import (
     Recipe,
@@ -328,7 +329,10 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
     """Train (and prune during training) per ``recipe``; write the run to ``out``.
 
     With ``resume``, ``requested`` holds the fields the command line gave: they must equal
-    the saved recipe's. Under torchrun every process runs this; see `compress.distributed`."""
+    the saved recipe's. Under torchrun every process runs this; see `compress.distributed`.
+    ``recipe.model`` is trusted (see `compress.model_specs`): it was named by the caller or
+    checked when a file was read; the run's own checkpoint may then name it."""
+    trust_model_spec(recipe.model)
     console = console or Console(stderr=True)
     shard = distributed.from_env()
     if shard.active:
@@ -565,7 +569,9 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     """Prune a trained model once with a registered one-shot method, optionally fine-tune.
 
     ``on_start`` is called once every input has been checked, before any work (a command
-    line prints its banner there, so that a bad input is one line alone)."""
+    line prints its banner there, so that a bad input is one line alone). ``model``, named by
+    the caller, is trusted (see `compress.model_specs`)."""
+    trust_model_spec(model)
     if distributed.from_env().active:
         raise CompressError("compress prune runs in one process; run it without torchrun")
     spec = _one_shot_spec(method)  # the parameter shadows the registry's `method`
