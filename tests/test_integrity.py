@@ -108,6 +108,26 @@ def test_the_digest_check_decodes_nothing(packed, tmp_path, cli, monkeypatch, na
         assert "its weights differ" in _one_line_exit_2(cli(reader[0], bad, *reader[1:]))
 
 
+def test_a_verified_file_is_read_without_decoding(packed, cli, monkeypatch):
+    """inspect checks and counts a verified file without onnxruntime, and bench opens no
+    session but its timing one; bench reports its peak memory and its session's start."""
+    import onnxruntime
+
+    opened = []
+
+    class Counted(onnxruntime.InferenceSession):
+        def __init__(self, path_or_bytes, *args, **kwargs):
+            opened.append(str(path_or_bytes)[:200])
+            super().__init__(path_or_bytes, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Counted)
+    report = json.loads(cli("inspect", packed, "--json").stdout)
+    assert report["integrity"]["status"] == "verified" and report["packing"] and opened == []
+    payload = json.loads(cli("bench", packed, "--runs", "2", "--warmup", "0", "--json").stdout)
+    assert opened == [str(packed)]
+    assert payload["peak_rss_mb"] > 0 and payload["session_start_ms"] > 0
+
+
 def _graph_and_stream_damaged(model):
     """A node's text changed (the graph digest fails, the computation does not change) and
     the stream made undecodable: every top-level block marked occupied, so the decoder
