@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.dataconfig import DATASETS, DataConfig
+from compress.datafiles import ARRAY_DATASETS, channel_stats, normalised_batches, read_split
 from compress.errors import CompressError
 from export.limits import MAX_TENSOR_MB
 from export.metadata import model_metadata
@@ -18,24 +20,49 @@ def ort_session(path: str | Path):
 
 
 def split_top1(session, split, batch_size: int = 512) -> float:
+    """Top-1 of ``session`` on a torch split (what `compress.data` loads)."""
+    return batches_top1(session, ((x.numpy(), y.numpy()) for x, y in split.batches(batch_size)))
+
+
+def batches_top1(session, batches) -> float:
+    """Top-1 of ``session`` on (float32 images, labels) numpy batches."""
     spec = single_input(session, "the model")
     correct = seen = 0
-    for x, y in split.batches(batch_size):
+    for x, y in batches:
         expected = [d for d in spec.shape[1:]]
         if all(isinstance(d, int) for d in expected) and list(x.shape[1:]) != expected:
             raise CompressError(f"the model takes inputs of shape {tuple(expected)}, the data "
                                 f"gives {tuple(x.shape[1:])}; pass the matching --data")
-        logits = session.run(None, {spec.name: x.numpy().astype(np.float32)})[0]
-        correct += int((logits.argmax(1) == y.numpy()).sum())
+        logits = session.run(None, {spec.name: x.astype(np.float32, copy=False)})[0]
+        correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     return correct / seen if seen else 0.0
+
+
+def scoring_batches(config: DataConfig, batch_size: int):
+    """(test images, normalised batches) of ``config``'s data set. In-memory data sets are
+    read with numpy alone, normalised as the model was trained (the recorded mean and std):
+    a device scores a file without torch. Image folders are decoded through torchvision."""
+    if config.name not in ARRAY_DATASETS:
+        from compress.data import load_splits
+
+        split = load_splits(config).test
+        return len(split), ((x.numpy(), y.numpy()) for x, y in split.batches(batch_size))
+    images, labels = read_split(config.name, config.data_dir, "test", config.input_shape,
+                                config.num_classes, config.max_test_samples)
+    if config.max_test_samples:
+        images, labels = images[:config.max_test_samples], labels[:config.max_test_samples]
+    mean, std = config.mean, config.std
+    if not mean or not std or len(mean) != images.shape[1] or len(std) != images.shape[1]:
+        train = read_split(config.name, config.data_dir, "train", config.input_shape,
+                           config.num_classes, config.max_train_samples)[0]
+        mean, std = channel_stats(train)
+    return len(labels), normalised_batches(images, labels, mean, std, batch_size)
 
 
 def data_config_from_onnx(path: str | Path, meta: dict, data: str | None,
                           data_dir: str | None):
     """The data set to evaluate on: ``--data`` or what the file's metadata ``meta`` records."""
-    from compress.data import DATASETS, DataConfig
-
     if str(path).lower().endswith(".ort") and data is None:
         raise CompressError(f"{path} is an ORT-format file, which carries no metadata; "
                             "pass --data (and --data-dir)")
@@ -50,6 +77,8 @@ def data_config_from_onnx(path: str | Path, meta: dict, data: str | None,
     if data is not None:
         if data not in DATASETS:
             raise CompressError(f"unknown data set {data!r}: use one of {', '.join(DATASETS)}")
+        if data != config.name:  # the recorded normalisation is another data set's
+            config.mean = config.std = None
         config.name, config.data_dir = data, data_dir
     elif data_dir is not None:
         config.data_dir = data_dir
@@ -61,8 +90,6 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
                   ignore_digest: bool = False,
                   max_tensor_mb: float = MAX_TENSOR_MB) -> dict:
     """Test-split top-1 of the ONNX model, in onnxruntime, once the file proved intact."""
-    from compress.data import load_splits
-
     if not Path(path).is_file():
         raise CompressError(f"no model file at {path}")
     meta, integrity = {}, {"status": "skipped", "differs": []}  # ORT format has no record
@@ -80,8 +107,8 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
         config.max_test_samples = max_test_samples
     unfinished = unfinished_export_note(meta)
     session = ort_session(path)
-    splits = load_splits(config)
-    return {"top1": split_top1(session, splits.test, batch_size), "samples": len(splits.test),
+    samples, batches = scoring_batches(config, batch_size)
+    return {"top1": batches_top1(session, batches), "samples": samples,
             "split": "test", "data": config.name, "runtime": "onnxruntime",
             "unfinished": unfinished, "integrity": integrity}
 
