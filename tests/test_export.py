@@ -19,6 +19,7 @@ from compress.recipe import Recipe
 from export import verify as verify_module
 from export.metadata import model_metadata, tensor_metadata
 from export.onnx_export import export_checkpoint
+from export.onnx_inspect import inspect_onnx
 from export.packing import DECODER_OPS, PREFIX, decode, decoder, encode, exponent_width, read_stream
 
 SMALL = dict(model="lenet5", epochs=1, batch_size=64, refresh_every=4,
@@ -602,7 +603,7 @@ def test_batchnorm_and_torchvision_models_export(spec, data, sparsity, tmp_path,
     assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
     assert not set(optimized_ops(path, tmp_path)) & DECODER_OPS
     # folding BatchNorm scales whole output channels: the zeros survive it
-    from_onnx = json.loads(cli("inspect", path, "--json").stdout)["total"]
+    from_onnx = inspect_onnx(path)["total"]
     assert from_onnx["prunable_sparsity"] == pytest.approx(sparsity, abs=2e-3)
     int8 = cli("export", pruned, "--onnx", tmp_path / "q.onnx", "--quantize", "int8",
                "--calibration-samples", "32", "--json")
