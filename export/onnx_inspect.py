@@ -127,14 +127,22 @@ def dense_weights(model: onnx.ModelProto,
             shape_init = inits.get(f"{t.name}__shape")
             meta = tensor_metadata(shape_init) if shape_init is not None else {}
             out[t.name] = (decoded[t.name], meta)
-    skip = quantization_parameters(model)  # scales and zero points are not parameters
+    for name, tensor in _parameter_initializers(model, inits, out):
+        out[name] = (numpy_helper.to_array(tensor), tensor_metadata(tensor))
+    return out
+
+
+def _parameter_initializers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto],
+                            done: dict):
+    """(name, tensor) of every stored weight or bias not in ``done`` and not packed: float
+    tensors of rank >= 1, int8 weights and int32 biases, but not scales and zero points."""
+    skip = quantization_parameters(model)
     int8_weights = quantized_weights(model)
     for name, tensor in inits.items():
-        if name.startswith(PREFIX) or name in out or name in skip or not tensor.dims:
+        if name.startswith(PREFIX) or name in done or name in skip or not tensor.dims:
             continue
         if tensor.data_type in PARAMETER_TYPES or name in int8_weights:
-            out[name] = (numpy_helper.to_array(tensor), tensor_metadata(tensor))
-    return out
+            yield name, tensor
 
 
 Counted = tuple[tuple[int, ...], int, dict]  # shape, non-zeros, tensor metadata
@@ -156,14 +164,9 @@ def weight_counts(model: onnx.ModelProto, layout: StreamLayout | None,
             out[t.name] = (tuple(array.shape), int(np.count_nonzero(array)), meta)
         else:
             out[t.name] = (t.shape, nonzero, meta)
-    skip = quantization_parameters(model)  # scales and zero points are not parameters
-    int8_weights = quantized_weights(model)
-    for name, tensor in inits.items():
-        if name.startswith(PREFIX) or name in out or name in skip or not tensor.dims:
-            continue
-        if tensor.data_type in PARAMETER_TYPES or name in int8_weights:
-            array = numpy_helper.to_array(tensor)
-            out[name] = (array.shape, int(np.count_nonzero(array)), tensor_metadata(tensor))
+    for name, tensor in _parameter_initializers(model, inits, out):
+        array = numpy_helper.to_array(tensor)
+        out[name] = (array.shape, int(np.count_nonzero(array)), tensor_metadata(tensor))
     return out
 
 
