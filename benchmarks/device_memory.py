@@ -16,9 +16,13 @@ wall time are recorded:
 - ``inspect``: ``compress inspect FILE --json``;
 - ``bench``: ``compress bench FILE --runs 20 --json`` (its wall time includes 40 runs, so
   its session start is compared instead);
+- ``bench-start``: ``compress bench FILE --runs 1 --warmup 0 --json``: its process time less
+  its one run is the time ``bench`` takes to be ready (checks and session), compared with
+  the bare process's (``START_BUDGET``); ``evaluate`` reads the file the same way first;
 - ``evaluate``: ``compress evaluate FILE --json``, on the synthetic data the file records
-  (512 test images of 3x224x224), at its default batch of 512, and ``evaluate-b8`` at
-  ``--batch-size 8`` (their time is the data set's and the inference's, not compared).
+  (512 test images of 3x224x224), at its default batch (as many images as fit 1 MiB of input:
+  1 here), and ``evaluate-b8`` at ``--batch-size 8`` (their time is the data set's and the
+  inference's, not compared).
 
 The prune runs and exports are kept under ``--work`` (default ``runs/device_memory``), so a
 second run only measures. Results go to ``benchmarks/results/device_memory.json``; a run
@@ -50,6 +54,7 @@ MODELS = {"resnet18": "torchvision.models:resnet18",
           "efficientnet_b0": "torchvision.models:efficientnet_b0",
           "vit_b_16": "torchvision.models:vit_b_16"}
 BUDGET = 1.5  # a reader's peak RSS may be at most this many times the bare session's
+START_BUDGET = 2.0  # and its time to be ready at most this many times the bare process's
 
 BARE = """
 import json, sys, time
@@ -89,6 +94,8 @@ READERS = {
     "check": lambda f: [sys.executable, "-c", CHECK, str(f)],
     "inspect": lambda f: [COMPRESS, "inspect", str(f), "--json"],
     "bench": lambda f: [COMPRESS, "bench", str(f), "--runs", "20", "--json"],
+    "bench-start": lambda f: [COMPRESS, "bench", str(f), "--runs", "1", "--warmup", "0",
+                              "--json"],
     "evaluate": lambda f: [COMPRESS, "evaluate", str(f), "--json"],
     "evaluate-b8": lambda f: [COMPRESS, "evaluate", str(f), "--batch-size", "8", "--json"],
 }
@@ -186,6 +193,16 @@ def _start_s(reader: str, got: dict) -> float | None:
     return output[key[reader]] / 1e3 if reader in key and key[reader] in output else None
 
 
+def ready_s(reader: str, got: dict | None) -> float | None:
+    """A reader's process time until it is ready: the whole process for ``bare``, ``check``
+    and ``inspect``; for ``bench-start``, its process less its one timed run."""
+    if got is None or got["exit"]:
+        return None
+    if reader == "bench-start":
+        return got["wall_s"] - got["output"]["latency_ms"]["mean"] / 1e3
+    return got["wall_s"] if reader in ("bare", "check", "inspect") else None
+
+
 def table(rows: list[dict]) -> str:
     readers = [r for r in READERS if r != "bare" and any(r in row["readers"] for row in rows)]
     lines = ["| model | file | MB | bare session: peak MiB, start s | "
@@ -209,24 +226,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _time_cell(got: dict | None, reader: str, start: bool = True) -> str:
-    if got is None or got["exit"]:
-        return "-"
-    ready = _start_s(reader, got) if start else None
-    return f"{got['wall_s']:.2f}" + ("" if ready is None else f", {ready:.2f}")
-
-
 def time_table(rows: list[dict]) -> str:
-    lines = ["| model | file | bare: process s, session start s | check: process s, check s | "
-             "inspect: process s | bench: session start s |", "|---|---|---|---|---|---|"]
+    """Process seconds until ready, and the ratio to the bare session's process."""
+    readers = ("check", "inspect", "bench-start")
+    lines = ["| model | file | bare: process s (session start s) | "
+             + " | ".join(f"{r}: s (× bare)" for r in readers) + " |",
+             "|---|---|---|" + "---|" * len(readers)]
     for row in rows:
-        r = row["readers"]
-        bench = r.get("bench")
-        bench_start = _start_s("bench", bench) if bench and not bench["exit"] else None
-        lines.append(f"| {row['model']} | {row['file']} | {_time_cell(r.get('bare'), 'bare')} | "
-                     f"{_time_cell(r.get('check'), 'check')} | "
-                     f"{_time_cell(r.get('inspect'), 'inspect', False)} | "
-                     f"{'-' if bench_start is None else f'{bench_start:.2f}'} |")
+        got = row["readers"]
+        bare = ready_s("bare", got.get("bare"))
+        cells = [row["model"], row["file"],
+                 "-" if bare is None else f"{bare:.2f} ({_start_s('bare', got['bare']):.2f})"]
+        for reader in readers:
+            ready = ready_s(reader, got.get(reader))
+            if ready is None or bare is None:
+                cells.append("-")
+                continue
+            mark = "" if ready <= START_BUDGET * bare else " **over**"
+            cells.append(f"{ready:.2f} ({ready / bare:.2f}){mark}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -235,7 +253,7 @@ def _save(out: Path, rows: dict) -> list[dict]:
     ordered = [rows[key] for key in sorted(rows, key=lambda k: (list(MODELS).index(k[0]), k[1]))]
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()},
-              "budget": BUDGET,
+              "budget": BUDGET, "start_budget": START_BUDGET,
               "parent_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "rows": ordered}
     out.parent.mkdir(parents=True, exist_ok=True)

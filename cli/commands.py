@@ -467,7 +467,10 @@ def evaluate(
     path: Annotated[str, typer.Argument(help="Run directory, checkpoint or ONNX file.")],
     data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
     data_dir: Annotated[str | None, Opt()] = None,
-    batch_size: Annotated[int, Opt()] = 512,
+    batch_size: Annotated[int | None, Opt(help="Images per batch (default: for an ONNX file "
+                                              "as many as fit 1 MiB of input, at most 512, "
+                                              "so scoring holds little beyond the session; "
+                                              "for a checkpoint 512).")] = None,
     max_test_samples: Annotated[int | None, Opt(help="Evaluate on the first N test images "
                                                      "only.")] = None,
     threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else the "
@@ -485,7 +488,7 @@ def evaluate(
     from compress.errors import CompressError
 
     verified_by = check_signed([path], verify_key)  # before anything else reads the file
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise CompressError(f"--batch-size must be at least 1, got {batch_size}")
     if max_test_samples is not None and max_test_samples < 1:
         raise CompressError(f"--max-test-samples must be at least 1, got {max_test_samples}")
@@ -502,7 +505,7 @@ def evaluate(
     else:
         from compress.inspection import evaluate_checkpoint
 
-        result = evaluate_checkpoint(path, data, data_dir, batch_size, max_test_samples)
+        result = evaluate_checkpoint(path, data, data_dir, batch_size or 512, max_test_samples)
         _warn_unfinished(result.get("unfinished"))
     if json_out:
         print_json(result)

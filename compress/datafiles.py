@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ MAX_SYNTHETIC_MB = 4096  # what drawing one synthetic split may take
 MAX_IDX_MB = 2048  # Fashion-MNIST's training images take 45 MiB
 SYNTHETIC_SEED = 1234
 SYNTHETIC_BLOCK = 64  # samples or classes drawn at a time: memory stays small for any shape
+SYNTHETIC_FEATURES = 4096  # inputs the labelling projection weighs apart (`_pooled`)
 DEFAULT_SAMPLES = {"train": 2048, "test": 512}  # synthetic split sizes when not sliced
 Arrays = tuple[np.ndarray, np.ndarray]  # images (N, C, H, W) uint8, labels (N,) int64
 
@@ -129,28 +130,59 @@ def synthetic_split(input_shape: tuple[int, int, int], num_classes: int, samples
                     split: str) -> Arrays:
     """Gaussian inputs labelled by a fixed random linear map: learnable, not trivial.
 
-    Drawn in blocks of ``SYNTHETIC_BLOCK`` samples and classes, each block from its own
-    seeded stream, so that any split can be drawn alone and memory stays small.
+    The whole split, from `synthetic_blocks`; refused past ``MAX_SYNTHETIC_MB``.
     """
     c, h, w = input_shape
-    features = c * h * w
-    block = SYNTHETIC_BLOCK
-    needed = 4 * features * block * 2 + features * samples  # two float blocks, uint8 images
+    needed = c * h * w * samples + 2**21  # the images, and a row of floats per draw
     if needed > MAX_SYNTHETIC_MB * 2**20:
         raise CompressError(f"synthetic data of shape {c}x{h}x{w} with {samples:,} samples "
                             f"needs {needed / 2**30:,.1f} GiB, past the "
                             f"{MAX_SYNTHETIC_MB // 1024} GiB limit; ask for fewer samples or "
                             "a smaller shape")
-    split_id = {"train": 0, "test": 1}[split]
     images = np.empty((samples, c, h, w), dtype=np.uint8)
     labels = np.empty(samples, dtype=np.int64)
-    for start in range(0, samples, block):
-        rng = np.random.default_rng([SYNTHETIC_SEED, split_id, start // block])
-        x = rng.standard_normal((min(block, samples - start), features), dtype=np.float32)
-        labels[start:start + len(x)] = _synthetic_labels(x, num_classes)
-        images[start:start + len(x)] = np.clip(x * 40 + 128, 0, 255).astype(np.uint8) \
-            .reshape(-1, c, h, w)
+    start = 0
+    for block_images, block_labels in synthetic_blocks(input_shape, num_classes, samples, split):
+        images[start:start + len(block_labels)] = block_images
+        labels[start:start + len(block_labels)] = block_labels
+        start += len(block_labels)
     return images, labels
+
+
+def synthetic_blocks(input_shape: tuple[int, int, int], num_classes: int, samples: int,
+                     split: str) -> Iterator[Arrays]:
+    """The synthetic split ``SYNTHETIC_BLOCK`` samples at a time, each block from its own
+    seeded stream: any split, or any part of one, is drawn alone, and a reader that scores a
+    block at a time holds one block (`held_out_batches`). Within a block, rows are drawn
+    about a mebibyte at a time (the stream gives the same numbers however it is cut), so a
+    block of 3x224x224 images holds 9.6 MB of uint8, not 39 MB of float32."""
+    c, h, w = input_shape
+    features = c * h * w
+    rows_per_draw = max(1, 2**20 // (4 * features))
+    split_id = {"train": 0, "test": 1}[split]
+    for start in range(0, samples, SYNTHETIC_BLOCK):
+        rng = np.random.default_rng([SYNTHETIC_SEED, split_id, start // SYNTHETIC_BLOCK])
+        count = min(SYNTHETIC_BLOCK, samples - start)
+        images = np.empty((count, features), dtype=np.uint8)
+        pooled = []
+        for row in range(0, count, rows_per_draw):
+            x = rng.standard_normal((min(rows_per_draw, count - row), features),
+                                    dtype=np.float32)
+            pooled.append(_pooled(x))
+            x *= 40  # in place, as x * 40 + 128 computes it
+            x += 128
+            images[row:row + len(x)] = np.clip(x, 0, 255, out=x)
+        yield images.reshape(-1, c, h, w), _synthetic_labels(np.concatenate(pooled), num_classes)
+
+
+def _pooled(x: np.ndarray) -> np.ndarray:
+    """``x`` with runs of consecutive features summed into at most ``SYNTHETIC_FEATURES``
+    (a copy of it when it has no more): labels are a random linear map of the input whose
+    projection stays small at any image size (at 3x224x224, 37 pixels share a weight)."""
+    if x.shape[1] <= SYNTHETIC_FEATURES:
+        return x.copy()
+    run = -(-x.shape[1] // SYNTHETIC_FEATURES)
+    return np.add.reduceat(x, np.arange(0, x.shape[1], run), axis=1)
 
 
 def _synthetic_labels(x: np.ndarray, num_classes: int) -> np.ndarray:
@@ -193,12 +225,53 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.astype(np.float32).tolist(), std.astype(np.float32).tolist()
 
 
-def normalised_batches(images: np.ndarray, labels: np.ndarray, mean: list[float],
-                       std: list[float], batch_size: int) -> Iterator[Arrays]:
-    """(float32 images scaled to [0, 1] and normalised, labels) in order, a batch at a time:
-    the same arithmetic, in float32, as the training splits use."""
+def normalised(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 images scaled to [0, 1] and normalised: the same arithmetic, in float32, as the
+    training splits use."""
     shift = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     scale = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return (images.astype(np.float32) / np.float32(255.0) - shift) / scale
+
+
+def normalised_batches(images: np.ndarray, labels: np.ndarray, mean: list[float],
+                       std: list[float], batch_size: int) -> Iterator[Arrays]:
+    """(normalised float32 images, labels) in order, a batch at a time."""
     for start in range(0, len(labels), batch_size):
-        x = images[start:start + batch_size].astype(np.float32) / np.float32(255.0)
-        yield (x - shift) / scale, labels[start:start + batch_size]
+        yield (normalised(images[start:start + batch_size], mean, std),
+               labels[start:start + batch_size])
+
+
+def rebatched(blocks: Iterable[Arrays], batch_size: int) -> Iterator[Arrays]:
+    """(images, labels) blocks of any sizes regrouped into batches of ``batch_size`` (the
+    last may be short), in order; holds at most one batch and one block."""
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    held = 0
+    for block_images, block_labels in blocks:
+        start = 0
+        while start < len(block_labels):
+            take = min(batch_size - held, len(block_labels) - start)
+            images.append(block_images[start:start + take])
+            labels.append(block_labels[start:start + take])
+            held, start = held + take, start + take
+            if held == batch_size:
+                yield np.concatenate(images), np.concatenate(labels)
+                images, labels, held = [], [], 0
+    if held:
+        yield np.concatenate(images), np.concatenate(labels)
+
+
+def held_out_batches(name: str, data_dir: str | None, input_shape: tuple[int, int, int],
+                 num_classes: int, samples: int | None, mean: list[float], std: list[float],
+                 batch_size: int) -> tuple[int, Iterator[Arrays]]:
+    """(how many test images, their normalised batches). A synthetic test split is drawn a
+    block at a time as it is scored, so scoring holds one batch of it, never the split;
+    files are read whole (the largest, CIFAR's, is 30 MB)."""
+    if name == "synthetic":
+        count = samples or DEFAULT_SAMPLES["test"]
+        blocks = synthetic_blocks(input_shape, num_classes, count, "test")
+        return count, ((normalised(x, mean, std), y) for x, y in rebatched(blocks, batch_size))
+    images, labels = read_split(name, data_dir, "test", input_shape, num_classes, samples)
+    if samples:
+        images, labels = images[:samples], labels[:samples]
+    return len(labels), normalised_batches(images, labels, mean, std, batch_size)

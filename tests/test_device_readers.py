@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from compress.data import DataConfig, load_splits
-from compress.datafiles import channel_stats, read_split
+from compress.datafiles import channel_stats, held_out_batches, normalised_batches, read_split
+from export.ort_eval import scoring_batch_size
 
 sys.path.insert(0, str(Path(__file__).parent))
 from isolation import CLI_WITHOUT_TORCH, run_without  # noqa: E402
@@ -50,3 +51,25 @@ def test_synthetic_classes_are_drawn_in_blocks_alike():
     again = read_split("synthetic", None, "test", (1, 4, 4), 200, 100)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert first[1].max() >= 64 and len(np.unique(first[1])) > 40
+
+
+def test_synthetic_test_split_is_scored_a_batch_at_a_time_as_drawn_whole():
+    """Scoring draws a synthetic test split block by block; the batches it yields are the
+    whole split's, normalised alike, whatever the batch size against the block."""
+    shape, mean, std = (3, 5, 5), [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    images, labels = read_split("synthetic", None, "test", shape, 7, 150)
+    for batch_size in (1, 7, 64, 100, 512):
+        count, batches = held_out_batches("synthetic", None, shape, 7, 150, mean, std, batch_size)
+        got = list(batches)
+        assert count == 150 and all(len(y) <= batch_size for _, y in got)
+        assert np.array_equal(np.concatenate([y for _, y in got]), labels)
+        whole = np.concatenate(list(x for x, _ in normalised_batches(images, labels, mean, std,
+                                                                       150)))
+        assert np.array_equal(np.concatenate([x for x, _ in got]), whole)
+
+
+def test_default_scoring_batch_holds_about_a_mebibyte_of_input():
+    assert scoring_batch_size((1, 28, 28)) == 334
+    assert scoring_batch_size((3, 32, 32)) == 85
+    assert scoring_batch_size((3, 224, 224)) == 1
+    assert scoring_batch_size((1, 2, 2)) == 512
