@@ -151,28 +151,43 @@ def synthetic_split(input_shape: tuple[int, int, int], num_classes: int, samples
 
 def synthetic_blocks(input_shape: tuple[int, int, int], num_classes: int, samples: int,
                      split: str) -> Iterator[Arrays]:
-    """The synthetic split ``SYNTHETIC_BLOCK`` samples at a time, each block from its own
-    seeded stream: any split, or any part of one, is drawn alone, and a reader that scores a
-    block at a time holds one block (`held_out_batches`). Within a block, rows are drawn
-    about a mebibyte at a time (the stream gives the same numbers however it is cut), so a
-    block of 3x224x224 images holds 9.6 MB of uint8, not 39 MB of float32."""
+    """The synthetic split in order, about a mebibyte of float32 draws at a time.
+
+    Every ``SYNTHETIC_BLOCK`` samples come from a seeded stream of their own, so any split,
+    or any part of one, is drawn alone. A stream gives the same numbers however its draws are
+    cut, so a block too large to draw at once is drawn twice: first for its labels (a product
+    over the whole block), then a piece at a time for its images. A reader that scores the
+    pieces as they come (`held_out_batches`) holds about a mebibyte of the split."""
     c, h, w = input_shape
     features = c * h * w
     rows_per_draw = max(1, 2**20 // (4 * features))
     split_id = {"train": 0, "test": 1}[split]
     for start in range(0, samples, SYNTHETIC_BLOCK):
-        rng = np.random.default_rng([SYNTHETIC_SEED, split_id, start // SYNTHETIC_BLOCK])
+        seed = [SYNTHETIC_SEED, split_id, start // SYNTHETIC_BLOCK]
         count = min(SYNTHETIC_BLOCK, samples - start)
-        images = np.empty((count, features), dtype=np.uint8)
-        pooled = []
+        if rows_per_draw >= count:
+            x = np.random.default_rng(seed).standard_normal((count, features), dtype=np.float32)
+            labels = _synthetic_labels(_pooled(x), num_classes)
+            yield _synthetic_images(x, input_shape), labels
+            continue
+        rng = np.random.default_rng(seed)
+        labels = _synthetic_labels(np.concatenate([
+            _pooled(rng.standard_normal((min(rows_per_draw, count - row), features),
+                                        dtype=np.float32))
+            for row in range(0, count, rows_per_draw)]), num_classes)
+        rng = np.random.default_rng(seed)
         for row in range(0, count, rows_per_draw):
             x = rng.standard_normal((min(rows_per_draw, count - row), features),
                                     dtype=np.float32)
-            pooled.append(_pooled(x))
-            x *= 40  # in place, as x * 40 + 128 computes it
-            x += 128
-            images[row:row + len(x)] = np.clip(x, 0, 255, out=x)
-        yield images.reshape(-1, c, h, w), _synthetic_labels(np.concatenate(pooled), num_classes)
+            yield _synthetic_images(x, input_shape), labels[row:row + len(x)]
+
+
+def _synthetic_images(x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """uint8 images from standard normal draws (overwritten: computed in place, as
+    ``x * 40 + 128`` would compute it, with no float copy)."""
+    x *= 40
+    x += 128
+    return np.clip(x, 0, 255, out=x).astype(np.uint8).reshape(-1, *input_shape)
 
 
 def _pooled(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import CompressError
+from export.isolated import in_child
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
+from export.runtime import load_onnxruntime
 from export.session import open_session, single_input
 
 PERCENTILES = ("p50", "p90", "p99")
@@ -112,14 +114,13 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     With ``profile_runs``, ``model`` is then run that often under onnxruntime's profiler (in
     a session of its own, so profiling does not slow the timed runs) and the summary is
     added under ``profile``."""
-    from export.runtime import load_onnxruntime
-
-    ort = load_onnxruntime()
     if max_input_mb <= 0:
         raise CompressError(f"--max-input-mb must be positive, got {max_input_mb}")
     paths = [Path(model)] + ([Path(against)] if against else [])
-    integrity = [_checked(path, ignore_digest, max_tensor_mb or MAX_TENSOR_MB)
+    integrity = [in_child(checked_integrity, str(path), ignore_digest,
+                          max_tensor_mb or MAX_TENSOR_MB, meanwhile=load_onnxruntime)
                  for path in paths]
+    ort = load_onnxruntime()  # imported already, while the first check ran
     measurements, sessions = measure(paths, threads=threads, batch=batch, runs=runs,
                                      warmup=warmup, blocks=blocks, on_progress=on_progress,
                                      max_input_mb=max_input_mb)
@@ -160,10 +161,11 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     return result
 
 
-def _checked(path: Path, ignore_digest: bool, max_tensor_mb: float) -> dict:
-    """A file's integrity, checked before a session is opened (ORT format has none)."""
-    if path.suffix.lower() == ".ort":
-        if not path.is_file():
+def checked_integrity(path: str, ignore_digest: bool, max_tensor_mb: float) -> dict:
+    """A file's integrity, checked before a session is opened (ORT format has none). Run
+    in `in_child`, so that onnx is imported there."""
+    if path.lower().endswith(".ort"):
+        if not Path(path).is_file():
             raise CompressError(f"no model file at {path}")
         return {"status": "skipped", "differs": []}
     try:

@@ -9,9 +9,9 @@ import numpy as np
 from compress.dataconfig import DATASETS, DataConfig
 from compress.datafiles import ARRAY_DATASETS, channel_stats, held_out_batches, read_split
 from compress.errors import CompressError
+from export.isolated import in_child
 from export.limits import MAX_TENSOR_MB
-from export.metadata import model_metadata
-from export.onnx_inspect import load_checked, packed_layout
+from export.runtime import load_onnxruntime
 from export.session import open_session, single_input
 
 SCORING_BATCH_INPUT_MB = 1.0  # what one scoring batch's inputs may take (`scoring_batch_size`)
@@ -104,15 +104,9 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
     if not Path(path).is_file():
         raise CompressError(f"no model file at {path}")
     meta, integrity = {}, {"status": "skipped", "differs": []}  # ORT format has no record
-    if not str(path).lower().endswith(".ort"):
-        model, report = load_checked(path, ignore_digest=ignore_digest,
-                                     max_tensor_mb=max_tensor_mb)
-        meta, integrity = model_metadata(model), report.to_dict()
-        try:  # a damaged stream can still run, and would give a wrong figure
-            packed_layout(model)
-        except CompressError as exc:
-            raise CompressError(f"{path}: {exc}") from None
-        del model  # onnxruntime reads the file itself
+    if not str(path).lower().endswith(".ort"):  # onnxruntime reads the file itself after
+        meta, integrity = in_child(checked_metadata, str(path), ignore_digest, max_tensor_mb,
+                                   meanwhile=load_onnxruntime)
     config = data_config_from_onnx(path, meta, data, data_dir)
     if max_test_samples is not None:  # else the slice the run recorded, if any
         config.max_test_samples = max_test_samples
@@ -124,6 +118,21 @@ def evaluate_onnx(path: str | Path, data: str | None = None, data_dir: str | Non
             "split": "test", "data": config.name, "batch_size": batch_size,
             "runtime": "onnxruntime",
             "unfinished": unfinished, "integrity": integrity}
+
+
+def checked_metadata(path: str, ignore_digest: bool, max_tensor_mb: float) -> tuple[dict, dict]:
+    """(metadata, integrity record) of a file whose digests, sizes and packed stream are
+    checked: a damaged stream can still run, and would give a wrong figure. Run in
+    `in_child`, so that onnx is imported there."""
+    from export.metadata import model_metadata
+    from export.onnx_inspect import load_checked, packed_layout
+
+    model, report = load_checked(path, ignore_digest=ignore_digest, max_tensor_mb=max_tensor_mb)
+    try:
+        packed_layout(model)
+    except CompressError as exc:
+        raise CompressError(f"{path}: {exc}") from None
+    return model_metadata(model), report.to_dict()
 
 
 def unfinished_export_note(metadata: dict) -> str | None:
