@@ -5,14 +5,15 @@ For each torchvision model (untrained, pruned by magnitude to 0.9 on synthetic d
 3x224x224 and 1000 classes, 256 training images, exported packed and unpacked; ViT-B/16's
 classifier head, which torchvision initialises to zero, drawn at random first: a model
 whose logits ignore its input is refused by the export), each of these runs in a process
-of its own, and its peak resident memory (``ru_maxrss`` of the child, from ``wait4``) and
-wall time are recorded:
+of its own, and its peak resident memory (``ru_maxrss`` from ``wait4``: the largest of the
+process and the children it waited for) and wall time are recorded:
 
 - ``bare``: ``python -c "import onnxruntime; InferenceSession(FILE)"``, the reference;
 - ``bare-run``: the same session run 40 times at batch 1 (what ``bench`` does, without
   compress): the memory running the model adds;
 - ``check``: the digest and size checks alone (``load_checked``, what every reader runs
-  first) and the packed stream's layout (``packed_layout``);
+  first) and the packed stream's layout (``packed_layout``), in one process; ``evaluate``
+  and ``bench`` run the same in a forked child that ends before their session opens;
 - ``inspect``: ``compress inspect FILE --json``;
 - ``bench``: ``compress bench FILE --runs 20 --json`` (its wall time includes 40 runs, so
   its session start is compared instead);
