@@ -155,8 +155,13 @@ def train_prune(
                       f"({result.seconds:.1f} s)", highlight=False)
 
     main_process = is_main_process()  # under torchrun only rank 0 prints
+    latency = None
+    if resolved.budget_ms is not None:
+        from export.budget import latency_meter
+
+        latency = latency_meter(resolved.budget_threads)
     summary = run_train_prune(resolved, out_dir, resume=resume, requested=requested,
-                              console=err,
+                              latency=latency, console=err,
                               show_progress=not quiet and not json_out and main_process,
                               on_epoch=on_epoch, on_start=on_start)
     if main_process:

@@ -156,7 +156,8 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 
 def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
-               shard: distributed.Shard = distributed.SINGLE) -> Job:
+               shard: distributed.Shard = distributed.SINGLE,
+               latency: Callable | None = None) -> Job:
     device = distributed.device_for(shard, recipe.device) if shard.active \
         else resolve_device(recipe.device)  # train_prune has joined the process group
     generator = seed_everything(recipe.seed)
@@ -180,9 +181,11 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
         if not hasattr(pruner, "set_budget"):
             raise CompressError(f"--budget-ms on train-prune sets how far density and "
                                 f"dpf-filter cut; method {recipe.method} has no cut to set")
-        from export.budget import latency_meter
-
-        pruner.set_budget(recipe.budget_ms, latency_meter(recipe.budget_threads))
+        if latency is None:
+            raise CompressError("a latency budget needs a way to measure latency: pass "
+                                "latency=export.budget.latency_meter(threads) to train_prune "
+                                "(the command line does)")
+        pruner.set_budget(recipe.budget_ms, latency)
     if hasattr(pruner, "attach"):
         if shard.active:
             raise CompressError(f"--method {recipe.method} changes the network while it trains "
@@ -325,8 +328,12 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
                 requested: dict | None = None,
                 console: Console | None = None, show_progress: bool = True,
                 on_epoch: Callable[[EpochResult], None] | None = None,
-                on_start: Callable[[Job], None] | None = None) -> dict:
+                on_start: Callable[[Job], None] | None = None,
+                latency: Callable | None = None) -> dict:
     """Train (and prune during training) per ``recipe``; write the run to ``out``.
+
+    ``latency`` measures a model's p50 in ms for ``recipe.budget_ms`` (the command line
+    passes `export.budget.latency_meter`; compress itself never imports export).
 
     With ``resume``, ``requested`` holds the fields the command line gave: they must equal
     the saved recipe's. Under torchrun every process runs this; see `compress.distributed`.
@@ -339,7 +346,7 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
         distributed.start(shard, recipe.device)
     try:
         return _train_prune(recipe, out, resume, shard, console, show_progress, on_epoch,
-                            on_start, requested or {})
+                            on_start, requested or {}, latency)
     finally:
         distributed.stop(shard)
 
@@ -347,11 +354,12 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
 def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shard,
                  console: Console, show_progress: bool,
                  on_epoch: Callable[[EpochResult], None] | None,
-                 on_start: Callable[[Job], None] | None, requested: dict) -> dict:
+                 on_start: Callable[[Job], None] | None, requested: dict,
+                 latency: Callable | None) -> dict:
     run = RunDir(out, writer=shard.main)
     job, error = None, None
     try:
-        job = _start_job(recipe, run, resume, shard, requested)
+        job = _start_job(recipe, run, resume, shard, requested, latency)
     except CompressError as exc:
         error = exc
     distributed.agree(shard, error)  # every process stops if one could not start
@@ -369,7 +377,7 @@ def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shar
 
 
 def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard,
-               requested: dict | None = None) -> Job:
+               requested: dict | None = None, latency: Callable | None = None) -> Job:
     resume_state = None
     if resume and run.stopped_before_first_epoch():  # start it again, same recipe
         recipe = load_recipe(run.recipe).validate()
@@ -387,7 +395,7 @@ def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Sha
     else:
         run.create()
     try:
-        job = _build_job(recipe, run, resume_state, shard)
+        job = _build_job(recipe, run, resume_state, shard, latency)
     except BaseException:
         run.discard_if_unused()  # a bad model or data set must not block the same --out
         raise

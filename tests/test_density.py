@@ -237,6 +237,16 @@ def test_dpf_filter_budget_raises_the_final_share_until_the_budget_is_met():
     assert pruner.state_dict()["final_sparsity"] == final  # a resumed run keeps it
 
 
+def test_a_latency_budget_from_python_needs_the_meter_handed_in(tmp_path):
+    """compress never imports export: the caller hands in what measures latency."""
+    from compress.errors import CompressError
+    from compress.pipeline import train_prune
+
+    with pytest.raises(CompressError, match="latency=export.budget.latency_meter"):
+        train_prune(_density_recipe(budget_ms=1.0), str(tmp_path / "run"),
+                    show_progress=False)
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--method", "density", "--density-start", "1.5"], "--density-start"),
     (["--method", "density", "--density-start", "0.9", "--density-stop", "0.5"],
