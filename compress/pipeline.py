@@ -28,7 +28,7 @@ from compress.checkpoint import (
 from compress.data import DataConfig, Splits, first_batches, load_splits
 from compress.errors import CompressError, first_line
 from compress.masks import Coverage, prunable_weights
-from compress.methods import REGISTRY, FixedMask, MaskPruner, method
+from compress.methods import REGISTRY, FixedMask, MaskPruner, TrainingPruner, method
 from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
 from compress.model_specs import trust_model_spec
 from compress.models import build_model
@@ -69,7 +69,7 @@ def optim_config(recipe: Recipe) -> OptimConfig:
                        warmup_epochs=recipe.warmup_epochs)
 
 
-def make_pruner(recipe: Recipe, model: nn.Module, total_steps: int) -> MaskPruner | None:
+def make_pruner(recipe: Recipe, model: nn.Module, total_steps: int) -> TrainingPruner | None:
     """The pruner of ``recipe.method`` (None for dense training), schedule in steps."""
     spec = method(recipe.method, "training")
     try:
@@ -118,7 +118,7 @@ class Job:
     run: RunDir
     splits: Splits
     model: nn.Module
-    pruner: MaskPruner | None
+    pruner: TrainingPruner | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator
@@ -132,7 +132,7 @@ class Job:
 
     def current_structure(self) -> dict | None:
         """The cuts the model carries now: those it started with, then the pruner's."""
-        cutter = getattr(self.pruner, "cutter", None)
+        cutter = self.pruner.cutter if self.pruner is not None else None
         return _merge_structure(self.structure, cutter.structure if cutter else None)
 
     def save(self, ckpt: Checkpoint) -> None:
@@ -178,7 +178,7 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg, total_steps, steps_per_epoch))
     if recipe.budget_ms is not None:
-        if not hasattr(pruner, "set_budget"):
+        if pruner is None:
             raise CompressError(f"--budget-ms on train-prune sets how far density and "
                                 f"dpf-filter cut; method {recipe.method} has no cut to set")
         if latency is None:
@@ -186,11 +186,12 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                                 "latency=export.budget.latency_meter(threads) to train_prune "
                                 "(the command line does)")
         pruner.set_budget(recipe.budget_ms, latency)
-    if hasattr(pruner, "attach"):
-        if shard.active:
+    if pruner is not None:
+        if shard.active and pruner.granularity == "channels":
             raise CompressError(f"--method {recipe.method} changes the network while it trains "
                                 "and runs in one process; run it without torchrun")
-        pruner.attach(optimizer, probe_batches(splits, recipe.probe_samples, device))
+        pruner.attach(optimizer, probe_batches(splits, recipe.probe_samples, device)
+                      if pruner.needs_probe else [])
     job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
               shard=shard, structure=structure, cost=_cost_for(model, recipe))
     if resume_state is not None:
@@ -428,8 +429,8 @@ def _zero_share(tensors: list[torch.Tensor]) -> float:
 
 def _finish(job: Job) -> dict:
     """Final figures: validation and test top-1, exact sparsity; report; final checkpoint."""
-    finalize = getattr(job.pruner, "finalize", None)
-    event = finalize() if finalize else None  # dpf-filter cuts its channels if not yet done
+    # dpf-filter cuts its channels if not yet done
+    event = job.pruner.finalize() if job.pruner is not None else None
     if event is not None:
         job.run.log(event.kind, **{k: v for k, v in vars(event).items() if k != "kind"})
     val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner,
@@ -466,7 +467,7 @@ def _pruner_figures(job: Job) -> dict:
     if pruner is None:
         return {"target_sparsity": 0.0, "sparsity": 0.0, "prunable_params": None,
                 "coverage": None, "empty_layers": []}
-    if getattr(pruner, "granularity", "weights") == "channels":
+    if pruner.granularity == "channels":
         from compress.stats import count_macs
         from compress.structured.engine import count_params
 
@@ -705,10 +706,8 @@ def _request_for(sparsity: float, options: dict) -> OneShotRequest:
 
 
 def _report_progress(pruner: OneShotPruner, progress: Progress) -> None:
-    """Point a pruner that reports its stages (``pruner.progress(stage, done, total)``) at
-    progress bars, one per stage."""
-    if not hasattr(pruner, "progress"):
-        return
+    """Point the pruner's stage reports (``pruner.progress(stage, done, total)``, for those
+    that report any) at progress bars, one per stage."""
     tasks: dict[str, int] = {}
 
     def update(stage: str, done: int, total: int) -> None:
@@ -744,7 +743,7 @@ def _merge_structure(before: dict | None, cut) -> dict | None:
 
 
 def _job_for(recipe: Recipe, run: RunDir, splits: Splits, model: nn.Module,
-             pruner: MaskPruner | None, generator: torch.Generator, device: torch.device,
+             pruner: TrainingPruner | None, generator: torch.Generator, device: torch.device,
              structure: dict | None) -> Job:
     """A fine-tuning job around an already pruned model."""
     cfg = optim_config(recipe)

@@ -20,7 +20,7 @@ from torch import nn
 
 from compress.distributed import SINGLE, Shard, sum_over_ranks
 from compress.errors import CompressError
-from compress.methods.base import MaskPruner
+from compress.methods.base import TrainingPruner
 
 
 @dataclass
@@ -80,7 +80,7 @@ def lr_factor(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> Calla
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, batch_size: int = 512, device: torch.device | None = None,
-             pruner: MaskPruner | None = None, shard: Shard = SINGLE) -> tuple[float, float]:
+             pruner: TrainingPruner | None = None, shard: Shard = SINGLE) -> tuple[float, float]:
     """(top-1, mean loss) on ``split``; a DPF model is evaluated pruned, dense weights kept.
     Under torchrun each process takes its share of the split and the counts are summed."""
     device = device or next(model.parameters()).device
@@ -119,7 +119,7 @@ class Diverged(CompressError):
 def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: OptimConfig,
                 generator: torch.Generator, device: torch.device, epoch: int,
-                pruner: MaskPruner | None = None,
+                pruner: TrainingPruner | None = None,
                 on_step: Callable[[int, float, float], None] | None = None,
                 on_refresh: Callable[[dict], None] | None = None,
                 shard: Shard = SINGLE) -> tuple[float, float]:

@@ -237,6 +237,28 @@ def test_dpf_filter_budget_raises_the_final_share_until_the_budget_is_met():
     assert pruner.state_dict()["final_sparsity"] == final  # a resumed run keeps it
 
 
+def test_dpf_filter_keeps_training_the_layers_it_cut_before_the_last_epoch(tmp_path):
+    """A cut replaces the cut layers' parameters: the optimizer must follow them, or the
+    epochs after the cut leave those layers as they were."""
+    from compress.pipeline import train_prune
+    from compress.recipe import Recipe
+
+    first_weights, job = [], {}
+
+    def on_epoch(result) -> None:
+        weight = next(p for n, p in job["job"].model.named_parameters() if n.endswith("weight"))
+        first_weights.append(weight.detach().clone())
+
+    recipe = Recipe(model="lenet5", method="dpf-filter", sparsity=0.5, round_to=1, epochs=3,
+                    prune_end=0.3, batch_size=64, max_train_samples=600,
+                    max_test_samples=100).validate()
+    train_prune(recipe, str(tmp_path / "run"), show_progress=False, on_epoch=on_epoch,
+                on_start=lambda started: job.update(job=started))
+    cut, after = first_weights[-2], first_weights[-1]  # the cut happened in the first epoch
+    assert cut.shape == after.shape and cut.shape[0] < 6
+    assert not torch.equal(cut, after), "the cut layer stopped training after the cut"
+
+
 def test_a_latency_budget_from_python_needs_the_meter_handed_in(tmp_path):
     """compress never imports export: the caller hands in what measures latency."""
     from compress.errors import CompressError

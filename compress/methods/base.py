@@ -1,4 +1,5 @@
-"""What every mask-based pruner shares: masks, a schedule, refreshes and telemetry.
+"""The interface of every pruner that acts while training, and what every mask-based
+pruner shares: masks, a schedule, refreshes and telemetry.
 
 A pruner wraps a model in a user's own loop in three lines::
 
@@ -14,13 +15,16 @@ them, `GMP` holds them at zero) and how they are scored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from compress.errors import CompressError
 from compress.masks import (
     Coverage,
     canonical_zeros,
@@ -30,6 +34,9 @@ from compress.masks import (
     prunable_weights,
 )
 from compress.schedules import CubicSchedule
+
+if TYPE_CHECKING:
+    from compress.structured.cutter import TrainingCutter
 
 
 @dataclass
@@ -42,7 +49,66 @@ class Refresh:
     flips: float
 
 
-class MaskPruner:
+class TrainingPruner(ABC):
+    """What the training loop and the pipeline call on a pruner that acts while training.
+
+    The pipeline calls nothing else, and probes for nothing: a method overrides the hooks it
+    needs and inherits the defaults (which do nothing, or refuse in one line) for the rest.
+    """
+
+    name = "pruner"
+    granularity = "weights"  # "weights": masks on weights; "channels": the network thins
+    needs_probe = False  # whether `attach` needs fixed probe batches of training images
+    cutter: TrainingCutter | None = None  # what cuts channels, for "channels" methods
+    masks: dict[str, torch.Tensor]  # keep-masks by parameter name; empty if nothing is masked
+
+    def attach(self, optimizer: torch.optim.Optimizer, probe: list[torch.Tensor]) -> None:
+        """The optimizer (a channel cut moves its state to the thinner parameters) and, for
+        a method that `needs_probe`, the fixed probe batches."""
+        if self.cutter is not None:
+            self.cutter.optimizer = optimizer
+
+    def set_budget(self, budget_ms: float, latency: Callable) -> None:
+        """A floor on how far the method cuts: ``budget_ms`` of p50 measured by ``latency``."""
+        raise CompressError(f"--budget-ms on train-prune sets how far density and dpf-filter "
+                            f"cut; method {self.name} has no cut to set")
+
+    @contextmanager
+    def pruned(self) -> Iterator[None]:
+        """Run forward/backward (or evaluation) on the pruned network."""
+        yield
+
+    @abstractmethod
+    def step(self) -> object | None:
+        """Call once after each ``optimizer.step()``; an event to log, or None."""
+
+    @property
+    @abstractmethod
+    def sparsity(self) -> float:
+        """Share of the prunable weights (or channels) removed so far."""
+
+    @abstractmethod
+    def pruned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state as the pruned network sees it."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict`'s output."""
+
+    def finalize(self) -> object | None:
+        """After the last epoch: a last change to make (an event to log), or None."""
+        return None
+
+    def summary(self) -> dict:
+        """Figures for the run summary beyond sparsity."""
+        return {}
+
+
+class MaskPruner(TrainingPruner):
     """Keeps one boolean keep-mask per prunable weight and refreshes it on a schedule.
 
     ``refresh_every`` is the period ``p`` in optimizer steps. Refreshes stop after
@@ -66,7 +132,7 @@ class MaskPruner:
         self.freeze_step = schedule.end_step if freeze_step is None else freeze_step
         if self.freeze_step < schedule.end_step:
             raise ValueError("the mask cannot freeze before the schedule reaches its target")
-        self.weights = prunable_weights(model, coverage)
+        self.weights = self.maskable_weights()
         if not self.weights:
             raise ValueError("the model has no conv or linear weights to prune")
         if layer_floor > 0:  # fail now rather than at the last refresh
@@ -77,6 +143,10 @@ class MaskPruner:
         self.refresh()
 
     # -- scoring and masking -------------------------------------------------------------
+    def maskable_weights(self) -> dict[str, nn.Parameter]:
+        """The parameters this pruner masks: the conv and linear weights ``coverage`` keeps."""
+        return prunable_weights(self.model, self.coverage)
+
     def scores(self) -> dict[str, torch.Tensor]:
         """Magnitudes the next mask is ranked by."""
         return {n: w.detach() for n, w in self.weights.items()}
@@ -108,11 +178,6 @@ class MaskPruner:
         return step % self.refresh_every == 0 or step == self.schedule.end_step
 
     # -- training hooks ------------------------------------------------------------------
-    @contextmanager
-    def pruned(self) -> Iterator[None]:
-        """Run forward/backward (or evaluation) on the pruned network."""
-        yield
-
     def step(self) -> Refresh | None:
         """Call once after each ``optimizer.step()``."""
         self.step_count += 1

@@ -111,7 +111,6 @@ class SecondOrder(OneShotPruner):
         super().__init__(request)
         self.options = options
         self.cache: Blocks | None = None  # reused across the levels of a sweep
-        self.progress: Callable[[str, int, int], None] | None = None
 
     # -- checks -------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:

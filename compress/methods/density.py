@@ -28,14 +28,13 @@ What the paper states and what is ours (README, "ADP: what is the paper's"):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.methods.base import TrainingPruner
 from compress.methods.registry import MethodSpec, register
 from compress.structured.cutter import TrainingCutter
 from compress.structured.density import (
@@ -76,11 +75,12 @@ class DensityEvent:
     kind: str = "density"
 
 
-class ActivationDensity:
+class ActivationDensity(TrainingPruner):
     """Thins a network while it trains, from its activation densities (module docstring)."""
 
     name = "density"
     granularity = "channels"
+    needs_probe = True
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], total_steps: int,
                  options: DensityOptions) -> None:
@@ -113,17 +113,13 @@ class ActivationDensity:
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer, probe: list[torch.Tensor]) -> None:
         """The optimizer to keep in step with the cuts, and the fixed probe batches."""
-        self.cutter.optimizer = optimizer
+        super().attach(optimizer, probe)
         self.probe = probe
 
     def set_budget(self, budget_ms: float, latency) -> None:
         """A floor on how far to cut: the last cut goes deeper than the densities say when
         the network they give would miss ``budget_ms`` (p50 measured by ``latency``)."""
         self.budget_ms, self.latency = budget_ms, latency
-
-    @contextmanager
-    def pruned(self) -> Iterator[None]:
-        yield  # nothing is masked: forward and backward run the network as it now is
 
     # -- the schedule -------------------------------------------------------------------------
     def step(self) -> DensityEvent | None:

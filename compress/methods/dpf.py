@@ -54,6 +54,7 @@ class DPF(MaskPruner):
         if not 0.0 <= feedback_decay < 1.0:
             raise ValueError(f"feedback_decay must be in [0, 1), got {feedback_decay}")
         self.feedback_decay = feedback_decay
+        self._pruned_buffers: dict[str, torch.Tensor] = {}  # masked copies, reused per step
         super().__init__(*args, **kwargs)
 
     def refresh(self) -> DPFRefresh:
@@ -89,7 +90,7 @@ class DPF(MaskPruner):
         # Point each parameter at a masked copy, then back at the dense tensor: one pass
         # over the weights, and autograd keeps an untouched tensor for backward.
         dense = {n: w.data for n, w in self.weights.items()}
-        buffers = getattr(self, "_pruned_buffers", {})
+        buffers = self._pruned_buffers
         for name, w in self.weights.items():
             buf = buffers.get(name)
             if buf is None or buf.shape != w.shape or buf.device != w.device \

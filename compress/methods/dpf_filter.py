@@ -28,7 +28,6 @@ import math
 import torch
 from torch import nn
 
-from compress.masks import Coverage
 from compress.methods.base import Refresh, schedule_options
 from compress.methods.dpf import DPF
 from compress.methods.registry import MethodSpec, register
@@ -55,26 +54,23 @@ class DPFFilter(DPF):
                  scope: str = "layer", feedback_decay: float = 0.01,
                  freeze_step: int | None = None, round_to: int = 8,
                  min_channels: int = 1) -> None:
-        if not 0.0 <= feedback_decay < 1.0:
-            raise ValueError(f"feedback_decay must be in [0, 1), got {feedback_decay}")
-        self.feedback_decay = feedback_decay
-        self.model, self.schedule, self.scope = model, schedule, scope
-        self.refresh_every, self.layer_floor, self.coverage = refresh_every, 0.0, Coverage()
-        self.freeze_step = schedule.end_step if freeze_step is None else freeze_step
         self.round_to, self.min_channels = round_to, min_channels
         self.cutter = TrainingCutter(model, input_shape)
+        self.removed = False
+        self.budget_curve: list[dict] = []  # p50 by channel share, with --budget-ms
+        super().__init__(model, schedule, refresh_every=refresh_every, scope=scope,
+                         feedback_decay=feedback_decay, freeze_step=freeze_step)
+
+    def maskable_weights(self) -> dict[str, nn.Parameter]:
+        """The parameters of every layer whose output carries a maskable group's channels;
+        sets the groups, their slices and all-kept channel masks on the way."""
         self.groups = {g.root: g for g in self.cutter.engine.groups()}
         self.slices = self._output_slices()
-        params = dict(model.named_parameters())
-        self.weights = {n: params[n] for n in sorted({n for s in self.slices.values()
-                                                       for n, _, _ in s})}
-        self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
         self.keep = {root: torch.ones(g.width, dtype=torch.bool) for root, g in
                      self.groups.items() if root in self.slices}
-        self.removed = False
-        self.step_count = 0
-        self.history: list[Refresh] = []
-        self.refresh()
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in sorted({n for s in self.slices.values()
+                                              for n, _, _ in s})}
 
     def _output_slices(self) -> dict[str, list[tuple[str, int, torch.Tensor]]]:
         """Per group: (parameter, dimension, index of each channel) of every layer whose
@@ -223,7 +219,7 @@ class DPFFilter(DPF):
         found = {"channels_removed_share": self.sparsity, "cuts": int(self.removed),
                  "widths": self.cutter.widths(),
                  "target_channel_sparsity": self.schedule.final_sparsity}
-        if getattr(self, "budget_curve", None):
+        if self.budget_curve:
             found["budget_curve"] = self.budget_curve
             points = ", ".join(f"{c['share']:.3f}: {c['p50_ms']:.3f} ms"
                                for c in sorted(self.budget_curve, key=lambda c: c["share"]))

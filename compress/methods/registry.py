@@ -102,6 +102,9 @@ class OneShotPruner(ABC):
 
     def __init__(self, request: OneShotRequest) -> None:
         self.request = request
+        # where a long method reports its stages: progress(stage, done, total); the pipeline
+        # points it at progress bars, and a method that reports nothing never calls it
+        self.progress: Callable[[str, int, int], None] | None = None
 
     def check(self, model: nn.Module) -> None:  # noqa: B027 - most methods check nothing
         """Refuse a model this method cannot prune, before any work is done."""
