@@ -21,6 +21,7 @@ from torch import nn
 from compress.selection import select
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+DEFAULT_LAYER_FLOOR = 0.01  # a global threshold keeps at least 1 % of every layer
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,16 @@ def prunable_layers(model: nn.Module, coverage: Coverage = Coverage()) -> dict[s
 def prunable_weights(model: nn.Module, coverage: Coverage = Coverage()) -> dict[str, nn.Parameter]:
     """The weight parameters of `prunable_layers`, keyed ``"<module>.weight"``."""
     return {f"{name}.weight": m.weight for name, m in prunable_layers(model, coverage).items()}
+
+
+def layer_floor_for(floor: float | None, sparsity: float | None) -> float:
+    """The floor a global threshold uses: ``floor`` when given (0 is the papers' exact
+    rule), else 1 % of each layer, or half of what the sparsity leaves when that is less.
+    A global threshold empties small layers at high sparsity otherwise, and an emptied layer
+    makes the network's output constant."""
+    if floor is not None:
+        return floor
+    return min(DEFAULT_LAYER_FLOOR, (1.0 - (sparsity or 0.0)) / 2)
 
 
 def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,

@@ -27,7 +27,7 @@ from compress.checkpoint import (
 )
 from compress.data import DataConfig, Splits, first_batches, load_splits
 from compress.errors import CompressError, first_line
-from compress.masks import Coverage, prunable_weights
+from compress.masks import Coverage, layer_floor_for, prunable_weights
 from compress.methods import REGISTRY, FixedMask, MaskPruner, TrainingPruner, method
 from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
 from compress.model_specs import trust_model_spec
@@ -35,7 +35,6 @@ from compress.models import build_model
 from compress.recipe import (
     Recipe,
     dump_recipe,
-    layer_floor_for,
     load_recipe,
     recipe_from_mapping,
 )

@@ -20,18 +20,6 @@ from compress.errors import CompressError
 from compress.fileio import regular_file_size
 from compress.model_specs import check_spec_from_file
 
-DEFAULT_LAYER_FLOOR = 0.01  # a global threshold keeps at least 1 % of every layer
-
-
-def layer_floor_for(floor: float | None, sparsity: float | None) -> float:
-    """The floor a global threshold uses: ``floor`` when given (0 is the papers' exact
-    rule), else 1 % of each layer, or half of what the sparsity leaves when that is less.
-    A global threshold empties small layers at high sparsity otherwise, and an emptied layer
-    makes the network's output constant."""
-    if floor is not None:
-        return floor
-    return min(DEFAULT_LAYER_FLOOR, (1.0 - (sparsity or 0.0)) / 2)
-
 
 def check_layer_floor(floor: float, sparsity: float) -> None:
     if not (math.isfinite(floor) and 0.0 <= floor <= 1.0 - sparsity):

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.modes import eval_mode
+
 
 @dataclass(frozen=True)
 class Block:
@@ -62,8 +64,6 @@ def per_sample_gradients(model: nn.Module, names: list[str], x: torch.Tensor, y:
     ``{name: (batch, numel)}``, computed with the model in eval mode."""
     from torch.func import functional_call, grad, vmap
 
-    was_training = model.training
-    model.eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     chosen = {n: params[n] for n in names}
@@ -72,10 +72,8 @@ def per_sample_gradients(model: nn.Module, names: list[str], x: torch.Tensor, y:
         out = functional_call(model, ({**params, **selected}, buffers), (xi.unsqueeze(0),))
         return F.cross_entropy(out, yi.unsqueeze(0))
 
-    try:
+    with eval_mode(model):
         grads = vmap(grad(loss), in_dims=(None, 0, 0))(chosen, x, y)
-    finally:
-        model.train(was_training)
     flat = {}
     for n in names:
         g = grads[n].reshape(len(x), -1)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compress.masks import PRUNABLE_TYPES
+from compress.modes import eval_mode
 
 
 @dataclass
@@ -54,17 +55,14 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, PRUNABLE_TYPES)]
-    was_training = model.training
-    model.eval()
     counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), counter:
+        with eval_mode(model), torch.no_grad(), counter:
             device = next(model.parameters()).device
             model(torch.zeros(1, *input_shape, device=device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     dense = int(counter.get_total_flops()) // 2
     return dense, max(0, dense - skipped[0])
 

@@ -21,6 +21,7 @@ from torch import nn
 from compress.distributed import SINGLE, Shard, sum_over_ranks
 from compress.errors import CompressError
 from compress.methods.base import TrainingPruner
+from compress.modes import eval_mode
 
 
 @dataclass
@@ -84,17 +85,14 @@ def evaluate(model: nn.Module, split, batch_size: int = 512, device: torch.devic
     """(top-1, mean loss) on ``split``; a DPF model is evaluated pruned, dense weights kept.
     Under torchrun each process takes its share of the split and the counts are summed."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     correct, loss_sum, seen = 0, 0.0, 0
-    with pruner.pruned() if pruner else nullcontext():
+    with eval_mode(model), pruner.pruned() if pruner else nullcontext():
         for x, y in split.batches(batch_size, shard=(shard.rank, shard.world)):
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
-    model.train(was_training)
     correct, loss_sum, seen = sum_over_ranks(shard, [correct, loss_sum, seen])
     return (correct / seen, loss_sum / seen) if seen else (0.0, float("nan"))
 

@@ -66,3 +66,16 @@ def test_user_factory_by_import_path(tmp_path, monkeypatch):
 def test_bad_model_specs(spec, message):
     with pytest.raises(CompressError, match=message):
         build_model(spec, 10, (1, 28, 28))
+
+
+def test_a_failing_forward_leaves_the_model_in_the_mode_it_was_in():
+    """Counting MACs or classes runs the model in eval mode; a forward that raises must
+    not leave a training run in eval mode."""
+    from compress.stats import count_macs
+    from compress.structured.cutter import classes_of
+
+    model = build_model("lenet5", 10, (1, 28, 28)).train()
+    for probe in (count_macs, classes_of):
+        with pytest.raises(RuntimeError):
+            probe(model, (3, 5, 5))  # not the shape the model takes
+        assert model.training

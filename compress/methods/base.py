@@ -29,6 +29,7 @@ from compress.masks import (
     Coverage,
     canonical_zeros,
     flip_fraction,
+    layer_floor_for,
     magnitude_masks,
     mask_sparsity,
     prunable_weights,
@@ -231,8 +232,6 @@ class MaskPruner(TrainingPruner):
 
 def schedule_options(recipe, total_steps: int) -> tuple[CubicSchedule, dict]:
     """The cubic schedule and the common `MaskPruner` options a training recipe asks for."""
-    from compress.recipe import layer_floor_for
-
     schedule = CubicSchedule(recipe.target_sparsity(), round(recipe.prune_start * total_steps),
                              round(recipe.prune_end * total_steps))
     freeze = None if recipe.freeze_at is None else round(recipe.freeze_at * total_steps)

@@ -45,6 +45,7 @@ from compress.methods.registry import (
     OneShotResult,
     register,
 )
+from compress.modes import eval_mode
 from compress.second_order import (
     Block,
     FisherBlock,
@@ -320,13 +321,11 @@ def _heldout(data, samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.no_grad()
 def _loss(model: nn.Module, batches) -> float:
-    was_training = model.training
-    model.eval()
     total, seen = 0.0, 0
-    for x, y in batches:
-        total += float(F.cross_entropy(model(x), y, reduction="sum"))
-        seen += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batches:
+            total += float(F.cross_entropy(model(x), y, reduction="sum"))
+            seen += len(y)
     return total / max(1, seen)
 
 

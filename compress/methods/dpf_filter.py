@@ -23,8 +23,6 @@ training and the exported model run on the thinner dense network.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -34,7 +32,7 @@ from compress.methods.registry import MethodSpec, register
 from compress.schedules import CubicSchedule
 from compress.selection import least_passing, select
 from compress.structured.cutter import CutEvent, TrainingCutter
-from compress.structured.engine import fold_blocks, unfold_blocks
+from compress.structured.engine import fold_blocks, position_multiple, unfold_blocks
 
 BUDGET_STEPS = 6  # halvings of the channel share searched for --budget-ms
 MAX_BUDGET_SHARE = 0.95
@@ -114,7 +112,7 @@ class DPFFilter(DPF):
         target = self.schedule(self.step_count)
         scores = self.channel_scores()
         positions = {r: fold_blocks(s, self.groups[r].blocks) for r, s in scores.items()}
-        multiples = {r: self.round_to // math.gcd(self.round_to, self.groups[r].blocks)
+        multiples = {r: position_multiple(self.round_to, self.groups[r].blocks)
                      for r in scores}
         chosen = select(positions, target, scope=self.scope, multiple=multiples,
                         min_keep=self.min_channels)
@@ -151,7 +149,7 @@ class DPFFilter(DPF):
             scores = {r: torch.arange(g.width, dtype=torch.float32)
                       for r, g in self.groups.items() if r in self.slices}
             keep = select(scores, share, scope="layer", multiple={
-                r: self.round_to // math.gcd(self.round_to, self.groups[r].blocks)
+                r: position_multiple(self.round_to, self.groups[r].blocks)
                 for r in scores}, min_keep=self.min_channels)
             drop = {r: (~k).nonzero().flatten().tolist() for r, k in keep.items()}
             value = self.cutter.latency_after(drop, latency)

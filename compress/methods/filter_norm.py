@@ -19,7 +19,6 @@ each trial is exported and timed, and the curve of (share, MACs, p50) is reporte
 from __future__ import annotations
 
 import copy
-import math
 
 from torch import nn
 
@@ -40,6 +39,7 @@ from compress.structured.engine import (
     check_runs,
     count_params,
     fold_blocks,
+    position_multiple,
     unfold_blocks,
 )
 
@@ -78,7 +78,7 @@ class FilterNorm(OneShotPruner):
         # grouped convs, GroupNorm and attention heads: every block loses the same positions,
         # and a position counts `blocks` channels toward the rounding multiple
         positions = {root: fold_blocks(s, groups[root].blocks) for root, s in scores.items()}
-        multiples = {root: r.round_to // math.gcd(r.round_to, groups[root].blocks)
+        multiples = {root: position_multiple(r.round_to, groups[root].blocks)
                      for root in scores}
         floor = r.min_channels or 1
         try:

@@ -54,6 +54,7 @@ from compress.methods.registry import (
     OneShotResult,
     register,
 )
+from compress.modes import eval_mode
 from compress.stats import count_macs
 from compress.structured.engine import ChannelEngine, Structure, count_params
 
@@ -336,13 +337,8 @@ def _cut(model: nn.Module, engine: ChannelEngine, plan: Plan) -> None:
 
 @contextmanager
 def _evaluating(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _random_inputs(model: nn.Module, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.modes import eval_mode
 from compress.stats import count_macs
 from compress.structured.engine import (
     ChannelEngine,
@@ -106,9 +107,6 @@ class TrainingCutter:
 
 def classes_of(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """How many outputs the model gives (a cut must not change it)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         out = model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    model.train(was_training)
     return int(out.shape[-1])

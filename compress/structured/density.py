@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compress.structured.engine import ChannelEngine
+from compress.modes import eval_mode
+from compress.structured.engine import ChannelEngine, position_multiple
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Threshold)
 PASS_THROUGH = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
@@ -147,15 +148,13 @@ def measure(engine: ChannelEngine, probe: list[torch.Tensor],
         return hook
 
     handles += [modules[name].register_forward_pre_hook(read(name)) for name in readers]
-    was_training = model.training
-    model.eval()
     try:
-        for x in probe:
-            tape.produced.clear()
-            model(x)
+        with eval_mode(model):
+            for x in probe:
+                tape.produced.clear()
+                model(x)
     finally:
         tape.produced.clear()
-        model.train(was_training)
         for h in handles:
             h.remove()
     return DensityReading({root: sums[root] / counts[root] for root in widths
@@ -169,7 +168,7 @@ def density_width(density: float, width: int, *, round_to: int = 8, floor: int =
     form ``blocks`` equal blocks keeps whole positions of every block."""
     positions = width // blocks
     keep = max(1, math.ceil(min(1.0, max(0.0, density)) * positions - 1e-9))
-    multiple = max(1, round_to // math.gcd(round_to, blocks))
+    multiple = position_multiple(round_to, blocks)
     keep = math.ceil(keep / multiple) * multiple
     keep = max(keep, -(-floor // blocks), 1)
     return min(positions, keep) * blocks

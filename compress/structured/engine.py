@@ -18,6 +18,7 @@ This module adds what a pipeline needs on top of it:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.errors import CompressError
+from compress.modes import eval_mode
 from compress.structured.rules import EngineRules, after_prune, rules_for
 
 ENGINE = "torch-pruning"
@@ -76,16 +78,6 @@ class Structure:
         for root, (first, kept) in later.widths.items():
             widths[root] = [widths.get(root, [first])[0], kept]
         return Structure(self.history + later.history, widths, self.original or later.original)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -203,7 +195,7 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...],
     Protected layers stay in the trace (a layer left out of it would not have its inputs
     cut); they are only kept from leading or joining a group (`ChannelEngine.groups`)."""
     try:
-        with _eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input(model, input_shape), verbose=False,
                 **rules.graph_kwargs())
@@ -240,7 +232,7 @@ def check_runs(model: nn.Module, input_shape: tuple[int, ...], classes: int) -> 
     """Refuse a cut model that no longer runs or whose outputs changed shape, naming the
     module that fails (a coupling the dependency graph did not see)."""
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = model(example_input(model, input_shape))
     except Exception as exc:
         raise CompressError(f"the channel engine cannot prune this model: after the cut it "
@@ -272,6 +264,13 @@ def _index_tracking(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
             if name in grads:
                 p.grad = follow_cut(grads[name], index, index.shape)
             kept[name] = index.flatten()
+
+
+def position_multiple(round_to: int, blocks: int) -> int:
+    """The multiple of positions a width is rounded to, so that a group whose channels form
+    ``blocks`` equal blocks (a position counts ``blocks`` channels) keeps a multiple of
+    ``round_to`` channels."""
+    return max(1, round_to // math.gcd(round_to, blocks))
 
 
 def fold_blocks(scores: torch.Tensor, blocks: int) -> torch.Tensor:
