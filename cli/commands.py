@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cli.output import err, out, parse_shape, print_json, show_summary
 from cli.timelimit import time_limit_option, time_limited
+from compress.catalog import CATALOG, names
 from compress.model_specs import trust_model_spec
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 
@@ -32,13 +33,20 @@ InspectTimeLimit = time_limit_option(INSPECT_TIME_LIMIT_S)
 RunTimeLimit = time_limit_option(RUN_TIME_LIMIT_S)
 
 
+def methods_help(when: str) -> str:
+    """The ``--method`` help, from the method catalog: each name with what it removes."""
+    kinds = {"weights": "weights", "channels": "channels", "none": "dense"}
+    return ", ".join(f"{name} ({kinds[CATALOG[name].granularity]})" for name in names(when)) \
+        + "."
+
+
 def train_prune(
     model: Annotated[str | None, Opt(help="Registered name or module:callable.")] = None,
     data: Annotated[str | None, Opt(help="fashion-mnist, mnist, cifar10, cifar100, "
                                          "imagefolder or synthetic.")] = None,
     data_dir: Annotated[str | None, Opt(help="Where the data set lies.")] = None,
-    method: Annotated[str | None, Opt(help="dpf, gmp (weights), density, dpf-filter "
-                                           "(channels) or none (dense).")] = None,
+    method: Annotated[str | None, Opt(help=methods_help("training"),
+                                      show_default="dpf")] = None,
     sparsity: Annotated[float | None, Opt(help="Fraction of prunable weights removed.")] = None,
     epochs: Annotated[int | None, Opt()] = None,
     batch_size: Annotated[int | None, Opt()] = None,
@@ -112,25 +120,26 @@ def train_prune(
     all."""
     flags = dict(locals())  # taken first: every option that is a recipe field overrides it
     trust_model_spec(model)
-    from compress.distributed import is_main_process
     from compress.errors import CompressError
-    from compress.pipeline import resolve_recipe
-    from compress.pipeline import train_prune as run_train_prune
-    from compress.recipe import FIELDS, Recipe, given_fields
-    from compress.rundir import new_run_name
-    from compress.threads import use_threads
+    from compress.recipe import FIELDS, Recipe, given_fields, resolve_recipe
 
     overrides = {key: value for key, value in flags.items() if key in FIELDS}
     overrides["input_shape"] = parse_shape(input_shape)
-    chosen_threads, busy = use_threads(threads)
     requested = None
     if resume:
         if out_dir is None:
             raise CompressError("--resume continues the run in --out; name it: --out RUN")
         requested = given_fields(recipe, overrides)  # checked against the saved recipe
         resolved = Recipe()
-    else:
+    else:  # checked before torch loads: a bad value is refused at once
         resolved = resolve_recipe(recipe, overrides)
+    from compress.distributed import is_main_process
+    from compress.pipeline import train_prune as run_train_prune
+    from compress.rundir import new_run_name
+    from compress.threads import use_threads
+
+    chosen_threads, busy = use_threads(threads)
+    if not resume:
         out_dir = out_dir or new_run_name(resolved.model, resolved.method)
     def on_start(job) -> None:
         if json_out:
@@ -171,10 +180,7 @@ def train_prune(
 def prune(
     checkpoint: Annotated[str | None, typer.Argument(
         help="Run directory or checkpoint (or give --model).", show_default=False)] = None,
-    method: Annotated[str, Opt(help="magnitude, cbs, cbs-s, woodfisher (weights), l1-filter or "
-                                    "l2-filter (channels), shrink (channels emptied by "
-                                    "unstructured pruning).")]
-    = "magnitude",
+    method: Annotated[str, Opt(help=methods_help("one-shot"))] = "magnitude",
     sparsity: Annotated[str | None, Opt(help="Fraction of prunable weights (magnitude, cbs, "
                                              "...) or of channels (l1/l2-filter) removed; "
                                              "weights: a list such as 0.5,0.7,0.9 sweeps, one "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from compress.catalog import default_sparsity, method_info
 from compress.errors import CompressError
 from compress.fileio import regular_file_size
 from compress.model_specs import check_spec_from_file
@@ -25,14 +26,6 @@ def check_layer_floor(floor: float, sparsity: float) -> None:
     if not (math.isfinite(floor) and 0.0 <= floor <= 1.0 - sparsity):
         raise CompressError(f"--layer-floor must be between 0 and 1 - sparsity "
                             f"({1.0 - sparsity:.4g}), got {floor}")
-
-
-def default_sparsity(method: str) -> float:
-    """What ``--sparsity`` means when not given: 0.9 of the weights, 0.5 of the channels."""
-    from compress.methods import REGISTRY
-
-    spec = REGISTRY.get(method)
-    return 0.5 if spec is not None and spec.granularity == "channels" else 0.9
 
 
 @dataclass
@@ -98,9 +91,7 @@ class Recipe:
     def validate(self, when: str = "training") -> Recipe:
         """Check every field; ``when="one-shot"`` is the recipe of a `compress prune` run,
         whose method is a one-shot method and whose epochs (of fine-tuning) may be 0."""
-        from compress.methods import method
-
-        method(self.method, when)
+        method_info(self.method, when)
         if not 0.0 <= self.target_sparsity() < 1.0:
             raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.scope not in (None, "global", "layer"):
@@ -274,3 +265,11 @@ def read_recipe_mapping(path: str | Path) -> dict:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def resolve_recipe(recipe_path: str | None, overrides: dict) -> Recipe:
+    """The recipe file (or the defaults) with the command line's values over it, checked:
+    needs no torch, so a bad value is refused before torch loads."""
+    base = load_recipe(recipe_path) if recipe_path else Recipe()
+    return recipe_from_mapping({k: v for k, v in overrides.items() if v is not None},
+                               base).validate()

@@ -10,6 +10,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from compress.catalog import CATALOG  # noqa: E402
 from compress.checkpoint import load_checkpoint  # noqa: E402
 from compress.fileio import atomic_write  # noqa: E402
 from compress.rundir import REPORT_NAME, RunDir  # noqa: E402
@@ -22,10 +23,8 @@ def _no_mask_coverage(ckpt) -> str:
 
 
 def _trains(method: str) -> bool:
-    from compress.methods import REGISTRY
-
-    spec = REGISTRY.get(method)
-    return spec is None or spec.when == "training"
+    info = CATALOG.get(method)
+    return info is None or info.when == "training"
 
 
 def _save_png(fig, path) -> None:

@@ -423,7 +423,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
 
 def _target_sparsity(ckpt: Checkpoint) -> float:
     """The run's sparsity target; a recipe without one used its method's default."""
-    from compress.recipe import default_sparsity
+    from compress.catalog import default_sparsity
 
     if ckpt.method == "none":
         return 0.0

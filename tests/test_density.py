@@ -15,7 +15,7 @@ from compress.methods.density import ActivationDensity, DensityOptions
 from compress.methods.dpf_filter import DPFFilter
 from compress.models import build_model
 from compress.schedules import CubicSchedule
-from compress.structured.density import density_width, measure
+from compress.structured.activation_density import density_width, measure
 from compress.structured.engine import ChannelEngine
 
 THRESHOLDS = torch.tensor([0.0, 0.495, 0.895, 2.0])  # channel c is non-zero where x > t_c

@@ -5,6 +5,7 @@ resumed; one-shot methods check and prune."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,30 @@ def test_nothing_outside_the_methods_probes_a_pruner():
                     "prun" in ast.unparse(node.args[0]):
                 probes.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert probes == []
+
+
+def test_a_method_defined_here_runs_from_the_command_line(cli, tmp_path):
+    """Adding a method is its builder and its declaration: this one, defined in this test,
+    trains through `compress train-prune` like the shipped ones."""
+    from compress.catalog import CATALOG, MethodInfo
+    from compress.methods.gmp import GMP
+    from compress.methods.registry import register
+    from compress.schedules import constant_schedule
+
+    class HalfAtOnce(GMP):
+        name = "toy-half"
+
+    def build(model, recipe, total_steps):
+        return HalfAtOnce(model, constant_schedule(0.5), refresh_every=1, freeze_step=0)
+
+    register(MethodInfo("toy-half", "weights", "training", "half of the weights, at once",
+                        __name__), build)
+    try:
+        result = cli("train-prune", "--method", "toy-half", "--epochs", "1", "--batch-size",
+                     "64", "--max-train-samples", "300", "--max-test-samples", "100",
+                     "--out", tmp_path / "run", "--json", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["sparsity"] == pytest.approx(0.5, abs=0.01)
+    finally:
+        CATALOG.pop("toy-half")
+        REGISTRY.pop("toy-half")

@@ -1,8 +1,7 @@
 import pytest
 
 from compress.errors import CompressError
-from compress.pipeline import resolve_recipe
-from compress.recipe import Recipe, dump_recipe, load_recipe
+from compress.recipe import Recipe, dump_recipe, load_recipe, resolve_recipe
 
 
 def test_recipe_round_trip(tmp_path):
@@ -51,3 +50,30 @@ def test_missing_recipe_file(tmp_path):
 def test_invalid_values(field, value):
     with pytest.raises(CompressError):
         Recipe(**{field: value}).validate()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--method", "dpf-filter", "--sparsity", "1.2"], "--sparsity must be in [0, 1)"),
+])
+def test_a_bad_training_value_is_refused_before_torch_loads(tmp_path, args, fragment):
+    """Importing torch, torch-pruning and torchvision takes seconds: the recipe is checked
+    first, with the method catalog, which imports none of them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = ["train-prune", *args, "--out", str(tmp_path / "run")]
+    script = f"""
+import atexit, sys
+atexit.register(lambda: print("torch loaded:", "torch" in sys.modules, file=sys.stderr))
+sys.argv[1:] = {argv!r}
+from cli.app import main
+main()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120, check=False)
+    assert done.returncode == 2
+    assert fragment in done.stderr and "torch loaded: False" in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -95,32 +95,32 @@ def test_resume_accepts_the_same_flags_and_names_those_that_differ(cli, tmp_path
 
 def test_ctrl_c_before_the_first_epoch_leaves_a_run_that_resumes(cli, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    import compress.pipeline as pipeline
+    import compress.jobs.train as train
 
-    real = pipeline._run_epochs
+    real = train.run_epochs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_run_epochs", interrupted)
+    monkeypatch.setattr(train, "run_epochs", interrupted)
     flags = [*SMALL, "--method", "gmp", "--epochs", "1"]
     result = cli("train-prune", *flags, "--out", out)
     assert result.exit_code == 130 and "--resume" in result.output
     again = cli("train-prune", *flags, "--out", out)
     assert "--resume to start that run again" in _one_line_exit_2(again)
-    monkeypatch.setattr(pipeline, "_run_epochs", real)
+    monkeypatch.setattr(train, "run_epochs", real)
     resumed = cli("train-prune", *flags, "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert (out / "checkpoint.pt").exists()
 
 
 def test_interrupted_prune_leaves_out_reusable(cli, dpf_run, tmp_path, monkeypatch):
-    import compress.pipeline as pipeline
+    import compress.jobs.prune as prune
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_run_epochs", interrupted)
+    monkeypatch.setattr(prune, "run_epochs", interrupted)
     out = tmp_path / "pruned"
     result = cli("prune", dpf_run, "--finetune-epochs", "1", "--out", out, "--quiet")
     assert result.exit_code == 130 and "train-prune --resume" not in result.output

@@ -39,7 +39,6 @@ from compress.data import first_batches
 from compress.errors import CompressError
 from compress.masks import prunable_weights
 from compress.methods.registry import (
-    MethodSpec,
     OneShotPruner,
     OneShotRequest,
     OneShotResult,
@@ -368,11 +367,6 @@ def _builder(selection: str, update: str) -> Callable[[OneShotRequest], SecondOr
     return build
 
 
-register(MethodSpec("cbs", "weights", "one-shot", "Combinatorial Brain Surgeon: weights "
-                    "removed together, the rest moved to compensate", _builder("cbs", "cbs"),
-                    needs_data=True))
-register(MethodSpec("cbs-s", "weights", "one-shot", "CBS selection alone (no weight update)",
-                    _builder("cbs", "none"), needs_data=True))
-register(MethodSpec("woodfisher", "weights", "one-shot", "WoodFisher: second-order saliency "
-                    "and summed single-weight updates", _builder("woodfisher", "woodfisher"),
-                    needs_data=True))
+register("cbs", _builder("cbs", "cbs"))
+register("cbs-s", _builder("cbs", "none"))
+register("woodfisher", _builder("woodfisher", "woodfisher"))

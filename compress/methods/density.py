@@ -2,8 +2,8 @@
 
 A trained ReLU layer whose activations are mostly zero carries fewer channels' worth of
 information than it has channels. ADP measures each layer's activation density (the share
-of non-zero post-ReLU activations, `compress.structured.density`) on a fixed probe set from
-the training split and, at a few points of the run, cuts the layer to
+of non-zero post-ReLU activations, `compress.structured.activation_density`) on a fixed
+probe set from the training split and, at a few points of the run, cuts the layer to
 ``ceil(density × width)`` channels, keeping the channels whose own density is highest
 (ties by the norm of their weights). The network is rebuilt thinner in place, the optimizer
 carries on with its state for the kept channels, and the learning-rate schedule continues,
@@ -35,15 +35,15 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.methods.base import TrainingPruner
-from compress.methods.registry import MethodSpec, register
-from compress.structured.cutter import TrainingCutter
-from compress.structured.density import (
+from compress.methods.registry import register
+from compress.structured.activation_density import (
     DensityReading,
     density_width,
     has_activations,
     measure,
     read_layout,
 )
+from compress.structured.cutter import TrainingCutter
 from compress.structured.engine import fold_blocks, unfold_blocks
 
 MEASUREMENTS_PER_INTERVAL = 4  # densities are read this many times per --density-every
@@ -278,6 +278,4 @@ def _build(model: nn.Module, recipe, total_steps: int) -> ActivationDensity:
                              options_from(recipe))
 
 
-register(MethodSpec("density", "channels", "training",
-                    "activation-density pruning: layers cut to their share of non-zero "
-                    "activations while training", _build))
+register("density", _build)

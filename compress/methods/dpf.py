@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.methods.base import MaskPruner, Refresh, schedule_options
-from compress.methods.registry import MethodSpec, register
+from compress.methods.registry import register
 
 
 @dataclass
@@ -127,5 +127,4 @@ def _build(model, recipe, total_steps: int) -> DPF:
     return DPF(model, schedule, feedback_decay=recipe.feedback_decay, **options)
 
 
-register(MethodSpec("dpf", "weights", "training",
-                    "Dynamic Pruning with Feedback: pruned weights keep learning", _build))
+register("dpf", _build)

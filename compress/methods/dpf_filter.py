@@ -28,7 +28,7 @@ from torch import nn
 
 from compress.methods.base import Refresh, schedule_options
 from compress.methods.dpf import DPF
-from compress.methods.registry import MethodSpec, register
+from compress.methods.registry import register
 from compress.schedules import CubicSchedule
 from compress.selection import least_passing, select
 from compress.structured.cutter import CutEvent, TrainingCutter
@@ -235,5 +235,4 @@ def _build(model: nn.Module, recipe, total_steps: int) -> DPFFilter:
                      round_to=recipe.round_to, min_channels=recipe.min_channels or 1)
 
 
-register(MethodSpec("dpf-filter", "channels", "training",
-                    "DPF on whole channels, masked channels cut at the end", _build))
+register("dpf-filter", _build)

@@ -24,7 +24,6 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.methods.registry import (
-    MethodSpec,
     OneShotPruner,
     OneShotRequest,
     OneShotResult,
@@ -202,8 +201,5 @@ def _l2(request: OneShotRequest) -> FilterNorm:
     return FilterNorm(_checked(request), norm=2)
 
 
-register(MethodSpec("l1-filter", "channels", "one-shot",
-                    "remove the channels of smallest L1 norm (summed over coupled layers)", _l1))
-register(MethodSpec("l2-filter", "channels", "one-shot",
-                    "remove the channels of smallest squared L2 norm (coupled layers summed)",
-                    _l2))
+register("l1-filter", _l1)
+register("l2-filter", _l2)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from compress.methods.base import MaskPruner, schedule_options
-from compress.methods.registry import MethodSpec, register
+from compress.methods.registry import register
 
 
 class GMP(MaskPruner):
@@ -44,7 +44,5 @@ def _build(model, recipe, total_steps: int) -> GMP:
     return GMP(model, schedule, **options)
 
 
-register(MethodSpec("gmp", "weights", "training",
-                    "gradual magnitude pruning, same schedule, no feedback", _build))
-register(MethodSpec("none", "none", "training", "dense training, nothing pruned",
-                    lambda model, recipe, total_steps: None))
+register("gmp", _build)
+register("none", lambda model, recipe, total_steps: None)

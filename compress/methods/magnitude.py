@@ -13,7 +13,6 @@ from compress.errors import CompressError
 from compress.masks import Coverage, magnitude_masks, mask_sparsity, prunable_weights
 from compress.methods.gmp import GMP
 from compress.methods.registry import (
-    MethodSpec,
     OneShotPruner,
     OneShotRequest,
     OneShotResult,
@@ -96,5 +95,4 @@ def _build(request: OneShotRequest) -> OneShotPruner:
     return MagnitudeOneShot(request)
 
 
-register(MethodSpec("magnitude", "weights", "one-shot",
-                    "global magnitude: zero the smallest weights", _build))
+register("magnitude", _build)

@@ -1,12 +1,15 @@
-"""One registry of pruning methods: a method is one file that registers itself here.
+"""One registry of pruning methods: a method is one file that registers its builder here.
 
-The recipe, the pipeline, the command line and the report ask this registry what a method
-is (which weights it removes, when it runs, what it needs) instead of listing names.
+What a method is (which weights it removes, when it runs, what it needs) is declared in
+`compress.catalog`, which needs no torch; the recipe, the command line and the report read
+that. This registry holds the builders, imported from each method's module when the method
+is built.
 
 Two kinds of method:
 
-* **during training** (``when="training"``): ``build(model, schedule, recipe)`` returns a
-  `MaskPruner` (or None for dense training) that the training loop steps;
+* **during training** (``when="training"``): ``build(model, recipe, total_steps)`` returns a
+  `compress.methods.base.TrainingPruner` (or None for dense training) that the training
+  loop steps;
 * **one shot** (``when="one-shot"``): ``build(request)`` returns a `OneShotPruner`, which is
   given the model and data once and may zero weights, move the weights it keeps, or cut
   channels physically (`OneShotResult`).
@@ -14,6 +17,7 @@ Two kinds of method:
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,53 +25,71 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compress.errors import CompressError
+from compress.catalog import (
+    CATALOG,
+    GRANULARITIES,
+    WHEN,
+    MethodInfo,
+    declare,
+    method_info,
+    names,
+)
 from compress.masks import Coverage
 
-GRANULARITIES = ("weights", "channels", "none")
-WHEN = ("training", "one-shot")
+__all__ = ["GRANULARITIES", "REGISTRY", "WHEN", "MethodSpec", "OneShotPruner",
+           "OneShotRequest", "OneShotResult", "method", "names", "register"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    name: str
-    granularity: str  # "weights" (unstructured), "channels" (structured) or "none"
-    when: str  # "training" or "one-shot"
-    summary: str  # one line for --help and errors
+    """A declared method (`compress.catalog.MethodInfo`) with its builder."""
+
+    info: MethodInfo
     build: Callable
-    needs_data: bool = False  # one-shot: the pruner reads training images
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def granularity(self) -> str:
+        return self.info.granularity
+
+    @property
+    def when(self) -> str:
+        return self.info.when
+
+    @property
+    def summary(self) -> str:
+        return self.info.summary
+
+    @property
+    def needs_data(self) -> bool:
+        return self.info.needs_data
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(spec: MethodSpec) -> MethodSpec:
-    if spec.granularity not in GRANULARITIES or spec.when not in WHEN:
-        raise ValueError(f"bad method spec {spec}")
-    if spec.name in REGISTRY:
-        raise ValueError(f"method {spec.name!r} is registered twice")
-    REGISTRY[spec.name] = spec
-    return spec
-
-
-def names(when: str) -> list[str]:
-    """Methods that run ``when``: those that remove weights first, then channels."""
-    specs = [spec for spec in REGISTRY.values() if spec.when == when]
-    return [s.name for s in sorted(specs, key=lambda s: GRANULARITIES.index(s.granularity))]
+def register(name: str | MethodInfo, build: Callable) -> MethodSpec:
+    """Register the builder of a method the catalog declares (a `MethodInfo` declares one
+    on the way: a method defined outside this package, or in a test)."""
+    info = declare(name) if isinstance(name, MethodInfo) else CATALOG.get(name)
+    if info is None:
+        raise ValueError(f"method {name!r} is not declared in compress.catalog")
+    if info.name in REGISTRY:
+        raise ValueError(f"method {info.name!r} is registered twice")
+    REGISTRY[info.name] = MethodSpec(info, build)
+    return REGISTRY[info.name]
 
 
 def method(name: str, when: str) -> MethodSpec:
-    """The spec of ``name`` among the methods that run ``when``; one clear line otherwise."""
-    spec = REGISTRY.get(name)
-    if spec is None or spec.when != when:
-        flag = "train-prune" if when == "training" else "prune"
-        hint = ""
-        if spec is not None:
-            other = "compress prune" if spec.when == "one-shot" else "compress train-prune"
-            hint = f" ({name!r} is a method of {other})"
-        raise CompressError(f"unknown method {name!r} for {flag}{hint}: use one of "
-                            f"{', '.join(names(when))}")
-    return spec
+    """The spec of ``name`` among the methods that run ``when``, its module imported (which
+    registers it); one clear line for a method that is not one."""
+    info = method_info(name, when)
+    if name not in REGISTRY:
+        importlib.import_module(info.module)
+    return REGISTRY[name]
 
 
 @dataclass

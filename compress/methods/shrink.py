@@ -48,7 +48,6 @@ from torch_pruning.ops import OPTYPE
 
 from compress.errors import CompressError
 from compress.methods.registry import (
-    MethodSpec,
     OneShotPruner,
     OneShotRequest,
     OneShotResult,
@@ -465,5 +464,4 @@ def _build(request: OneShotRequest) -> Shrink:
     return Shrink(request)
 
 
-register(MethodSpec("shrink", "channels", "one-shot",
-                    "remove channels that unstructured pruning emptied (exact)", _build))
+register("shrink", _build)

@@ -1,0 +1,303 @@
+"""``compress prune``: prune a trained model once with a one-shot method, then optionally
+fine-tune it, end to end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+
+from compress import distributed
+from compress.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_weights_into,
+)
+from compress.data import Splits, load_splits
+from compress.errors import CompressError, first_line
+from compress.jobs.runner import (
+    Job,
+    data_config,
+    finish,
+    merge_structure,
+    optim_config,
+    progress_bars,
+    run_epochs,
+    training_cost,
+    zero_share,
+)
+from compress.masks import Coverage, layer_floor_for, prunable_weights
+from compress.methods import FixedMask, MaskPruner, TrainingPruner, method
+from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
+from compress.model_specs import trust_model_spec
+from compress.models import build_model
+from compress.recipe import (
+    Recipe,
+    dump_recipe,
+    recipe_from_mapping,
+)
+from compress.rundir import RunDir
+from compress.training import (
+    EpochResult,
+    evaluate,
+    lr_factor,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+)
+
+
+@dataclass
+class PruneSource:
+    """Where `prune_oneshot` takes its model from: a run directory or checkpoint, or a
+    model factory with optional weights (a plain state_dict or a compress checkpoint)."""
+
+    checkpoint: str | None = None
+    model: str | None = None
+    weights: str | None = None
+
+
+def _source_recipe(source: PruneSource) -> tuple[Recipe, Checkpoint | None]:
+    if source.checkpoint is not None:
+        if source.model or source.weights:
+            raise CompressError("give a run directory or checkpoint, or --model [--weights], "
+                                "not both")
+        ckpt = load_checkpoint(source.checkpoint)
+        base = recipe_from_mapping(ckpt.recipe) if ckpt.recipe else Recipe(model=ckpt.model_spec)
+        data = ckpt.data
+        return recipe_from_mapping({
+            "model": ckpt.model_spec, "data": data.name, "data_dir": data.data_dir,
+            "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "max_train_samples": data.max_train_samples,
+            "max_test_samples": data.max_test_samples, "weights": None}, base), ckpt
+    if source.model is None:
+        raise CompressError("give a run directory or checkpoint to prune, or --model")
+    return Recipe(model=source.model, weights=source.weights), None
+
+
+def _source_model(source: PruneSource, ckpt: Checkpoint | None, recipe: Recipe,
+                  splits: Splits) -> tuple[nn.Module, dict | None, list[str]]:
+    """The model to prune, the structure it already carries, and warnings."""
+    if ckpt is not None:
+        return ckpt.build_model(), ckpt.structure, []
+    model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
+    if source.weights is None:
+        return model, None, [f"{recipe.model} has no trained weights (no --weights): it is "
+                             "pruned as initialised"]
+    return model, load_weights_into(model, source.weights, recipe.model), []
+
+
+def _prune_recipe(base: Recipe, name: str, request: OneShotRequest, finetune_epochs: int,
+                  lr: float | None, batch_size: int | None, seed: int,
+                  overrides: dict) -> Recipe:
+    """The recipe a prune run records: what was asked, and how it was fine-tuned."""
+    fields = {"method": name, "sparsity": request.sparsity or 0.0,
+              "scope": request.scope, "layer_floor": request.layer_floor,
+              "round_to": request.round_to, "min_channels": request.min_channels,
+              "target_macs": request.target_macs, "epochs": finetune_epochs,
+              "lr": lr if lr is not None else base.lr / 10,
+              "batch_size": batch_size or base.batch_size, "seed": seed,
+              "skip_first": request.coverage.skip_first,
+              "skip_classifier": request.coverage.skip_classifier, "warmup_epochs": 0.0,
+              **{k: v for k, v in overrides.items() if v is not None}}
+    return recipe_from_mapping(fields, base).validate("one-shot")
+
+
+def _finetune_pruner(model: nn.Module, result: OneShotResult, source_sparse: bool,
+                     coverage: Coverage) -> MaskPruner | None:
+    """Fine-tuning keeps what pruning zeroed at zero; a thinner dense model trains freely."""
+    if result.masks is not None:
+        return FixedMask(model, result.masks, coverage)
+    if source_sparse:
+        return FixedMask.from_zeros(model, coverage)
+    return None
+
+
+def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = None, *,
+                  method: str = "magnitude", scope: str | None = None,
+                  finetune_epochs: int = 0, lr: float | None = None,
+                  batch_size: int | None = None, seed: int = 0,
+                  coverage: Coverage = Coverage(), layer_floor: float | None = None,
+                  round_to: int = 8, min_channels: int | None = None,
+                  target_macs: float | None = None, budget_ms: float | None = None,
+                  latency: Callable | None = None, second_order: dict | None = None,
+                  reuse: OneShotPruner | None = None, model: str | None = None,
+                  weights: str | None = None, data_overrides: dict | None = None,
+                  console: Console | None = None, show_progress: bool = True,
+                  on_epoch: Callable[[EpochResult], None] | None = None,
+                  on_start: Callable[[], None] | None = None) -> dict:
+    """Prune a trained model once with a registered one-shot method, optionally fine-tune.
+
+    ``on_start`` is called once every input has been checked, before any work (a command
+    line prints its banner there, so that a bad input is one line alone). ``model``, named by
+    the caller, is trusted (see `compress.model_specs`)."""
+    trust_model_spec(model)
+    if distributed.from_env().active:
+        raise CompressError("compress prune runs in one process; run it without torchrun")
+    spec = _one_shot_spec(method)  # the parameter shadows the registry's `method`
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise CompressError(f"--sparsity must be in [0, 1), got {sparsity}")
+    given = [f for f, v in (("--sparsity", sparsity), ("--target-macs", target_macs),
+                            ("--budget-ms", budget_ms)) if v is not None]
+    if len(given) > 1:
+        raise CompressError(f"give one of --sparsity, --target-macs and --budget-ms, not "
+                            f"{' and '.join(given)}")
+    for flag, value in (("--target-macs", target_macs), ("--budget-ms", budget_ms)):
+        if value is not None and spec.granularity != "channels":
+            raise CompressError(f"{flag} sets a channel budget; method {method} removes "
+                                f"{spec.granularity}")
+    if budget_ms is not None and not (budget_ms > 0 and budget_ms < float("inf")):
+        raise CompressError(f"--budget-ms must be a positive number, got {budget_ms}")
+    if sparsity is None and target_macs is None and budget_ms is None and \
+            spec.name != "shrink":
+        sparsity = 0.5 if spec.granularity == "channels" else 0.9
+    if finetune_epochs < 0:
+        raise CompressError("--finetune-epochs must not be negative")
+    console = console or Console(stderr=True)
+    source = PruneSource(checkpoint, model, weights)
+    base, ckpt = _source_recipe(source)
+    request = OneShotRequest(sparsity=sparsity, scope=scope, coverage=coverage,
+                             layer_floor=layer_floor_for(layer_floor, sparsity),
+                             round_to=round_to,
+                             min_channels=min_channels, target_macs=target_macs,
+                             budget_ms=budget_ms, latency=latency,
+                             second_order=second_order)
+    recipe = _prune_recipe(base, spec.name, request, finetune_epochs, lr, batch_size, seed,
+                           data_overrides or {})
+    if reuse is not None:  # a sweep: the same pruner (and what it computed) at a new level
+        reuse.request.sparsity = sparsity
+        request, pruner = reuse.request, reuse
+    else:
+        pruner = spec.build(request)  # the request's input shape is set once data is read
+    run = RunDir(out).create(resumable=False)
+    try:
+        device = resolve_device(recipe.device)
+        generator = seed_everything(recipe.seed)
+        splits = load_splits(data_config(recipe))
+        request.input_shape = splits.config.input_shape
+        net, structure, warnings = _source_model(source, ckpt, recipe, splits)
+        _check_runs_on(net, recipe)
+        pruner.check(net)
+    except BaseException:
+        run.discard_if_unused()
+        raise
+    if on_start:
+        on_start()
+    for note in warnings:
+        console.print(f"warning: {note}", highlight=False, markup=False, soft_wrap=True)
+    weights = [w.detach() for w in prunable_weights(net, coverage).values()]
+    source_sparse = ckpt is not None and ckpt.method != "none" and zero_share(weights) > 0
+    started = time.perf_counter()
+    try:
+        with progress_bars(console, show_progress) as progress:
+            _report_progress(pruner, progress)
+            result = pruner.prune(net, splits)
+    except BaseException:
+        run.discard_if_unused()  # nothing was written: the same --out works next time
+        raise
+    seconds = time.perf_counter() - started
+    with run.discarded_unless_checkpointed():  # --out stays usable if no epoch finished
+        run.write_text("recipe.yaml", dump_recipe(recipe))
+        structure = merge_structure(structure, result.structure)
+        net.to(device)
+        job = _job_for(recipe, run, splits, net, _finetune_pruner(net, result, source_sparse,
+                                                                  coverage),
+                       generator, device, structure)
+        before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
+        run.log("oneshot", source=str(checkpoint or model), method=spec.name,
+                seconds=seconds, val_top1=before, **result.details)
+        if finetune_epochs > 0:
+            run_epochs(job, console, show_progress, on_epoch)
+        summary = finish(job)
+    if spec.granularity == "channels":  # a weight-sparsity target is not what was asked
+        summary["target_sparsity"] = None
+    summary.update(result.details)
+    summary["val_top1_before_finetune"] = before
+    summary["finetune_epochs"] = finetune_epochs
+    summary["source"] = str(checkpoint or model)
+    summary["prune_seconds"] = seconds
+    summary["notes"] = result.notes + warnings
+    return summary
+
+
+def prune_sweep(checkpoint: str | None, out: str, sparsities: list[float],
+                **options) -> list[dict]:
+    """`prune_oneshot` at every level of ``sparsities``, one run each under ``out``
+    (``out/sparsity-S``), with one pruner: a second-order method computes its gradients and
+    Fisher blocks once. Returns the summaries in order."""
+    if len(set(sparsities)) != len(sparsities):
+        raise CompressError("--sparsity lists a level twice")
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise CompressError(f"--sparsity values must be in [0, 1), got {s}")
+    root = Path(out)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise CompressError(f"--out {out} already exists and is not empty")
+    spec = _one_shot_spec(options.get("method", "magnitude"))
+    if spec.granularity != "weights":
+        raise CompressError("a --sparsity list sweeps weight pruning; give channel methods one "
+                            "level")
+    summaries, reuse = [], None
+    on_start = options.pop("on_start", None)
+    for level in sparsities:
+        if reuse is None:
+            reuse = spec.build(_request_for(level, options))
+        run = root / f"sparsity-{level:g}"
+        summaries.append(prune_oneshot(checkpoint, str(run), level, reuse=reuse,
+                                       on_start=on_start, **options))
+        on_start = None
+    return summaries
+
+
+def _request_for(sparsity: float, options: dict) -> OneShotRequest:
+    return OneShotRequest(sparsity=sparsity, scope=options.get("scope"),
+                          coverage=options.get("coverage", Coverage()),
+                          layer_floor=layer_floor_for(options.get("layer_floor"), sparsity),
+                          second_order=options.get("second_order"))
+
+
+def _report_progress(pruner: OneShotPruner, progress: Progress) -> None:
+    """Point the pruner's stage reports (``pruner.progress(stage, done, total)``, for those
+    that report any) at progress bars, one per stage."""
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total, info="")
+        progress.update(tasks[stage], completed=done, total=total)
+
+    pruner.progress = update
+
+
+def _check_runs_on(model: nn.Module, recipe: Recipe) -> None:
+    """A model that cannot run on the data's input shape is the user's to fix: say so."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *recipe.input_shape))
+    except Exception as exc:
+        raise CompressError(f"model {recipe.model!r} does not run on inputs of shape "
+                            f"{tuple(recipe.input_shape)}: {first_line(exc)}") from None
+
+
+def _one_shot_spec(name: str):
+    return method(name, "one-shot")
+
+
+def _job_for(recipe: Recipe, run: RunDir, splits: Splits, model: nn.Module,
+             pruner: TrainingPruner | None, generator: torch.Generator, device: torch.device,
+             structure: dict | None) -> Job:
+    """A fine-tuning job around an already pruned model."""
+    cfg = optim_config(recipe)
+    cfg.epochs = max(1, cfg.epochs)  # the schedule needs a length even with no epochs
+    steps_per_epoch = splits.train.num_batches(cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs, steps_per_epoch))
+    return Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
+               structure=structure, cost=training_cost(model, recipe))
