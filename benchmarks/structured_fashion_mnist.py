@@ -148,6 +148,8 @@ def _with_latency(rows: dict, runs: dict, work: Path, args) -> dict:
                       "train_seconds": rows[name].get("train_seconds")}
     dense_train = rows["dense"]["training_macs"]
     for name in ("l1-filter+ft", "tp-magnitude+ft"):  # fine-tuning comes on top of dense
+        if name not in rows:  # --redo of a training method
+            continue
         rows[name]["training_macs"] = dense_train + (rows[name]["training_macs"] or 0)
         if rows[name]["train_seconds"] is not None and rows["dense"]["train_seconds"]:
             rows[name]["train_seconds"] += rows["dense"]["train_seconds"]
