@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_clean_failure
+from helpers import assert_clean_failure
 
 from compress.checkpoint import load_checkpoint
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_clean_failure, stop_after_first
 
 SLICE = ["--max-train-samples", "1200", "--max-test-samples", "300"]
 QUICK = ["--model", "lenet5", "--epochs", "1", "--batch-size", "64", "--quiet", *SLICE]
@@ -71,12 +72,6 @@ def test_prune_magnitude_with_finetune(cli, dpf_run, tmp_path):
     assert report["total"]["prunable_sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 
-def stop_after_first(result):
-    """An on_epoch callback that interrupts a run after its first epoch, as Ctrl-C would."""
-    if result.epoch == 1:
-        raise KeyboardInterrupt
-
-
 def test_resume_continues_an_interrupted_run(cli, tmp_path):
     from compress.pipeline import train_prune
     from compress.recipe import Recipe
@@ -130,14 +125,6 @@ def test_synthetic_data_with_torchvision_model(cli, tmp_path):
 
 
 # -- bad input -------------------------------------------------------------------------------
-def assert_clean_failure(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert "error:" in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
-
-
 @pytest.mark.parametrize("args, fragment", [
     (["--model", "resnet999"], "unknown model"),
     (["--data", "imagenet"], "unknown data set"),

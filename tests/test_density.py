@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_cli import stop_after_first
+from helpers import stop_after_first
 from torch import nn
 
 from compress.methods.density import ActivationDensity, DensityOptions
@@ -280,7 +280,7 @@ def test_a_latency_budget_from_python_needs_the_meter_handed_in(tmp_path):
     (["--method", "density", "--model", "mlpnet", "--round-to", "0"], "--round-to"),
 ])
 def test_bad_structured_training_input_is_one_line(cli, tmp_path, args, fragment):
-    from test_cli import assert_clean_failure
+    from helpers import assert_clean_failure
 
     out = tmp_path / "run"
     result = cli("train-prune", *args, "--epochs", "1", "--max-train-samples", "200",

@@ -44,12 +44,17 @@ def test_missing_recipe_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("field, value", [("sparsity", 1.0), ("sparsity", -0.1),
-                                          ("method", "snip"), ("freeze_at", 0.5),
-                                          ("epochs", 0)])
-def test_invalid_values(field, value):
-    with pytest.raises(CompressError):
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("sparsity", 1.0, "--sparsity must be in [0, 1), got 1.0"),
+    ("sparsity", -0.1, "--sparsity must be in [0, 1), got -0.1"),
+    ("method", "snip", "unknown method 'snip' for train-prune"),
+    ("freeze_at", 0.5, "--freeze-at must lie between --prune-end and 1"),
+    ("epochs", 0, "--epochs, --batch-size and --refresh-every must be at least 1"),
+])
+def test_invalid_values(field, value, says):
+    with pytest.raises(CompressError) as refused:
         Recipe(**{field: value}).validate()
+    assert says in str(refused.value)
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
