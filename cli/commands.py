@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cli.output import err, out, parse_shape, print_json, show_summary
 from cli.timelimit import time_limit_option, time_limited
-from compress.catalog import CATALOG, names
+from compress.catalog import CATALOG, names, unread_fields
 from compress.model_specs import trust_model_spec
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 
@@ -30,6 +30,7 @@ VerifyKey = Annotated[str | None, Opt("--verify-key", help="Public key (PEM): re
 # bench do real work on a legitimate model too, so they get more
 INSPECT_TIME_LIMIT_S, RUN_TIME_LIMIT_S = 600, 1800
 InspectTimeLimit = time_limit_option(INSPECT_TIME_LIMIT_S)
+FEW_VALIDATION_IMAGES = 50  # train-prune warns when its validation split is smaller
 RunTimeLimit = time_limit_option(RUN_TIME_LIMIT_S)
 
 
@@ -141,7 +142,20 @@ def train_prune(
     chosen_threads, busy = use_threads(threads)
     if not resume:
         out_dir = out_dir or new_run_name(resolved.model, resolved.method)
+    unread = [] if resume else unread_fields(resolved.method, {
+        key for key, value in overrides.items() if value is not None})
+
     def on_start(job) -> None:
+        if unread:  # on stderr, so also beside --json
+            flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+            err.print(escape(f"warning: --method {job.recipe.method} does not read {flags}; "
+                             "they change nothing in this run"), highlight=False,
+                      soft_wrap=True)
+        held_out = len(job.splits.val)
+        if held_out < FEW_VALIDATION_IMAGES:
+            err.print(f"warning: validation on {held_out} image(s): its top-1 says little; "
+                      "use more --max-train-samples or a larger --val-fraction",
+                      highlight=False, soft_wrap=True)
         if json_out:
             return
         r = job.recipe

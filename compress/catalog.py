@@ -28,6 +28,17 @@ class MethodInfo:
     summary: str  # one line for --help and errors
     module: str  # the module whose import registers the builder
     needs_data: bool = False  # one-shot: the pruner reads training images
+    reads: frozenset[str] = frozenset()  # training: the method's own recipe fields it reads
+
+
+# recipe fields that only some training methods read (`unread_fields`)
+SCHEDULE = frozenset({"sparsity", "scope", "refresh_every", "prune_start", "prune_end",
+                      "freeze_at"})
+MASKS = SCHEDULE | {"layer_floor", "skip_first", "skip_classifier"}
+CUTS = frozenset({"round_to", "min_channels", "budget_ms", "budget_threads"})
+DENSITY = frozenset({"probe_samples", "density_start", "density_every", "density_stop",
+                     "density_cuts", "density_until_settled", "density_tolerance"})
+METHOD_FIELDS = MASKS | CUTS | DENSITY | {"feedback_decay", "target_macs"}
 
 
 CATALOG: dict[str, MethodInfo] = {}
@@ -45,17 +56,18 @@ def declare(info: MethodInfo) -> MethodInfo:
 for _info in (
     MethodInfo("dpf", "weights", "training",
                "Dynamic Pruning with Feedback: pruned weights keep learning",
-               "compress.methods.dpf"),
+               "compress.methods.dpf", reads=MASKS | {"feedback_decay"}),
     MethodInfo("gmp", "weights", "training",
-               "gradual magnitude pruning, same schedule, no feedback", "compress.methods.gmp"),
+               "gradual magnitude pruning, same schedule, no feedback", "compress.methods.gmp",
+               reads=MASKS),
     MethodInfo("none", "none", "training", "dense training, nothing pruned",
                "compress.methods.gmp"),
     MethodInfo("density", "channels", "training",
                "activation-density pruning: layers cut to their share of non-zero activations "
-               "while training", "compress.methods.density"),
+               "while training", "compress.methods.density", reads=DENSITY | CUTS),
     MethodInfo("dpf-filter", "channels", "training",
                "DPF on whole channels, masked channels cut at the end",
-               "compress.methods.dpf_filter"),
+               "compress.methods.dpf_filter", reads=SCHEDULE | CUTS | {"feedback_decay"}),
     MethodInfo("magnitude", "weights", "one-shot",
                "global magnitude: zero the smallest weights", "compress.methods.magnitude"),
     MethodInfo("cbs", "weights", "one-shot",
@@ -103,3 +115,9 @@ def default_sparsity(name: str) -> float:
     """What ``--sparsity`` means when not given: 0.9 of the weights, 0.5 of the channels."""
     info = CATALOG.get(name)
     return 0.5 if info is not None and info.granularity == "channels" else 0.9
+
+
+def unread_fields(name: str, given: set[str]) -> list[str]:
+    """The method-specific recipe fields in ``given`` that training method ``name`` does not
+    read (``--sparsity`` on dense training, ``--refresh-every`` on ADP, ...), sorted."""
+    return sorted((given & METHOD_FIELDS) - CATALOG[name].reads)

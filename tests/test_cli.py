@@ -306,3 +306,15 @@ def test_resume_refuses_another_process_count(cli, tmp_path, dpf_run):
     torch.save(ckpt, run / "checkpoint.pt")
     assert_clean_failure(cli("train-prune", "--out", run, "--resume"),
                          "torchrun --nproc_per_node=2")
+
+
+def test_flags_the_method_does_not_read_and_a_tiny_validation_split_are_warned_about(
+        cli, tmp_path):
+    result = cli("train-prune", "--model", "lenet5", "--epochs", "1", "--batch-size", "64",
+                 "--quiet", "--max-train-samples", "200", "--max-test-samples", "50",
+                 "--method", "none", "--sparsity", "0.9", "--refresh-every", "3",
+                 "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert ("warning: --method none does not read --refresh-every, --sparsity; they change "
+            "nothing in this run") in result.output
+    assert "warning: validation on 20 image(s)" in result.output
