@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,26 @@ FEW_VALIDATION_IMAGES = 50  # train-prune warns when its validation split is sma
 RunTimeLimit = time_limit_option(RUN_TIME_LIMIT_S)
 
 
+# train-prune's --help panels
+MODEL_DATA, METHOD, SCHEDULE = "Model and data", "Method", "Schedule: dpf, gmp, dpf-filter"
+CHANNELS, DENSITY = "Channels: density, dpf-filter", "Activation density (ADP): density"
+TRAINING, RUN = "Training", "Run"
+
+
+def ROpt(field: str, panel: str, *decls: str, show_default: str | None = None,
+         **options) -> object:
+    """The option of recipe field ``field``: its default shown once, read from the recipe's
+    declaration (`compress.recipe.Recipe`), and its panel in ``--help``."""
+    from compress.recipe import FIELDS
+
+    if show_default is None:
+        declared = FIELDS[field]
+        value = declared.default_factory() if declared.default is MISSING else declared.default
+        show_default = "none" if value is None else \
+            ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return Opt(*decls, show_default=show_default, rich_help_panel=panel, **options)
+
+
 def methods_help(when: str) -> str:
     """The ``--method`` help, from the method catalog: each name with what it removes."""
     kinds = {"weights": "weights", "channels": "channels", "none": "dense"}
@@ -42,80 +63,110 @@ def methods_help(when: str) -> str:
 
 
 def train_prune(
-    model: Annotated[str | None, Opt(help="Registered name or module:callable.")] = None,
-    data: Annotated[str | None, Opt(help="fashion-mnist, mnist, cifar10, cifar100, "
-                                         "imagefolder or synthetic.")] = None,
-    data_dir: Annotated[str | None, Opt(help="Where the data set lies.")] = None,
-    method: Annotated[str | None, Opt(help=methods_help("training"),
-                                      show_default="dpf")] = None,
-    sparsity: Annotated[float | None, Opt(help="Fraction of prunable weights removed.")] = None,
-    epochs: Annotated[int | None, Opt()] = None,
-    batch_size: Annotated[int | None, Opt()] = None,
-    lr: Annotated[float | None, Opt(help="Peak learning rate.")] = None,
-    recipe: Annotated[str | None, Opt(help="YAML recipe; flags override it.")] = None,
-    weights: Annotated[str | None, Opt(help="Start from these weights.")] = None,
+    model: Annotated[str | None, ROpt("model", MODEL_DATA,
+                                      help="Registered name or module:callable.")] = None,
+    data: Annotated[str | None, ROpt("data", MODEL_DATA, help="fashion-mnist, mnist, cifar10, "
+                                     "cifar100, imagefolder or synthetic.")] = None,
+    data_dir: Annotated[str | None, ROpt("data_dir", MODEL_DATA,
+                                         help="Where the data set lies.")] = None,
+    method: Annotated[str | None, ROpt("method", METHOD,
+                                       help=methods_help("training"))] = None,
+    sparsity: Annotated[float | None, ROpt(
+        "sparsity", METHOD, help="Share removed: of the prunable weights (dpf, gmp), or of each "
+        "layer's channels (dpf-filter).", show_default="0.9 of weights, 0.5 of channels")
+    ] = None,
+    epochs: Annotated[int | None, ROpt("epochs", TRAINING)] = None,
+    batch_size: Annotated[int | None, ROpt("batch_size", TRAINING)] = None,
+    lr: Annotated[float | None, ROpt("lr", TRAINING, help="Peak learning rate.")] = None,
+    recipe: Annotated[str | None, Opt(help="YAML recipe; flags override it.",
+                                      rich_help_panel=RUN)] = None,
+    weights: Annotated[str | None, ROpt("weights", MODEL_DATA,
+                                        help="Start from these weights.")] = None,
     out_dir: Annotated[str | None, Opt("--out", help="Run directory to create.",
-                                       show_default="runs/MODEL-METHOD-TIME")] = None,
-    seed: Annotated[int | None, Opt()] = None,
-    device: Annotated[str | None, Opt(help="cpu or cuda.")] = None,
-    resume: Annotated[bool, Opt(help="Continue the run in --out.")] = False,
-    scope: Annotated[str | None, Opt(help="global (one threshold) or layer.")] = None,
-    layer_floor: Annotated[float | None, Opt(help="Least fraction of each layer the global "
-                                                  "threshold keeps (0: the papers' rule, "
-                                                  "which can empty a layer) (default: "
-                                                  "0.01).")] = None,
-    refresh_every: Annotated[int | None, Opt(help="Mask refresh period in steps.")] = None,
-    prune_start: Annotated[float | None, Opt(help="Fraction of training when pruning "
-                                                  "starts.")] = None,
-    prune_end: Annotated[float | None, Opt(help="Fraction of training when the target "
-                                                "is reached.")] = None,
-    freeze_at: Annotated[float | None, Opt(help="Fraction of training after which the "
-                                                "mask is fixed.")] = None,
-    feedback_decay: Annotated[float | None, Opt(help="DPF: per-step shrink of pruned dense "
-                                                     "weights (0 = the paper's rule).")] = None,
-    skip_first: Annotated[bool | None, Opt("--skip-first/--prune-first",
-                                           help="Leave the first layer dense.")] = None,
-    skip_classifier: Annotated[bool | None, Opt("--skip-classifier/--prune-classifier",
-                                                help="Leave the classifier dense.")] = None,
-    round_to: Annotated[int | None, Opt(help="Channels (density, dpf-filter): widths are "
-                                             "multiples of this (default: 8).")] = None,
-    min_channels: Annotated[int | None, Opt(help="Channels: no layer keeps fewer "
-                                                 "(default: 1).")] = None,
-    probe_samples: Annotated[int | None, Opt(help="density: training images its activations "
-                                                  "are measured on (default: 512).")] = None,
-    density_start: Annotated[float | None, Opt(help="density: no cut before this fraction "
-                                                    "of the run (default: 0.2).")] = None,
-    density_every: Annotated[float | None, Opt(help="density: least fraction of the run "
-                                                    "between cuts (default: 0.15).")] = None,
-    density_stop: Annotated[float | None, Opt(help="density: no cut after this fraction of "
-                                                   "the run (default: 0.8).")] = None,
-    density_cuts: Annotated[int | None, Opt(help="density: most cuts (default: 1).")] = None,
-    density_until_settled: Annotated[bool | None, Opt(
-        "--density-until-settled/--density-fixed-cuts",
-        help="density: cut until no width changes, instead of --density-cuts times.")] = None,
-    density_tolerance: Annotated[float | None, Opt(
-        help="density: layer densities count as settled when none moved more than this "
-             "since the last measurement (default: 0.03).")] = None,
-    budget_ms: Annotated[float | None, Opt(help="density, dpf-filter: cut at least as far as "
-                                                "an onnxruntime p50 (batch 1) of this many ms "
-                                                "needs, measured here.")] = None,
-    budget_threads: Annotated[int | None, Opt(help="onnxruntime threads --budget-ms is "
-                                                   "measured with (default: 1).")] = None,
-    threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else "
-                                            "the usable cores split among torchrun's "
-                                            "processes).")] = None,
-    weight_decay: Annotated[float | None, Opt()] = None,
-    momentum: Annotated[float | None, Opt()] = None,
-    lr_schedule: Annotated[str | None, Opt(help="cosine, step or constant.")] = None,
-    warmup_epochs: Annotated[float | None, Opt()] = None,
-    input_shape: Annotated[str | None, Opt(help="C,H,W for synthetic data.")] = None,
-    num_classes: Annotated[int | None, Opt(help="Classes of synthetic data.")] = None,
-    val_fraction: Annotated[float | None, Opt()] = None,
-    max_train_samples: Annotated[int | None, Opt(help="Use a slice of the training set.")]
+                                       show_default="runs/MODEL-METHOD-TIME",
+                                       rich_help_panel=RUN)] = None,
+    seed: Annotated[int | None, ROpt("seed", TRAINING)] = None,
+    device: Annotated[str | None, ROpt("device", TRAINING, help="cpu or cuda.")] = None,
+    resume: Annotated[bool, Opt(help="Continue the run in --out.", rich_help_panel=RUN)]
+    = False,
+    scope: Annotated[str | None, ROpt("scope", METHOD, help="global (one threshold) or layer.",
+                                      show_default="global for weights, layer for channels")
+                     ] = None,
+    layer_floor: Annotated[float | None, ROpt(
+        "layer_floor", METHOD, help="Least fraction of each layer the global threshold keeps "
+        "(0: the papers' rule, which can empty a layer).",
+        show_default="0.01, or half of what the sparsity leaves")] = None,
+    refresh_every: Annotated[int | None, ROpt("refresh_every", SCHEDULE,
+                                              help="Mask refresh period in steps.")] = None,
+    prune_start: Annotated[float | None, ROpt(
+        "prune_start", SCHEDULE, help="Fraction of training when pruning starts.")] = None,
+    prune_end: Annotated[float | None, ROpt(
+        "prune_end", SCHEDULE, help="Fraction of training when the target is reached.")
+    ] = None,
+    freeze_at: Annotated[float | None, ROpt(
+        "freeze_at", SCHEDULE, help="Fraction of training after which the mask is fixed.",
+        show_default="--prune-end")] = None,
+    feedback_decay: Annotated[float | None, ROpt(
+        "feedback_decay", METHOD, help="dpf, dpf-filter: per-step shrink of pruned dense "
+        "weights (0 = the paper's rule).")] = None,
+    skip_first: Annotated[bool | None, ROpt("skip_first", METHOD, "--skip-first/--prune-first",
+                                            help="Leave the first layer dense.")] = None,
+    skip_classifier: Annotated[bool | None, ROpt(
+        "skip_classifier", METHOD, "--skip-classifier/--prune-classifier",
+        help="Leave the classifier dense.")] = None,
+    round_to: Annotated[int | None, ROpt("round_to", CHANNELS,
+                                         help="Kept widths are multiples of this.")] = None,
+    min_channels: Annotated[int | None, ROpt("min_channels", CHANNELS,
+                                             help="No layer keeps fewer channels.",
+                                             show_default="1")] = None,
+    probe_samples: Annotated[int | None, ROpt(
+        "probe_samples", DENSITY, help="Training images the activations are measured on.")
+    ] = None,
+    density_start: Annotated[float | None, ROpt(
+        "density_start", DENSITY, help="No cut before this fraction of the run.")] = None,
+    density_every: Annotated[float | None, ROpt(
+        "density_every", DENSITY, help="Least fraction of the run between cuts.")] = None,
+    density_stop: Annotated[float | None, ROpt(
+        "density_stop", DENSITY, help="No cut after this fraction of the run.")] = None,
+    density_cuts: Annotated[int | None, ROpt("density_cuts", DENSITY, help="Most cuts.")]
     = None,
-    max_test_samples: Annotated[int | None, Opt(help="Use a slice of the test set.")] = None,
-    json_out: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
-    quiet: Annotated[bool, Opt(help="No progress display.")] = False,
+    density_until_settled: Annotated[bool | None, ROpt(
+        "density_until_settled", DENSITY, "--density-until-settled/--density-fixed-cuts",
+        help="Cut until no width changes, instead of --density-cuts times.")] = None,
+    density_tolerance: Annotated[float | None, ROpt(
+        "density_tolerance", DENSITY, help="Layer densities count as settled when none moved "
+        "more than this since the last measurement.")] = None,
+    budget_ms: Annotated[float | None, ROpt(
+        "budget_ms", CHANNELS, help="Cut at least as far as an onnxruntime p50 (batch 1) of "
+        "this many ms needs, measured here.")] = None,
+    budget_threads: Annotated[int | None, ROpt(
+        "budget_threads", CHANNELS, help="onnxruntime threads --budget-ms is measured with.")
+    ] = None,
+    threads: Annotated[int | None, Opt(help="torch threads.", rich_help_panel=TRAINING,
+                                       show_default="OMP_NUM_THREADS, else the usable cores "
+                                                    "split among torchrun's processes")
+                       ] = None,
+    weight_decay: Annotated[float | None, ROpt("weight_decay", TRAINING)] = None,
+    momentum: Annotated[float | None, ROpt("momentum", TRAINING)] = None,
+    lr_schedule: Annotated[str | None, ROpt("lr_schedule", TRAINING,
+                                            help="cosine, step or constant.")] = None,
+    warmup_epochs: Annotated[float | None, ROpt("warmup_epochs", TRAINING)] = None,
+    input_shape: Annotated[str | None, ROpt("input_shape", MODEL_DATA,
+                                            help="C,H,W for synthetic data.")] = None,
+    num_classes: Annotated[int | None, ROpt("num_classes", MODEL_DATA,
+                                            help="Classes of synthetic data.")] = None,
+    val_fraction: Annotated[float | None, ROpt("val_fraction", MODEL_DATA,
+                                               help="Share of the training images held out "
+                                                    "for validation.")] = None,
+    max_train_samples: Annotated[int | None, ROpt(
+        "max_train_samples", MODEL_DATA, help="Use a slice of the training set.",
+        show_default="all")] = None,
+    max_test_samples: Annotated[int | None, ROpt(
+        "max_test_samples", MODEL_DATA, help="Use a slice of the test set.",
+        show_default="all")] = None,
+    json_out: Annotated[bool, Opt("--json", help="Print the summary as JSON.",
+                                  rich_help_panel=RUN)] = False,
+    quiet: Annotated[bool, Opt(help="No progress display.", rich_help_panel=RUN)] = False,
 ) -> None:
     """Train a model, pruning it during training (DPF, GMP, ADP, DPF-filter) or not at
     all."""
