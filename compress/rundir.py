@@ -1,13 +1,17 @@
 """A run directory: checkpoint, resolved recipe, metrics.jsonl, report.md and plots.
 
-An existing directory is never overwritten: it must be empty, or be resumed.
+An existing directory is never overwritten: it must be empty, or be resumed. A run holds
+a lock on its directory while it writes there: a second run (or a ``--resume``) into the
+same ``--out`` is refused instead of mixing two runs' checkpoints and metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import weakref
 from pathlib import Path
 
 from compress.checkpoint import CHECKPOINT_NAME
@@ -27,6 +31,8 @@ class RunDir:
     def __init__(self, path: str | Path, writer: bool = True) -> None:
         self.path = Path(path)
         self.writer = writer
+        self.created_here = False
+        self._lock: int | None = None  # the directory's descriptor, flock-ed while writing
 
     @property
     def checkpoint(self) -> Path:
@@ -59,12 +65,34 @@ class RunDir:
         except OSError as exc:
             raise CompressError(f"cannot create --out {self.path}: {exc.strerror}") from None
         self.check_writable()
+        self.lock()
         return self
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory until this process ends (or `unlock`);
+        refused in one line while another process holds it."""
+        if not self.writer or self._lock is not None:
+            return
+        descriptor = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise CompressError(f"--out {self.path} is in use by another compress run; wait "
+                                "for it to end or choose another directory") from None
+        self._lock = descriptor
+        self._release = weakref.finalize(self, os.close, descriptor)  # if never unlocked
+
+    def unlock(self) -> None:
+        """Let another run use the directory (this one has finished writing)."""
+        if self._lock is not None:
+            self._release()
+            self._lock = None
 
     def discard_if_unused(self) -> None:
         """Remove the directory again if this run made it and wrote nothing into it."""
-        if getattr(self, "created_here", False) and self.path.is_dir() and \
-                not any(self.path.iterdir()):
+        if self.created_here and self.path.is_dir() and not any(self.path.iterdir()):
+            self.unlock()
             self.path.rmdir()
 
     @contextlib.contextmanager
@@ -96,6 +124,7 @@ class RunDir:
     def restart(self) -> RunDir:
         """Empty a run that stopped before its first epoch, keeping its recipe."""
         self.check_writable()
+        self.lock()
         if self.writer:
             for path in self.path.iterdir():
                 if path != self.recipe and path.is_file():
@@ -106,6 +135,7 @@ class RunDir:
         if not self.checkpoint.exists():
             raise CompressError(f"--resume: {self.path} holds no {CHECKPOINT_NAME} to resume")
         self.check_writable()
+        self.lock()
         return self
 
     def log(self, event: str, **fields) -> None:

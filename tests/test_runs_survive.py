@@ -247,3 +247,18 @@ def test_interrupted_export_and_bench_speak_of_themselves(cli, dpf_run, tmp_path
         assert not path.exists()
     assert result.exit_code == 130
     assert "epoch" not in result.output and "--resume" not in result.output
+
+
+def test_a_run_directory_in_use_is_refused_to_a_second_run(tmp_path):
+    """Two runs writing into one --out would mix their checkpoints: the second is refused
+    while the first holds the directory, and gets it once the first is done."""
+    from compress.errors import CompressError
+    from compress.rundir import RunDir
+
+    first = RunDir(tmp_path / "run").create()
+    with pytest.raises(CompressError, match="is in use by another compress run"):
+        RunDir(tmp_path / "run").lock()
+    first.unlock()
+    second = RunDir(tmp_path / "run")
+    second.lock()
+    second.unlock()

@@ -173,6 +173,18 @@ def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shar
                  on_start: Callable[[Job], None] | None, requested: dict,
                  latency: Callable | None) -> dict:
     run = RunDir(out, writer=shard.main)
+    try:
+        return _run_job(recipe, run, resume, shard, console, show_progress, on_epoch,
+                        on_start, requested, latency)
+    finally:
+        run.unlock()
+
+
+def _run_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard,
+             console: Console, show_progress: bool,
+             on_epoch: Callable[[EpochResult], None] | None,
+             on_start: Callable[[Job], None] | None, requested: dict,
+             latency: Callable | None) -> dict:
     job, error = None, None
     try:
         job = _start_job(recipe, run, resume, shard, requested, latency)
@@ -185,9 +197,9 @@ def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shar
     try:
         run_epochs(job, console, show_progress, on_epoch)
     except Diverged as exc:
-        kept = (f"the run up to its last good epoch is kept in {out}"
+        kept = (f"the run up to its last good epoch is kept in {run.path}"
                 if run.checkpoint.exists() else
-                f"no epoch finished, so {out} holds only its recipe and log")
+                f"no epoch finished, so {run.path} holds only its recipe and log")
         raise CompressError(f"{exc}; {kept}") from None
     return finish(job)
 
