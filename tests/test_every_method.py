@@ -126,7 +126,7 @@ def test_a_method_defined_here_runs_from_the_command_line(cli, tmp_path):
                      "64", "--max-train-samples", "300", "--max-test-samples", "100",
                      "--out", tmp_path / "run", "--json", "--quiet")
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output)["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert json.loads(result.stdout)["sparsity"] == pytest.approx(0.5, abs=0.01)
     finally:
         CATALOG.pop("toy-half")
         REGISTRY.pop("toy-half")
