@@ -47,7 +47,10 @@ def test_killed_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, meth
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*COMPRESS, "train-prune", *flags, "--out", str(whole)], check=True, env=env)
-    process = subprocess.Popen([*COMPRESS, "train-prune", *flags, "--out", str(cut)], env=env)
+    # SIGINT as a terminal sends it, even where this suite runs with it ignored (a background
+    # job of a shell without job control), which the child would inherit
+    process = subprocess.Popen([*COMPRESS, "train-prune", *flags, "--out", str(cut)], env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline, epochs = time.monotonic() + 300, []
     while not epochs and process.poll() is None:
         assert time.monotonic() < deadline
