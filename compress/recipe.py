@@ -8,13 +8,12 @@ recipe is written to each run directory as ``recipe.yaml`` and can be fed back u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 from compress.catalog import default_sparsity, method_info
 from compress.errors import CompressError
@@ -227,24 +226,32 @@ def given_fields(recipe_path: str | None, overrides: dict) -> dict:
             (RENAMED.get(str(k).replace("-", "_"), str(k).replace("-", "_")) for k in mapping)}
 
 
-class _RecipeLoader(yaml.SafeLoader):
+@functools.cache
+def _recipe_loader() -> type:
     """YAML's safe loader without anchors and aliases: a recipe never needs them, and a few
-    hundred bytes of nested aliases expand to gigabytes."""
+    hundred bytes of nested aliases expand to gigabytes. (yaml is imported when a recipe is
+    read or written: the command line reads `Recipe`'s defaults at every start.)"""
+    import yaml
 
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in "
-                                              "a recipe", event.start_mark)
-        return super().compose_node(parent, index)
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed "
+                                                  "in a recipe", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
 
 
 def read_recipe_mapping(path: str | Path) -> dict:
     """A YAML recipe file as the mapping it holds."""
+    import yaml
+
     path = Path(path)
     try:
         regular_file_size(path, MAX_RECIPE_BYTES / 2**20, "a recipe", f"recipe {path}")
-        data = yaml.load(path.read_text(), Loader=_RecipeLoader)
+        data = yaml.load(path.read_text(), Loader=_recipe_loader())
     except OSError as exc:
         raise CompressError(f"cannot read recipe {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -264,6 +271,8 @@ def read_recipe_mapping(path: str | Path) -> dict:
 
 
 def dump_recipe(recipe: Recipe) -> str:
+    import yaml
+
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
