@@ -8,7 +8,9 @@ as a `CompressError`, when it is longer than `MAX_JSON_BYTES`, nested deeper tha
 `MAX_JSON_DEPTH` (checked before parsing, without recursion), holds an integer of more than
 `MAX_JSON_INT_DIGITS` digits, a number that is not finite, or a string that is not text (a
 lone surrogate). Text that is not JSON at all raises `NotJson`, a `CompressError` too, so
-a reader that takes plain strings as well can fall back to the text.
+a reader that takes plain strings as well can fall back to the text. Syntax is checked
+before the bounds: a hex digest such as ``1678e438c4...`` starts like a huge number, and
+is plain text, not JSON past a limit.
 """
 
 from __future__ import annotations
@@ -42,11 +44,15 @@ def read_json(text: str | bytes, what: str) -> object:
                             f"{MAX_JSON_BYTES:,} a JSON entry may take")
     if _depth(text) > MAX_JSON_DEPTH:
         raise CompressError(f"{what} nests lists or objects more than {MAX_JSON_DEPTH} deep")
+    try:  # syntax first: numbers kept as text, so a bound cannot fire on text that is not JSON
+        json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
+    except json.JSONDecodeError as exc:
+        raise NotJson(f"{what} is not JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError as exc:
+        raise CompressError(f"{what} holds {exc}") from None
     try:
         value = json.loads(text, parse_int=_integer, parse_float=_float,
                            parse_constant=_constant)
-    except json.JSONDecodeError as exc:
-        raise NotJson(f"{what} is not JSON ({exc.msg} at character {exc.pos})") from None
     except (ValueError, RecursionError) as exc:
         raise CompressError(f"{what} holds {exc}") from None
     if not _all_text(value):
