@@ -42,12 +42,12 @@ from compress.checkpoint import load_checkpoint
 from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
 from export.onnx_export import export_checkpoint
+from export.ort import load_onnxruntime
 from export.packing import read_stream
-from export.runtime import load_onnxruntime
 from export.session import open_session
 from export.verify import decoded_copy
 
-ort = load_onnxruntime()  # with its telemetry off (export/runtime.py)
+ort = load_onnxruntime()  # with its telemetry off (export/ort.py)
 
 
 def entropy_bound_bytes(run: Path) -> tuple[float, float]:

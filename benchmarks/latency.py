@@ -27,13 +27,13 @@ from pathlib import Path
 
 from compress.pipeline import train_prune
 from compress.recipe import Recipe
-from export.latency import cpu_name, measure
 from export.onnx_export import export_checkpoint
-from export.ort_eval import evaluate_onnx
-from export.runtime import load_onnxruntime
+from export.ort import load_onnxruntime
+from export.runtime.evaluation import evaluate_onnx
+from export.runtime.latency import cpu_name, measure
 from export.session import open_session
 
-ort = load_onnxruntime()  # with its telemetry off (export/runtime.py)
+ort = load_onnxruntime()  # with its telemetry off (export/ort.py)
 
 TRAINING = {  # brief on purpose: latency is what is measured
     "lenet5": dict(epochs=2),

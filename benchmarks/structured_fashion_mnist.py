@@ -131,8 +131,8 @@ def redo_seed(model: str, seed: int, method: str, args, work: Path) -> dict:
 def _with_latency(rows: dict, runs: dict, work: Path, args) -> dict:
     from compress.checkpoint import load_checkpoint
     from compress.stats import count_macs
-    from export.latency import measure
     from export.onnx_export import export_checkpoint
+    from export.runtime.latency import measure
 
     paths = []
     for name, folder in runs.items():

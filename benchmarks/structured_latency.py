@@ -19,11 +19,11 @@ from pathlib import Path
 
 from compress.pipeline import prune_oneshot, train_prune
 from compress.recipe import Recipe
-from export.latency import cpu_name, measure
 from export.onnx_export import export_checkpoint
-from export.runtime import load_onnxruntime
+from export.ort import load_onnxruntime
+from export.runtime.latency import cpu_name, measure
 
-ort = load_onnxruntime()  # with its telemetry off (export/runtime.py)
+ort = load_onnxruntime()  # with its telemetry off (export/ort.py)
 
 MODELS = {  # name: input shape
     "resnet20": (3, 32, 32),

@@ -77,8 +77,8 @@ def run_one(name: str, out: Path) -> None:
     from compress.pipeline import prune_oneshot
     from compress.recipe import Recipe
     from compress.stats import count_macs
-    from export.latency import measure
     from export.onnx_export import export_checkpoint
+    from export.runtime.latency import measure
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -1,5 +1,5 @@
 """The ``compress`` console script (Typer)."""
 
-from export.runtime import no_telemetry
+from export.ort import no_telemetry
 
-no_telemetry()  # before any command loads onnxruntime: see export/runtime.py
+no_telemetry()  # before any command loads onnxruntime: see export/ort.py

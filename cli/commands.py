@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING
 from pathlib import Path
 from typing import Annotated
 
@@ -10,10 +9,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from cli.declared import declared_flags, flags_of
 from cli.output import err, out, parse_shape, print_json, show_summary
 from cli.timelimit import time_limit_option, time_limited
-from compress.catalog import CATALOG, names, unread_fields
+from compress.catalog import CATALOG, default_sparsity, names, unread_fields
 from compress.model_specs import trust_model_spec
+from compress.options import check_declared
+from compress.prune_options import FINETUNE, PruneOptions
+from compress.recipe import TRAINING, Recipe
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 
 Opt = typer.Option
@@ -35,24 +38,7 @@ FEW_VALIDATION_IMAGES = 50  # train-prune warns when its validation split is sma
 RunTimeLimit = time_limit_option(RUN_TIME_LIMIT_S)
 
 
-# train-prune's --help panels
-MODEL_DATA, METHOD, SCHEDULE = "Model and data", "Method", "Schedule: dpf, gmp, dpf-filter"
-CHANNELS, DENSITY = "Channels: density, dpf-filter", "Activation density (ADP): density"
-TRAINING, RUN = "Training", "Run"
-
-
-def ROpt(field: str, panel: str, *decls: str, show_default: str | None = None,
-         **options) -> object:
-    """The option of recipe field ``field``: its default shown once, read from the recipe's
-    declaration (`compress.recipe.Recipe`), and its panel in ``--help``."""
-    from compress.recipe import FIELDS
-
-    if show_default is None:
-        declared = FIELDS[field]
-        value = declared.default_factory() if declared.default is MISSING else declared.default
-        show_default = "none" if value is None else \
-            ",".join(map(str, value)) if isinstance(value, list) else str(value)
-    return Opt(*decls, show_default=show_default, rich_help_panel=panel, **options)
+RUN = "Run"
 
 
 def methods_help(when: str) -> str:
@@ -62,121 +48,31 @@ def methods_help(when: str) -> str:
         + "."
 
 
+@declared_flags(flags_of(Recipe, changes={"method": {"help": methods_help("training")}}))
 def train_prune(
-    model: Annotated[str | None, ROpt("model", MODEL_DATA,
-                                      help="Registered name or module:callable.")] = None,
-    data: Annotated[str | None, ROpt("data", MODEL_DATA, help="fashion-mnist, mnist, cifar10, "
-                                     "cifar100, imagefolder or synthetic.")] = None,
-    data_dir: Annotated[str | None, ROpt("data_dir", MODEL_DATA,
-                                         help="Where the data set lies.")] = None,
-    method: Annotated[str | None, ROpt("method", METHOD,
-                                       help=methods_help("training"))] = None,
-    sparsity: Annotated[float | None, ROpt(
-        "sparsity", METHOD, help="Share removed: of the prunable weights (dpf, gmp), or of each "
-        "layer's channels (dpf-filter).", show_default="0.9 of weights, 0.5 of channels")
-    ] = None,
-    epochs: Annotated[int | None, ROpt("epochs", TRAINING)] = None,
-    batch_size: Annotated[int | None, ROpt("batch_size", TRAINING)] = None,
-    lr: Annotated[float | None, ROpt("lr", TRAINING, help="Peak learning rate.")] = None,
     recipe: Annotated[str | None, Opt(help="YAML recipe; flags override it.",
                                       rich_help_panel=RUN)] = None,
-    weights: Annotated[str | None, ROpt("weights", MODEL_DATA,
-                                        help="Start from these weights.")] = None,
     out_dir: Annotated[str | None, Opt("--out", help="Run directory to create.",
                                        show_default="runs/MODEL-METHOD-TIME",
                                        rich_help_panel=RUN)] = None,
-    seed: Annotated[int | None, ROpt("seed", TRAINING)] = None,
-    device: Annotated[str | None, ROpt("device", TRAINING, help="cpu or cuda.")] = None,
     resume: Annotated[bool, Opt(help="Continue the run in --out.", rich_help_panel=RUN)]
     = False,
-    scope: Annotated[str | None, ROpt("scope", METHOD, help="global (one threshold) or layer.",
-                                      show_default="global for weights, layer for channels")
-                     ] = None,
-    layer_floor: Annotated[float | None, ROpt(
-        "layer_floor", METHOD, help="Least fraction of each layer the global threshold keeps "
-        "(0: the papers' rule, which can empty a layer).",
-        show_default="0.01, or half of what the sparsity leaves")] = None,
-    refresh_every: Annotated[int | None, ROpt("refresh_every", SCHEDULE,
-                                              help="Mask refresh period in steps.")] = None,
-    prune_start: Annotated[float | None, ROpt(
-        "prune_start", SCHEDULE, help="Fraction of training when pruning starts.")] = None,
-    prune_end: Annotated[float | None, ROpt(
-        "prune_end", SCHEDULE, help="Fraction of training when the target is reached.")
-    ] = None,
-    freeze_at: Annotated[float | None, ROpt(
-        "freeze_at", SCHEDULE, help="Fraction of training after which the mask is fixed.",
-        show_default="--prune-end")] = None,
-    feedback_decay: Annotated[float | None, ROpt(
-        "feedback_decay", METHOD, help="dpf, dpf-filter: per-step shrink of pruned dense "
-        "weights (0 = the paper's rule).")] = None,
-    skip_first: Annotated[bool | None, ROpt("skip_first", METHOD, "--skip-first/--prune-first",
-                                            help="Leave the first layer dense.")] = None,
-    skip_classifier: Annotated[bool | None, ROpt(
-        "skip_classifier", METHOD, "--skip-classifier/--prune-classifier",
-        help="Leave the classifier dense.")] = None,
-    round_to: Annotated[int | None, ROpt("round_to", CHANNELS,
-                                         help="Kept widths are multiples of this.")] = None,
-    min_channels: Annotated[int | None, ROpt("min_channels", CHANNELS,
-                                             help="No layer keeps fewer channels.",
-                                             show_default="1")] = None,
-    probe_samples: Annotated[int | None, ROpt(
-        "probe_samples", DENSITY, help="Training images the activations are measured on.")
-    ] = None,
-    density_start: Annotated[float | None, ROpt(
-        "density_start", DENSITY, help="No cut before this fraction of the run.")] = None,
-    density_every: Annotated[float | None, ROpt(
-        "density_every", DENSITY, help="Least fraction of the run between cuts.")] = None,
-    density_stop: Annotated[float | None, ROpt(
-        "density_stop", DENSITY, help="No cut after this fraction of the run.")] = None,
-    density_cuts: Annotated[int | None, ROpt("density_cuts", DENSITY, help="Most cuts.")]
-    = None,
-    density_until_settled: Annotated[bool | None, ROpt(
-        "density_until_settled", DENSITY, "--density-until-settled/--density-fixed-cuts",
-        help="Cut until no width changes, instead of --density-cuts times.")] = None,
-    density_tolerance: Annotated[float | None, ROpt(
-        "density_tolerance", DENSITY, help="Layer densities count as settled when none moved "
-        "more than this since the last measurement.")] = None,
-    budget_ms: Annotated[float | None, ROpt(
-        "budget_ms", CHANNELS, help="Cut at least as far as an onnxruntime p50 (batch 1) of "
-        "this many ms needs, measured here.")] = None,
-    budget_threads: Annotated[int | None, ROpt(
-        "budget_threads", CHANNELS, help="onnxruntime threads --budget-ms is measured with.")
-    ] = None,
     threads: Annotated[int | None, Opt(help="torch threads.", rich_help_panel=TRAINING,
                                        show_default="OMP_NUM_THREADS, else the usable cores "
                                                     "split among torchrun's processes")
                        ] = None,
-    weight_decay: Annotated[float | None, ROpt("weight_decay", TRAINING)] = None,
-    momentum: Annotated[float | None, ROpt("momentum", TRAINING)] = None,
-    lr_schedule: Annotated[str | None, ROpt("lr_schedule", TRAINING,
-                                            help="cosine, step or constant.")] = None,
-    warmup_epochs: Annotated[float | None, ROpt("warmup_epochs", TRAINING)] = None,
-    input_shape: Annotated[str | None, ROpt("input_shape", MODEL_DATA,
-                                            help="C,H,W for synthetic data.")] = None,
-    num_classes: Annotated[int | None, ROpt("num_classes", MODEL_DATA,
-                                            help="Classes of synthetic data.")] = None,
-    val_fraction: Annotated[float | None, ROpt("val_fraction", MODEL_DATA,
-                                               help="Share of the training images held out "
-                                                    "for validation.")] = None,
-    max_train_samples: Annotated[int | None, ROpt(
-        "max_train_samples", MODEL_DATA, help="Use a slice of the training set.",
-        show_default="all")] = None,
-    max_test_samples: Annotated[int | None, ROpt(
-        "max_test_samples", MODEL_DATA, help="Use a slice of the test set.",
-        show_default="all")] = None,
     json_out: Annotated[bool, Opt("--json", help="Print the summary as JSON.",
                                   rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, Opt(help="No progress display.", rich_help_panel=RUN)] = False,
+    **fields: object,
 ) -> None:
     """Train a model, pruning it during training (DPF, GMP, ADP, DPF-filter) or not at
     all."""
-    flags = dict(locals())  # taken first: every option that is a recipe field overrides it
-    trust_model_spec(model)
+    trust_model_spec(fields["model"])
     from compress.errors import CompressError
-    from compress.recipe import FIELDS, Recipe, given_fields, resolve_recipe
+    from compress.recipe import given_fields, resolve_recipe
 
-    overrides = {key: value for key, value in flags.items() if key in FIELDS}
-    overrides["input_shape"] = parse_shape(input_shape)
+    overrides = dict(fields, input_shape=parse_shape(fields["input_shape"]))
     requested = None
     if resume:
         if out_dir is None:
@@ -242,79 +138,76 @@ def train_prune(
         show_summary(summary, json_out)
 
 
+# the recipe fields `prune` shares with train-prune, and how prune reads them differently
+PRUNE_SHARED = ("model", "weights", "data", "data_dir", "input_shape", "num_classes",
+                "max_train_samples", "max_test_samples", "scope", "layer_floor",
+                "skip_first", "skip_classifier", "target_macs", "budget_ms", "budget_threads",
+                "round_to", "min_channels", "lr", "batch_size", "seed")
+ONE_SHOT_CHANNELS = "Channels: " + ", ".join(
+    name for name in names("one-shot") if CATALOG[name].granularity == "channels")
+PRUNE_CHANGES = {
+    "model": {"help": "Prune this model (registered name or module:callable) instead of a "
+                      "run.", "shown": "none"},
+    "weights": {"help": "With --model: its weights (state_dict or compress checkpoint)."},
+    "data": {"help": "Override the recorded data set.", "shown": "the run's"},
+    "scope": {"panel": "Method"},
+    "target_macs": {"panel": ONE_SHOT_CHANNELS},
+    "budget_ms": {"panel": ONE_SHOT_CHANNELS, "help": "Cut until the exported model's p50 at "
+                  "batch 1, measured with onnxruntime here, is at most this many ms."},
+    "budget_threads": {"panel": ONE_SHOT_CHANNELS},
+    "round_to": {"panel": ONE_SHOT_CHANNELS},
+    "min_channels": {"panel": ONE_SHOT_CHANNELS},
+    "lr": {"panel": FINETUNE, "help": "Fine-tune learning rate.", "shown": "the run's lr / 10"},
+    "batch_size": {"panel": FINETUNE, "shown": "the run's"},
+    "seed": {"panel": FINETUNE},
+    "skip_first": {"shown": "False"},
+    "skip_classifier": {"shown": "False"},
+}
+
+
+@declared_flags(flags_of(Recipe, PRUNE_SHARED, PRUNE_CHANGES), flags_of(PruneOptions), lead=3)
 def prune(
     checkpoint: Annotated[str | None, typer.Argument(
         help="Run directory or checkpoint (or give --model).", show_default=False)] = None,
-    method: Annotated[str, Opt(help=methods_help("one-shot"))] = "magnitude",
+    method: Annotated[str, Opt(help=methods_help("one-shot"), rich_help_panel="Method")
+                      ] = "magnitude",
     sparsity: Annotated[str | None, Opt(help="Fraction of prunable weights (magnitude, cbs, "
                                              "...) or of channels (l1/l2-filter) removed; "
                                              "weights: a list such as 0.5,0.7,0.9 sweeps, one "
                                              "run per level under --out.",
-                                        show_default="0.9 for weights, 0.5 for channels")]
-    = None,
-    evaluate: Annotated[bool, Opt("--evaluate/--no-evaluate",
+                                        show_default="0.9 for weights, 0.5 for channels",
+                                        rich_help_panel="Method")] = None,
+    evaluate: Annotated[bool, Opt("--evaluate/--no-evaluate", rich_help_panel=RUN,
                                   help="A sweep's table shows test top-1 too.")] = False,
-    target_macs: Annotated[float | None, Opt(help="Channels: keep at most this fraction of the "
-                                                  "dense MACs instead of --sparsity.")] = None,
-    budget_ms: Annotated[float | None, Opt(help="Channels: cut until the exported model's p50 "
-                                                "at batch 1, measured with onnxruntime here, "
-                                                "is at most this many ms.")] = None,
-    budget_threads: Annotated[int, Opt(help="onnxruntime threads --budget-ms is measured "
-                                            "with.")] = 1,
     threads: Annotated[int | None, Opt(help="torch threads (default: OMP_NUM_THREADS, else the "
-                                            "usable cores).")]
-    = None,
-    update: Annotated[str | None, Opt(help="cbs, woodfisher, magnitude: how the kept weights "
-                                           "move (cbs, woodfisher or none).",
-                                      show_default="the method's own")] = None,
-    fisher_samples: Annotated[int, Opt(help="cbs, woodfisher: training images whose "
-                                            "per-sample gradients form the Fisher.")] = 1000,
-    damp: Annotated[float | None, Opt(help="cbs, woodfisher: Fisher damping.",
-                                      show_default="1e-3 without convs, 1e-5 with")] = None,
-    max_block: Annotated[int, Opt(help="cbs, woodfisher: most weights in one Fisher block "
-                                       "(whole rows).")] = 1024,
-    rmp_trials: Annotated[int, Opt(help="cbs: randomised magnitude starts.")] = 50,
-    epsilon: Annotated[float, Opt(help="cbs: least cost reduction of a swap.")] = 1e-4,
-    rho: Annotated[int, Opt(help="cbs: swap window.")] = 10,
-    tau: Annotated[int, Opt(help="cbs: misses before a swap pass ends.")] = 20,
-    wf_scale: Annotated[float, Opt(help="woodfisher update: scale of the summed "
-                                        "single-weight updates.")] = 1.0,
-    model: Annotated[str | None, Opt(help="Prune this model (registered name or "
-                                          "module:callable) instead of a run.")] = None,
-    weights: Annotated[str | None, Opt(help="With --model: its weights (state_dict or "
-                                            "compress checkpoint).")] = None,
-    finetune_epochs: Annotated[int, Opt(help="Epochs of fine-tuning after pruning (pruned "
-                                             "weights stay zero).")] = 0,
+                                            "usable cores).", rich_help_panel=RUN)] = None,
     out_dir: Annotated[str | None, Opt("--out", help="Run directory to create.",
-                                       show_default="runs/pruned-METHOD-TIME")] = None,
-    scope: Annotated[str | None, Opt(help="global or layer.", show_default="global for "
-                                          "weights, layer for channels")] = None,
-    layer_floor: Annotated[float | None, Opt(help="Least fraction of each layer the global "
-                                                  "threshold keeps (0: the papers' rule, "
-                                                  "which can empty a layer).",
-                                             show_default="0.01")] = None,
-    round_to: Annotated[int, Opt(help="Channels: kept widths are multiples of this (ORT's "
-                                      "kernels are fastest on multiples of 8).")] = 8,
-    min_channels: Annotated[int | None, Opt(help="Channels: no layer keeps fewer.")] = None,
-    lr: Annotated[float | None, Opt(help="Fine-tune learning rate (default: the run's "
-                                         "lr / 10).")] = None,
-    batch_size: Annotated[int | None, Opt()] = None,
-    data: Annotated[str | None, Opt(help="Override the recorded data set.")] = None,
-    data_dir: Annotated[str | None, Opt()] = None,
-    input_shape: Annotated[str | None, Opt(help="C,H,W for synthetic data.")] = None,
-    num_classes: Annotated[int | None, Opt(help="Classes of synthetic data.")] = None,
-    max_train_samples: Annotated[int | None, Opt(help="Use a slice of the training set.")]
-    = None,
-    max_test_samples: Annotated[int | None, Opt(help="Use a slice of the test set.")] = None,
-    skip_first: Annotated[bool, Opt("--skip-first/--prune-first")] = False,
-    skip_classifier: Annotated[bool, Opt("--skip-classifier/--prune-classifier")] = False,
-    seed: Annotated[int, Opt()] = 0,
-    json_out: Annotated[bool, Opt("--json")] = False,
-    quiet: Annotated[bool, Opt()] = False,
+                                       show_default="runs/pruned-METHOD-TIME",
+                                       rich_help_panel=RUN)] = None,
+    json_out: Annotated[bool, Opt("--json", help="Print the summary as JSON.",
+                                  rich_help_panel=RUN)] = False,
+    quiet: Annotated[bool, Opt(help="No progress display.", rich_help_panel=RUN)] = False,
+    **fields: object,
 ) -> None:
     """Prune a model in one shot (weights or whole channels), then optionally fine-tune."""
-    trust_model_spec(model)
-    from compress.errors import CompressError
+    trust_model_spec(fields["model"])
+    from compress.prune_options import check_one_shot
+    from compress.recipe import check_layer_floor, recipe_from_mapping
+
+    # every value is checked before torch loads: a bad one is refused at once
+    given = {key: value for key, value in fields.items()
+             if key in PRUNE_SHARED and value is not None}
+    given["input_shape"] = parse_shape(fields["input_shape"])
+    shared = recipe_from_mapping({k: v for k, v in given.items() if v is not None})
+    levels = _levels(sparsity)
+    settings = PruneOptions(**{key: value for key, value in fields.items()
+                               if key not in PRUNE_SHARED and value is not None})
+    check_one_shot(method, levels, shared.target_macs, shared.budget_ms)
+    check_declared(shared)
+    settings.validate()
+    for level in levels or [None]:
+        if shared.layer_floor is not None:
+            check_layer_floor(shared.layer_floor, level or default_sparsity(method))
     from compress.masks import Coverage
     from compress.pipeline import prune_oneshot
 
@@ -324,54 +217,42 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
-    if budget_threads < 1:
-        raise CompressError(f"--budget-threads must be at least 1, got {budget_threads}")
-    levels = _levels(sparsity)
-    from compress.second_order import SwapSettings
-
-    if update not in (None, "cbs", "woodfisher", "none"):
-        raise CompressError(f"--update must be cbs, woodfisher or none, got {update!r}")
-    for flag, value in (("--fisher-samples", fisher_samples), ("--max-block", max_block),
-                        ("--rmp-trials", rmp_trials), ("--rho", rho), ("--tau", tau)):
-        if value < 1:
-            raise CompressError(f"{flag} must be at least 1, got {value}")
-    if damp is not None and not damp > 0:
-        raise CompressError(f"--damp must be a positive number, got {damp}")
-    second_order = {"update": update, "fisher_samples": fisher_samples, "damp": damp,
-                    "max_block": max_block, "rmp_trials": rmp_trials, "wf_scale": wf_scale,
-                    "swaps": SwapSettings(epsilon=epsilon, rho=rho, tau=tau)}
     latency = None
-    if budget_ms is not None:
+    if shared.budget_ms is not None:
         from export.budget import latency_meter
 
-        latency = latency_meter(budget_threads)
-    amount = f"latency budget {budget_ms} ms ({budget_threads} thread(s))" \
-        if budget_ms is not None \
-        else f"MAC budget {target_macs}" if target_macs is not None else \
+        latency = latency_meter(shared.budget_threads)
+    amount = f"latency budget {shared.budget_ms} ms ({shared.budget_threads} thread(s))" \
+        if shared.budget_ms is not None \
+        else f"MAC budget {shared.target_macs}" if shared.target_macs is not None else \
         f"sparsity {sparsity}" if sparsity is not None else "no sparsity target"
     from compress.rundir import new_run_name
     from compress.threads import use_threads
 
     chosen_threads, busy = use_threads(threads)
     out_dir = str(out_dir or new_run_name("pruned", method))
+    source = checkpoint or given.get("model")
 
     def banner() -> None:  # once the inputs are checked: a bad one is one line alone
         if not json_out:
-            err.print(escape(f"compress prune: {method}, {amount}, {finetune_epochs} "
-                             f"fine-tune epoch(s), {chosen_threads} thread(s), "
-                             f"{checkpoint or model} -> {out_dir}"),
+            err.print(escape(f"compress prune: {method}, {amount}, "
+                             f"{settings.finetune_epochs} fine-tune epoch(s), "
+                             f"{chosen_threads} thread(s), {source} -> {out_dir}"),
                       highlight=False, soft_wrap=True)
             if busy:
                 err.print(escape(f"warning: {busy}"), highlight=False, soft_wrap=True)
 
-    overrides = {"data": data, "data_dir": data_dir, "input_shape": parse_shape(input_shape),
-                 "num_classes": num_classes, "max_train_samples": max_train_samples,
-                 "max_test_samples": max_test_samples}
-    options = dict(method=method, scope=scope, layer_floor=layer_floor, round_to=round_to,
-                   min_channels=min_channels, target_macs=target_macs, budget_ms=budget_ms,
-                   latency=latency, second_order=second_order, model=model, weights=weights,
-                   finetune_epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
-                   coverage=Coverage(skip_first, skip_classifier), data_overrides=overrides,
+    data_keys = ("data", "data_dir", "input_shape", "num_classes", "max_train_samples",
+                 "max_test_samples")
+    options = dict(method=method, scope=given.get("scope"),
+                   layer_floor=given.get("layer_floor"), round_to=shared.round_to,
+                   min_channels=shared.min_channels, target_macs=shared.target_macs,
+                   budget_ms=shared.budget_ms, latency=latency,
+                   second_order=settings.second_order(), model=given.get("model"),
+                   weights=given.get("weights"), finetune_epochs=settings.finetune_epochs,
+                   lr=given.get("lr"), batch_size=given.get("batch_size"), seed=shared.seed,
+                   coverage=Coverage(shared.skip_first, shared.skip_classifier),
+                   data_overrides={key: given.get(key) for key in data_keys},
                    console=err, show_progress=not quiet and not json_out, on_epoch=on_epoch,
                    on_start=banner)
     if len(levels) > 1:
@@ -443,7 +324,7 @@ def inspect(
                             "export it was made from")
     if path.lower().endswith(".onnx"):
         from export.onnx_inspect import inspect_onnx
-        from export.ort_eval import unfinished_export_note
+        from export.runtime.evaluation import unfinished_export_note
 
         report = inspect_onnx(path, ignore_digest=ignore_digest, max_tensor_mb=max_tensor_mb)
         _warn_unfinished(unfinished_export_note(report["metadata"]))
@@ -570,7 +451,7 @@ def evaluate(
         raise CompressError(f"--max-test-samples must be at least 1, got {max_test_samples}")
     busy = None if path.lower().endswith((".onnx", ".ort")) else _threads(threads)
     if path.lower().endswith((".onnx", ".ort")):
-        from export.ort_eval import evaluate_onnx
+        from export.runtime.evaluation import evaluate_onnx
 
         result = evaluate_onnx(path, data, data_dir, batch_size,
                                max_test_samples=max_test_samples, ignore_digest=ignore_digest,
@@ -736,8 +617,8 @@ def bench(
     verified_by = check_signed([model] + ([against] if against else []), verify_key)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from export.latency import bench as run_bench
-    from export.latency import budget_verdict
+    from export.runtime.latency import bench as run_bench
+    from export.runtime.latency import budget_verdict
 
     budget_verdict({"latency_ms": {}}, None, percentile)  # check the flag before timing
     with Progress(TextColumn("timing"), BarColumn(), MofNCompleteColumn(), console=err,

@@ -12,13 +12,14 @@ import functools
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from compress.catalog import default_sparsity, method_info
 from compress.errors import CompressError
 from compress.fileio import regular_file_size
 from compress.model_specs import check_spec_from_file
+from compress.options import check_declared, option
 
 
 def check_layer_floor(floor: float, sparsity: float) -> None:
@@ -27,58 +28,106 @@ def check_layer_floor(floor: float, sparsity: float) -> None:
                             f"({1.0 - sparsity:.4g}), got {floor}")
 
 
+# the panels of ``train-prune --help`` (and of ``prune --help``, for the fields it shares)
+MODEL_DATA, METHOD, SCHEDULE = "Model and data", "Method", "Schedule: dpf, gmp, dpf-filter"
+CHANNELS, DENSITY = "Channels: density, dpf-filter", "Activation density (ADP): density"
+TRAINING = "Training"
+FRACTION = dict(low=0.0, high=1.0)  # a share of something, or a point in the run
+
+
 @dataclass
 class Recipe:
+    """Every option of a training run, declared once (`compress.options`)."""
+
     # what to train, on what
-    model: str = "lenet5"
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
-    num_classes: int = 10
-    val_fraction: float = 0.1
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    weights: str | None = None
+    model: str = option("lenet5", help="Registered name or module:callable.", panel=MODEL_DATA)
+    data: str = option("fashion-mnist", panel=MODEL_DATA, help="fashion-mnist, mnist, cifar10, "
+                       "cifar100, imagefolder or synthetic.")
+    data_dir: str | None = option(None, help="Where the data set lies.", panel=MODEL_DATA,
+                                  shown="the data set's usual place")
+    input_shape: list[int] = option(factory=lambda: [1, 28, 28], panel=MODEL_DATA,
+                                    help="C,H,W for synthetic data.")
+    num_classes: int = option(10, help="Classes of synthetic data.", panel=MODEL_DATA, low=2)
+    val_fraction: float = option(0.1, panel=MODEL_DATA, low=0.0, high=1.0, low_open=True,
+                                 high_open=True, help="Share of the training images held out "
+                                 "for validation.")
+    max_train_samples: int | None = option(None, help="Use a slice of the training set.",
+                                           panel=MODEL_DATA, shown="all", low=1)
+    max_test_samples: int | None = option(None, help="Use a slice of the test set.",
+                                          panel=MODEL_DATA, shown="all", low=1)
+    weights: str | None = option(None, help="Start from these weights.", panel=MODEL_DATA)
     # pruning
-    method: str = "dpf"
-    sparsity: float | None = None  # None: 0.9 of the weights, or 0.5 of the channels
-    scope: str | None = None  # None: the method's own default (global for weights, layer
-    # for channels)
-    layer_floor: float | None = None  # least fraction of each layer a global threshold
-    # keeps; None: `layer_floor_for`'s default (1 %), 0: the papers' exact rule
-    refresh_every: int = 16
-    prune_start: float = 0.0
-    prune_end: float = 0.75
-    freeze_at: float | None = None
-    feedback_decay: float = 0.01
-    skip_first: bool = False
-    skip_classifier: bool = False
+    method: str = option("dpf", help="The method (see `compress methods`).", panel=METHOD)
+    sparsity: float | None = option(  # None: `default_sparsity` of the method
+        None, panel=METHOD, low=0.0, high=1.0, high_open=True,
+        help="Share removed: of the prunable weights (dpf, gmp), or of each layer's channels "
+        "(dpf-filter).", shown="0.9 of weights, 0.5 of channels")
+    scope: str | None = option(None, help="global (one threshold) or layer.", panel=METHOD,
+                               choices=("global", "layer"),
+                               shown="global for weights, layer for channels")
+    layer_floor: float | None = option(  # None: `layer_floor_for`'s default
+        None, panel=METHOD, help="Least fraction of each layer the global threshold keeps "
+        "(0: the papers' rule, which can empty a layer).",
+        shown="0.01, or half of what the sparsity leaves")
+    refresh_every: int = option(16, help="Mask refresh period in steps.", panel=SCHEDULE, low=1)
+    prune_start: float = option(0.0, help="Fraction of training when pruning starts.",
+                                panel=SCHEDULE, **FRACTION)
+    prune_end: float = option(0.75, help="Fraction of training when the target is reached.",
+                              panel=SCHEDULE, **FRACTION)
+    freeze_at: float | None = option(None, panel=SCHEDULE, shown="--prune-end", help="Fraction "
+                                     "of training after which the mask is fixed.")
+    feedback_decay: float = option(0.01, panel=METHOD, low=0.0, high=1.0, high_open=True,
+                                   help="dpf, dpf-filter: per-step shrink of pruned dense "
+                                   "weights (0 = the paper's rule).")
+    skip_first: bool = option(False, help="Leave the first layer dense.", panel=METHOD,
+                              flag="--skip-first/--prune-first")
+    skip_classifier: bool = option(False, help="Leave the classifier dense.", panel=METHOD,
+                                   flag="--skip-classifier/--prune-classifier")
     # structured pruning: widths rounded to a multiple, never below a floor; or a MAC budget
-    round_to: int = 8
-    min_channels: int | None = None
-    target_macs: float | None = None
+    round_to: int = option(8, panel=CHANNELS, low=1, help="Kept widths are multiples of this "
+                           "(onnxruntime's kernels are fastest on multiples of 8).")
+    min_channels: int | None = option(None, help="No layer keeps fewer channels.",
+                                      panel=CHANNELS, shown="1", low=1)
+    target_macs: float | None = option(None, panel=CHANNELS, low=0.0, high=1.0, low_open=True,
+                                       help="Keep at most this fraction of the dense MACs "
+                                       "instead of --sparsity.")
     # activation-density pruning (method density): when to measure and cut, as fractions
-    probe_samples: int = 512
-    density_start: float = 0.2
-    density_every: float = 0.15
-    density_stop: float = 0.8
-    density_cuts: int = 1
-    density_until_settled: bool = False
-    density_tolerance: float = 0.03
+    probe_samples: int = option(512, help="Training images the activations are measured on.",
+                                panel=DENSITY, low=1)
+    density_start: float = option(0.2, help="No cut before this fraction of the run.",
+                                  panel=DENSITY, **FRACTION)
+    density_every: float = option(0.15, help="Least fraction of the run between cuts.",
+                                  panel=DENSITY, low=0.0, high=1.0, low_open=True)
+    density_stop: float = option(0.8, help="No cut after this fraction of the run.",
+                                 panel=DENSITY, **FRACTION)
+    density_cuts: int = option(1, help="Most cuts.", panel=DENSITY, low=1)
+    density_until_settled: bool = option(
+        False, panel=DENSITY, flag="--density-until-settled/--density-fixed-cuts",
+        help="Cut until no width changes, instead of --density-cuts times.")
+    density_tolerance: float = option(0.03, panel=DENSITY, low=0.0, help="Layer densities "
+                                      "count as settled when none moved more than this since "
+                                      "the last measurement.")
     # density / dpf-filter: cut at least as far as the p50 (ms, onnxruntime, batch 1) needs
-    budget_ms: float | None = None
-    budget_threads: int = 1  # onnxruntime threads the budget is measured with
+    budget_ms: float | None = option(None, panel=CHANNELS, low=0.0, low_open=True,
+                                     help="Cut at least as far as an onnxruntime p50 (batch "
+                                     "1) of this many ms needs, measured here.")
+    budget_threads: int = option(1, help="onnxruntime threads --budget-ms is measured with.",
+                                 panel=CHANNELS, low=1)
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    device: str = "cpu"
+    epochs: int = option(10, help="Epochs of training.", panel=TRAINING, low=0)
+    batch_size: int = option(128, help="Images per step.", panel=TRAINING, low=1)
+    lr: float = option(0.05, help="Peak learning rate.", panel=TRAINING, low=0.0,
+                       low_open=True)
+    momentum: float = option(0.9, help="SGD momentum.", panel=TRAINING, low=0.0, high=1.0,
+                             high_open=True)
+    nesterov: bool = option(True, help="Nesterov momentum.", panel=TRAINING)
+    weight_decay: float = option(5e-4, help="L2 weight decay.", panel=TRAINING, low=0.0)
+    lr_schedule: str = option("cosine", help="cosine, step or constant.", panel=TRAINING,
+                              choices=("cosine", "step", "constant"))
+    warmup_epochs: float = option(0.0, help="Epochs of linear learning-rate warm-up.",
+                                  panel=TRAINING, low=0.0)
+    seed: int = option(0, help="Seed of weights, data order and masks.", panel=TRAINING)
+    device: str = option("cpu", help="cpu or cuda.", panel=TRAINING)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,77 +137,29 @@ class Recipe:
         return self.sparsity if self.sparsity is not None else default_sparsity(self.method)
 
     def validate(self, when: str = "training") -> Recipe:
-        """Check every field; ``when="one-shot"`` is the recipe of a `compress prune` run,
-        whose method is a one-shot method and whose epochs (of fine-tuning) may be 0."""
+        """Check every field: its declared bounds, then what ties fields together.
+        ``when="one-shot"`` is the recipe of a `compress prune` run, whose method is a
+        one-shot method and whose epochs (of fine-tuning) may be 0."""
         method_info(self.method, when)
-        if not 0.0 <= self.target_sparsity() < 1.0:
-            raise CompressError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if self.scope not in (None, "global", "layer"):
-            raise CompressError(f"--scope must be global or layer, got {self.scope!r}")
+        check_declared(self)
         if self.layer_floor is not None:
             check_layer_floor(self.layer_floor, self.target_sparsity())
-        if self.lr_schedule not in ("cosine", "step", "constant"):
-            raise CompressError(f"--lr-schedule must be cosine, step or constant, "
-                                f"got {self.lr_schedule!r}")
-        if self.epochs < (1 if when == "training" else 0) or self.batch_size < 1 or \
-                self.refresh_every < 1:
-            raise CompressError("--epochs, --batch-size and --refresh-every must be at least 1")
-        if self.round_to < 1:
-            raise CompressError(f"--round-to must be at least 1, got {self.round_to}")
-        if self.min_channels is not None and self.min_channels < 1:
-            raise CompressError(f"--min-channels must be at least 1, got {self.min_channels}")
-        if self.target_macs is not None and not (math.isfinite(self.target_macs)
-                                                 and 0.0 < self.target_macs <= 1.0):
-            raise CompressError(f"--target-macs must be in (0, 1], got {self.target_macs}")
-        self._validate_density()
-        if self.budget_ms is not None and not (math.isfinite(self.budget_ms)
-                                               and self.budget_ms > 0):
-            raise CompressError(f"--budget-ms must be a positive number, got {self.budget_ms}")
-        if self.budget_threads < 1:
-            raise CompressError(f"--budget-threads must be at least 1, got "
-                                f"{self.budget_threads}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise CompressError(f"--lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise CompressError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise CompressError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 <= self.warmup_epochs <= self.epochs:
+        if when == "training" and self.epochs < 1:
+            raise CompressError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.warmup_epochs > self.epochs:
             raise CompressError(f"--warmup-epochs must be in [0, --epochs], "
                                 f"got {self.warmup_epochs}")
-        if self.num_classes < 2:
-            raise CompressError(f"--num-classes must be at least 2, got {self.num_classes}")
-        for name in ("max_train_samples", "max_test_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise CompressError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
+        if self.prune_start > self.prune_end:
             raise CompressError("need 0 <= --prune-start <= --prune-end <= 1")
-        if not 0.0 <= self.feedback_decay < 1.0:
-            raise CompressError(f"--feedback-decay must be in [0, 1), got {self.feedback_decay}")
         if self.freeze_at is not None and not self.prune_end <= self.freeze_at <= 1.0:
             raise CompressError("--freeze-at must lie between --prune-end and 1")
+        if self.density_start > self.density_stop:
+            raise CompressError("need --density-start <= --density-stop")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CompressError(f"--device must be cpu or cuda, got {self.device!r}")
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise CompressError(f"--input-shape must be C,H,W, got {self.input_shape}")
         return self
-
-    def _validate_density(self) -> None:
-        for name in ("density_start", "density_every", "density_stop"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise CompressError(f"--{name.replace('_', '-')} must be a fraction of the run "
-                                    f"in [0, 1], got {value}")
-        if self.density_start > self.density_stop:
-            raise CompressError("need --density-start <= --density-stop")
-        if self.density_every <= 0:
-            raise CompressError("--density-every must be more than 0")
-        if self.density_cuts < 1 or self.probe_samples < 1:
-            raise CompressError("--density-cuts and --probe-samples must be at least 1")
-        if not (math.isfinite(self.density_tolerance) and self.density_tolerance >= 0):
-            raise CompressError(f"--density-tolerance must be >= 0, "
-                                f"got {self.density_tolerance}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}

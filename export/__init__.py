@@ -1,5 +1,5 @@
 """ONNX export of pruned models: cleaning, packing, metadata, onnxruntime checks."""
 
-from export.runtime import no_telemetry
+from export.ort import no_telemetry
 
-no_telemetry()  # before anything loads onnxruntime: see export/runtime.py
+no_telemetry()  # before anything loads onnxruntime: see export/ort.py

@@ -15,8 +15,8 @@ from pathlib import Path
 import onnx
 from torch import nn
 
-from export.latency import measure
 from export.onnx_export import module_to_onnx, tidy
+from export.runtime.latency import measure
 
 DEFAULT_RUNS = 100
 

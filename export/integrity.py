@@ -191,7 +191,7 @@ def computed_weights(model: onnx.ModelProto, where: str,
 def _run_constant_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
                         outputs: list[str], stored: dict[str, TensorProto],
                         where: str) -> dict[str, np.ndarray]:
-    from export.runtime import load_onnxruntime
+    from export.ort import load_onnxruntime
     from export.session import quiet
 
     ort = load_onnxruntime()

@@ -448,7 +448,7 @@ def validation_accuracy(ckpt: Checkpoint, path: Path) -> dict:
     """Validation top-1 of the checkpoint in PyTorch and of the exported file in ORT."""
     from compress.data import load_splits
     from compress.training import evaluate as torch_evaluate
-    from export.ort_eval import ort_session, split_top1
+    from export.runtime.evaluation import ort_session, split_top1
 
     try:
         splits = load_splits(ckpt.data)

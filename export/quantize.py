@@ -53,7 +53,7 @@ def settings(samples: int) -> dict:
 
 def quantize_int8(model: onnx.ModelProto, batches: list[np.ndarray]) -> onnx.ModelProto:
     """The model quantized to int8 QDQ, calibrated on ``batches``."""
-    from export.runtime import load_onnxruntime
+    from export.ort import load_onnxruntime
 
     load_onnxruntime()
     from onnxruntime.quantization import (

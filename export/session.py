@@ -16,7 +16,7 @@ def open_session(path: str | Path, *, threads: int | None = None, basic_only: bo
     folding included); ``save_to`` writes the optimised model there, in ORT format when
     ``save_as_ort``; ``profile_prefix`` turns on onnxruntime's profiler, writing there.
     """
-    from export.runtime import load_onnxruntime
+    from export.ort import load_onnxruntime
 
     ort = load_onnxruntime()
     path = Path(path)

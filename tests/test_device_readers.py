@@ -11,7 +11,7 @@ import numpy as np
 
 from compress.data import DataConfig, load_splits
 from compress.datafiles import channel_stats, held_out_batches, normalised_batches, read_split
-from export.ort_eval import scoring_batch_size
+from export.runtime.evaluation import scoring_batch_size
 
 sys.path.insert(0, str(Path(__file__).parent))
 from isolation import CLI_WITHOUT_TORCH, run_without  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from compress.errors import CompressError
-from export.isolated import in_child
+from export.runtime.isolated import in_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_the_child_ends_with_its_parent(tmp_path):
     pid_file = tmp_path / "child.pid"
     script = f"""
 import os, threading, time
-from export.isolated import in_child
+from export.runtime.isolated import in_child
 
 def work():
     open({str(pid_file)!r}, "w").write(str(os.getpid()))

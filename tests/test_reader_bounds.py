@@ -285,7 +285,7 @@ def test_bench_names_the_inputs_it_cannot_feed(tmp_path, run_capped, inputs):
 def test_bench_draws_its_input_in_float32_only():
     """The input `bench` sizes against --max-input-mb is the only one it allocates: drawn in
     float32, not drawn in float64 and then converted."""
-    from export.latency import _feed
+    from export.runtime.latency import _feed
 
     class Declared:  # what onnxruntime says of the input; no session needed
         name, type, shape = "x", "tensor(float)", ["batch", 1 << 22]

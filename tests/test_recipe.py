@@ -49,7 +49,13 @@ def test_missing_recipe_file(tmp_path):
     ("sparsity", -0.1, "--sparsity must be in [0, 1), got -0.1"),
     ("method", "snip", "unknown method 'snip' for train-prune"),
     ("freeze_at", 0.5, "--freeze-at must lie between --prune-end and 1"),
-    ("epochs", 0, "--epochs, --batch-size and --refresh-every must be at least 1"),
+    ("epochs", 0, "--epochs must be at least 1, got 0"),
+    ("batch_size", 0, "--batch-size must be at least 1, got 0"),
+    ("lr", 0.0, "--lr must be a positive number, got 0.0"),
+    ("weight_decay", -1e-4, "--weight-decay must be >= 0, got -0.0001"),
+    ("target_macs", 0.0, "--target-macs must be in (0, 1], got 0.0"),
+    ("lr_schedule", "linear", "--lr-schedule must be cosine, step or constant, got 'linear'"),
+    ("budget_ms", float("inf"), "--budget-ms must be a positive number, got inf"),
 ])
 def test_invalid_values(field, value, says):
     with pytest.raises(CompressError) as refused:
@@ -58,18 +64,27 @@ def test_invalid_values(field, value, says):
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
-    (["--method", "nope"], "unknown method 'nope'"),
-    (["--method", "dpf-filter", "--sparsity", "1.2"], "--sparsity must be in [0, 1)"),
+    (["train-prune", "--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+    (["train-prune", "--method", "nope"], "unknown method 'nope'"),
+    (["train-prune", "--method", "dpf-filter", "--sparsity", "1.2"],
+     "--sparsity must be in [0, 1)"),
+    (["prune", "run", "--sparsity", "1.5"], "--sparsity must be in [0, 1)"),
+    (["prune", "run", "--method", "cbs", "--rho", "0"], "--rho must be at least 1, got 0"),
+    (["prune", "run", "--update", "sgd"], "--update must be cbs, woodfisher or none"),
+    (["prune", "run", "--method", "l1-filter", "--sparsity", "0.3,0.5"],
+     "a --sparsity list sweeps weight pruning"),
+    (["prune", "run", "--method", "magnitude", "--target-macs", "0.5"],
+     "--target-macs sets a channel budget; method magnitude removes weights"),
+    (["prune", "run", "--round-to", "0"], "--round-to must be at least 1, got 0"),
 ])
-def test_a_bad_training_value_is_refused_before_torch_loads(tmp_path, args, fragment):
-    """Importing torch, torch-pruning and torchvision takes seconds: the recipe is checked
-    first, with the method catalog, which imports none of them."""
+def test_a_bad_value_is_refused_before_torch_loads(tmp_path, args, fragment):
+    """Importing torch, torch-pruning and torchvision takes seconds: the options are checked
+    first, against their declarations and the method catalog, which import none of them."""
     import subprocess
     import sys
     from pathlib import Path
 
-    argv = ["train-prune", *args, "--out", str(tmp_path / "run")]
+    argv = [*args, "--out", str(tmp_path / "run")]
     script = f"""
 import atexit, sys
 atexit.register(lambda: print("torch loaded:", "torch" in sys.modules, file=sys.stderr))
@@ -82,3 +97,34 @@ main()
     assert done.returncode == 2
     assert fragment in done.stderr and "torch loaded: False" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_every_option_is_declared_once_with_help_and_a_panel():
+    """The command line's flags come from the declarations: each field of the recipe and of
+    the one-shot settings has a help and a panel, and is a flag of its command."""
+    import dataclasses
+
+    from cli.commands import PRUNE_SHARED, prune, train_prune
+    from compress.options import declarations
+    from compress.prune_options import PruneOptions
+
+    for cls, command, fields in ((Recipe, train_prune, None), (PruneOptions, prune, None),
+                                 (Recipe, prune, PRUNE_SHARED)):
+        declared = declarations(cls)
+        assert set(declared) == {f.name for f in dataclasses.fields(cls)}
+        flags = set(__import__("inspect").signature(command).parameters)
+        for name in fields or declared:
+            assert declared[name][1].help and declared[name][1].panel, name
+            assert name in flags, (command.__name__, name)
+
+
+def test_declared_bounds_read_as_one_line():
+    from compress.options import Declared, bound_error
+
+    assert bound_error("rho", 0, Declared("", "", low=1)) == "--rho must be at least 1, got 0"
+    assert bound_error("x", 1.0, Declared("", "", low=0.0, high=1.0, high_open=True)) == \
+        "--x must be in [0, 1), got 1.0"
+    assert bound_error("x", float("nan"), Declared("", "", low=0.0)) == \
+        "--x must be >= 0, got nan"
+    assert bound_error("x", None, Declared("", "", low=1)) is None
+    assert bound_error("x", 0.5, Declared("", "", low=0.0, high=1.0, low_open=True)) is None

@@ -235,8 +235,8 @@ def test_busy_cores_give_a_warning_that_names_the_flag(monkeypatch):
 @pytest.mark.parametrize("command", ["export", "bench"])
 def test_interrupted_export_and_bench_speak_of_themselves(cli, dpf_run, tmp_path, monkeypatch,
                                                           command):
-    import export.latency
     import export.onnx_export
+    import export.runtime.latency
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -244,7 +244,7 @@ def test_interrupted_export_and_bench_speak_of_themselves(cli, dpf_run, tmp_path
     path = tmp_path / "m.onnx"
     if command == "bench":
         export.onnx_export.export_checkpoint(dpf_run, path, verify=False)
-        monkeypatch.setattr(export.latency, "measure", interrupted)
+        monkeypatch.setattr(export.runtime.latency, "measure", interrupted)
         result = cli("bench", path)
     else:
         monkeypatch.setattr(export.onnx_export, "_clean_model", interrupted)

@@ -1,4 +1,4 @@
-"""No calls home: compress loads onnxruntime with its telemetry off (export/runtime.py).
+"""No calls home: compress loads onnxruntime with its telemetry off (export/ort.py).
 
 Without the switch, ``import onnxruntime`` alone creates
 ``~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db}`` and, some
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from export.runtime import TELEMETRY_SWITCH
+from export.ort import TELEMETRY_SWITCH
 
 COMPRESS = [sys.executable, "-c", "from cli.app import main; main()"]
 

@@ -14,6 +14,7 @@ from rich.progress import Progress
 from torch import nn
 
 from compress import distributed
+from compress.catalog import default_sparsity
 from compress.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -37,6 +38,7 @@ from compress.methods import FixedMask, MaskPruner, TrainingPruner, method
 from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
 from compress.model_specs import trust_model_spec
 from compress.models import build_model
+from compress.prune_options import check_one_shot
 from compress.recipe import (
     Recipe,
     dump_recipe,
@@ -141,24 +143,14 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     if distributed.from_env().active:
         raise CompressError("compress prune runs in one process; run it without torchrun")
     spec = _one_shot_spec(method)  # the parameter shadows the registry's `method`
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise CompressError(f"--sparsity must be in [0, 1), got {sparsity}")
-    given = [f for f, v in (("--sparsity", sparsity), ("--target-macs", target_macs),
-                            ("--budget-ms", budget_ms)) if v is not None]
-    if len(given) > 1:
-        raise CompressError(f"give one of --sparsity, --target-macs and --budget-ms, not "
-                            f"{' and '.join(given)}")
-    for flag, value in (("--target-macs", target_macs), ("--budget-ms", budget_ms)):
-        if value is not None and spec.granularity != "channels":
-            raise CompressError(f"{flag} sets a channel budget; method {method} removes "
-                                f"{spec.granularity}")
+    check_one_shot(method, [] if sparsity is None else [sparsity], target_macs, budget_ms)
     if budget_ms is not None and not (budget_ms > 0 and budget_ms < float("inf")):
         raise CompressError(f"--budget-ms must be a positive number, got {budget_ms}")
     if sparsity is None and target_macs is None and budget_ms is None and \
             spec.name != "shrink":
-        sparsity = 0.5 if spec.granularity == "channels" else 0.9
+        sparsity = default_sparsity(spec.name)
     if finetune_epochs < 0:
-        raise CompressError("--finetune-epochs must not be negative")
+        raise CompressError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     console = console or Console(stderr=True)
     source = PruneSource(checkpoint, model, weights)
     base, ckpt = _source_recipe(source)
@@ -231,18 +223,12 @@ def prune_sweep(checkpoint: str | None, out: str, sparsities: list[float],
     """`prune_oneshot` at every level of ``sparsities``, one run each under ``out``
     (``out/sparsity-S``), with one pruner: a second-order method computes its gradients and
     Fisher blocks once. Returns the summaries in order."""
-    if len(set(sparsities)) != len(sparsities):
-        raise CompressError("--sparsity lists a level twice")
-    for s in sparsities:
-        if not 0.0 <= s < 1.0:
-            raise CompressError(f"--sparsity values must be in [0, 1), got {s}")
+    check_one_shot(options.get("method", "magnitude"), sparsities, options.get("target_macs"),
+                   options.get("budget_ms"))
     root = Path(out)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise CompressError(f"--out {out} already exists and is not empty")
     spec = _one_shot_spec(options.get("method", "magnitude"))
-    if spec.granularity != "weights":
-        raise CompressError("a --sparsity list sweeps weight pruning; give channel methods one "
-                            "level")
     summaries, reuse = [], None
     on_start = options.pop("on_start", None)
     for level in sparsities:

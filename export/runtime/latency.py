@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import CompressError
-from export.isolated import in_child
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
-from export.runtime import load_onnxruntime
+from export.ort import load_onnxruntime
+from export.runtime.isolated import in_child
 from export.session import open_session, single_input
 
 PERCENTILES = ("p50", "p90", "p99")
@@ -154,7 +154,7 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     result["warnings"] = _warnings(measurements, threads)
     result["profile"] = None
     if profile_runs:
-        from export.profile import profile
+        from export.runtime.profile import profile
 
         result["profile"] = profile(paths[0], sessions[0][1], threads=threads,
                                     runs=profile_runs, warmup=min(warmup, 10))

@@ -9,9 +9,9 @@ import numpy as np
 from compress.dataconfig import DATASETS, DataConfig
 from compress.datafiles import ARRAY_DATASETS, channel_stats, held_out_batches, read_split
 from compress.errors import CompressError
-from export.isolated import in_child
 from export.limits import MAX_TENSOR_MB
-from export.runtime import load_onnxruntime
+from export.ort import load_onnxruntime
+from export.runtime.isolated import in_child
 from export.session import open_session, single_input
 
 SCORING_BATCH_INPUT_MB = 1.0  # what one scoring batch's inputs may take (`scoring_batch_size`)
