@@ -34,7 +34,6 @@ VerifyKey = Annotated[str | None, Opt("--verify-key", help="Public key (PEM): re
 # bench do real work on a legitimate model too, so they get more
 INSPECT_TIME_LIMIT_S, RUN_TIME_LIMIT_S = 600, 1800
 InspectTimeLimit = time_limit_option(INSPECT_TIME_LIMIT_S)
-FEW_VALIDATION_IMAGES = 50  # train-prune warns when its validation split is smaller
 RunTimeLimit = time_limit_option(RUN_TIME_LIMIT_S)
 
 
@@ -98,11 +97,11 @@ def train_prune(
             err.print(escape(f"warning: --method {job.recipe.method} does not read {flags}; "
                              "they change nothing in this run"), highlight=False,
                       soft_wrap=True)
-        held_out = len(job.splits.val)
-        if held_out < FEW_VALIDATION_IMAGES:
-            err.print(f"warning: validation on {held_out} image(s): its top-1 says little; "
-                      "use more --max-train-samples or a larger --val-fraction",
-                      highlight=False, soft_wrap=True)
+        from compress.jobs.runner import small_validation_note
+
+        note = small_validation_note(len(job.splits.val))
+        if note:
+            err.print(f"warning: {note}", highlight=False, soft_wrap=True)
         if json_out:
             return
         r = job.recipe
@@ -472,6 +471,46 @@ def evaluate(
     _warn_busy(busy, json_out)
 
 
+SLOW_STAGE_SECONDS = 10.0  # without a terminal, an export step this long gets a line
+
+
+class ExportStages:
+    """Where an export is: a spinner naming the step on a terminal (gone when it ends, so
+    a refusal stays one line); elsewhere a line for each step that took long, once done."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._step: tuple[str, float] | None = None
+        self._status = err.status("export") if err.is_terminal else None
+
+    def __enter__(self) -> ExportStages:
+        if self._status is not None:
+            self._status.start()
+        return self
+
+    def __call__(self, what: str) -> None:
+        self._close_step()
+        self._step = (what, self._clock())
+        if self._status is not None:
+            self._status.update(f"export: {what} ...")
+
+    def _close_step(self) -> None:
+        if self._step is not None and self._status is None:
+            what, began = self._step
+            took = self._clock() - began
+            if took >= SLOW_STAGE_SECONDS:
+                err.print(f"export: {what}: {took:.0f} s", highlight=False, markup=False,
+                          soft_wrap=True)
+        self._step = None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._close_step()
+        if self._status is not None:
+            self._status.stop()
+
+
 def export_onnx(
     source: Annotated[str, typer.Argument(help="Run directory or checkpoint.")],
     onnx_path: Annotated[str, Opt("--onnx", help="ONNX file to write.")],
@@ -506,11 +545,12 @@ def export_onnx(
     from export.onnx_export import export_checkpoint
 
     busy = _threads(threads)
-    result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
-                               verify=verify, file_format=file_format, overwrite=overwrite,
-                               measure_accuracy=verify, quantize=quantize,
-                               calibration_samples=calibration_samples, data_dir=data_dir,
-                               sign=sign)
+    with ExportStages() as stages:
+        result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
+                                   verify=verify, file_format=file_format, overwrite=overwrite,
+                                   measure_accuracy=verify, quantize=quantize,
+                                   calibration_samples=calibration_samples, data_dir=data_dir,
+                                   sign=sign, on_stage=None if json_out else stages)
     accuracy = result.accuracy
     _warn_unfinished(result.unfinished)
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,

@@ -52,7 +52,8 @@ INTERRUPTED = {  # what Ctrl-C leaves behind, per command
     "train_prune": "interrupted: the run keeps its last completed epoch (or, before the "
                    "first, its recipe); continue it with the same command and --resume",
     "prune": "interrupted: --out keeps the last completed fine-tune epoch, or nothing if none "
-             "finished (a prune run is not resumed: run it again)",
+             "finished; a prune run is not resumed: run the same command again, and it "
+             "starts over in the same --out",
 }
 
 

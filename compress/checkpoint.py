@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.catalog import CATALOG
 from compress.data import DataConfig
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.fileio import atomic_write, regular_file_size
 from compress.masks import canonical_zeros
 from compress.model_specs import check_spec_from_file
@@ -126,6 +127,9 @@ def unfinished_note(ckpt: Checkpoint) -> str | None:
     if done is None or planned is None or "test_top1" in (ckpt.metrics or {}) or \
             done >= planned:
         return None
+    if ckpt.method in CATALOG and CATALOG[ckpt.method].when == "one-shot":
+        return (f"this prune run stopped after fine-tune epoch {done} of {planned}; run the "
+                "same `compress prune` command again: it starts over in the same --out")
     return (f"this run stopped after epoch {done} of {planned}, so its sparsity may be short "
             "of the target; continue it with `compress train-prune --out RUN --resume`")
 
@@ -134,12 +138,21 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(ckpt.to_payload(), tmp))
 
 
+def _no_checkpoint_hint(path: Path) -> str:
+    """A run directory with a recipe but no checkpoint stopped before its first epoch."""
+    if not (path.parent / "recipe.yaml").is_file():
+        return ""
+    return ("; the run stopped before its first epoch ended: continue it with `compress "
+            f"train-prune --out {path.parent} --resume` (a prune run: run `compress prune` "
+            "again)")
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.exists():
-        raise CompressError(f"no checkpoint at {path}")
+        raise CompressError(f"no checkpoint at {path}" + _no_checkpoint_hint(path))
     if path.suffix.lower() in (".onnx", ".ort"):
         raise CompressError(f"{path} is an exported model; this command reads a run directory "
                             "or its checkpoint.pt")
@@ -289,17 +302,23 @@ def load_weights_into(model: nn.Module, path: str | Path,
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CompressError(f"{path} holds neither a compress checkpoint nor a state_dict")
     structure = payload.get("structure") if state is not payload else None
+    saved = payload.get("model", {}).get("spec") if state is not payload and \
+        isinstance(payload.get("model"), dict) else None
+    source = f"{path} (weights of {saved!r})" if saved else f"the weights in {path}"
     if structure:  # a channel-pruned checkpoint: cut the fresh model the same way first
         input_shape = tuple(payload["data"]["input_shape"])
-        apply_structure(model, structure, input_shape)
+        try:
+            apply_structure(model, structure, input_shape)
+        except Exception as exc:  # the engine's one line, or the graph's own error
+            if saved is None or saved == model_name:
+                raise
+            raise CompressError(f"{source} do not fit {model_name!r}: its channel cuts are "
+                                f"{saved}'s ({first_line(exc)[:120]})") from None
     try:
         load_state(model, state)
     except RuntimeError as exc:
         lines = str(exc).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        saved = payload.get("model", {}).get("spec") if state is not payload and \
-            isinstance(payload.get("model"), dict) else None
-        source = f"{path} (weights of {saved!r})" if saved else f"the weights in {path}"
         raise CompressError(f"{source} do not fit {model_name!r}: "
                             f"{detail.split(':')[0][:200]}") from None
     return structure

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from compress.dataconfig import DATASETS, DataConfig
-from compress.datafiles import read_split
+from compress.datafiles import FASHION_MNIST_SYSTEM_DIR, read_split
 from compress.errors import CompressError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -195,12 +195,21 @@ def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
 
 
+def missing_data_dir(name: str, data_dir: str) -> str:
+    """What to do when a data directory (given, or recorded in a run) is gone."""
+    default = FASHION_MNIST_SYSTEM_DIR if name == "fashion-mnist" else None
+    where = f" (its usual place, {default}, holds it: --data-dir {default})" \
+        if default is not None and default.is_dir() else ""
+    return (f"data directory {data_dir} does not exist; pass --data-dir with the folder that "
+            f"now holds {name}{where}")
+
+
 def load_splits(config: DataConfig) -> Splits:
     """Read ``config.name`` and split it; raises `CompressError` with a fix on failure."""
     if config.name not in DATASETS:
         raise CompressError(f"unknown data set {config.name!r}: use one of {', '.join(DATASETS)}")
     if config.data_dir and not Path(config.data_dir).is_dir():
-        raise CompressError(f"data directory {config.data_dir} does not exist")
+        raise CompressError(missing_data_dir(config.name, config.data_dir))
     if not 0.0 < config.val_fraction < 1.0:
         raise CompressError(f"validation fraction must be in (0, 1), got {config.val_fraction}")
     if config.name == "imagefolder":

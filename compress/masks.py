@@ -76,8 +76,13 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float,
     first, the rest of the budget goes by the global ranking, so the total is still exact.
     A global threshold would otherwise empty a small layer at high sparsity.
     """
-    return select({name: w.detach().abs() for name, w in weights.items()}, sparsity,
-                  scope=scope, floor=layer_floor)
+    return select(magnitude_scores(weights), sparsity, scope=scope, floor=layer_floor)
+
+
+def magnitude_scores(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``|w|`` of each tensor (detached): the score every magnitude selection ranks by, here
+    and in CBS's starts (`compress.methods.cbs`), which select from it their own way."""
+    return {name: w.detach().abs() for name, w in weights.items()}
 
 
 def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:

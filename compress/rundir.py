@@ -22,6 +22,7 @@ from compress.jsontext import read_json
 METRICS_NAME = "metrics.jsonl"
 RECIPE_NAME = "recipe.yaml"
 REPORT_NAME = "report.md"
+RUN_FILES = frozenset({CHECKPOINT_NAME, METRICS_NAME, RECIPE_NAME, REPORT_NAME})
 
 
 class RunDir:
@@ -46,12 +47,17 @@ class RunDir:
     def recipe(self) -> Path:
         return self.path / RECIPE_NAME
 
-    def create(self, resumable: bool = True) -> RunDir:
-        """Make a fresh run directory, refusing to clobber anything already there."""
+    def create(self, resumable: bool = True, restartable: bool = False) -> RunDir:
+        """Make a fresh run directory, refusing to clobber anything already there; a
+        ``restartable`` run (one that is never resumed: a prune) starts over in a directory
+        that holds only an unfinished run's files (see `clear_unfinished`)."""
         if not self.writer:
             return self
         if self.path.exists() and not self.path.is_dir():
             raise CompressError(f"--out {self.path} exists and is not a directory")
+        if restartable and self.path.is_dir() and self.holds_only_an_unfinished_run():
+            self.lock()
+            self.clear_unfinished()
         if self.path.is_dir() and any(self.path.iterdir()):
             hint = " or pass --resume to continue that run" if resumable and \
                 self.checkpoint.exists() else \
@@ -67,6 +73,21 @@ class RunDir:
         self.check_writable()
         self.lock()
         return self
+
+    def holds_only_an_unfinished_run(self) -> bool:
+        """Every entry is a file a run writes, and the run never logged its end."""
+        entries = {entry.name for entry in self.path.iterdir()}
+        if not entries or not entries <= RUN_FILES or not self.metrics.is_file():
+            return False
+        try:
+            return '"event": "final"' not in self.metrics.read_text(errors="replace")
+        except OSError:
+            return False
+
+    def clear_unfinished(self) -> None:
+        """Remove an unfinished run's files, to run it again in the same directory."""
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
 
     def lock(self) -> None:
         """Hold an exclusive lock on the directory until this process ends (or `unlock`);

@@ -68,8 +68,9 @@ def use_threads(threads: int | None) -> tuple[int, str | None]:
     busy = busy_cores()
     free = usable_cores() - (busy or 0.0)
     if busy is not None and busy >= 0.75 and chosen > max(1, round(free)):
+        advice = f"pass --threads {max(1, round(free))} (or wait)" if threads is None else \
+            f"--threads {max(1, round(free))} may be faster while they are (or wait)"
         return chosen, (f"about {busy:.1f} of the {usable_cores()} cores are busy with other "
                         f"work and torch uses {chosen} thread(s); threads that share cores "
-                        f"slow each other down many times over: pass --threads "
-                        f"{max(1, round(free))} (or wait)")
+                        f"slow each other down many times over: {advice}")
     return chosen, None

@@ -81,18 +81,24 @@ def lr_factor(cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> Calla
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, batch_size: int = 512, device: torch.device | None = None,
-             pruner: TrainingPruner | None = None, shard: Shard = SINGLE) -> tuple[float, float]:
+             pruner: TrainingPruner | None = None, shard: Shard = SINGLE,
+             on_batch: Callable[[int, int], None] | None = None) -> tuple[float, float]:
     """(top-1, mean loss) on ``split``; a DPF model is evaluated pruned, dense weights kept.
-    Under torchrun each process takes its share of the split and the counts are summed."""
+    Under torchrun each process takes its share of the split and the counts are summed.
+    ``on_batch(done, total)`` hears of each batch (a progress bar)."""
     device = device or next(model.parameters()).device
     correct, loss_sum, seen = 0, 0.0, 0
+    total = split.num_batches(batch_size, shard.world)
     with eval_mode(model), pruner.pruned() if pruner else nullcontext():
-        for x, y in split.batches(batch_size, shard=(shard.rank, shard.world)):
+        for done, (x, y) in enumerate(split.batches(batch_size, shard=(shard.rank, shard.world)),
+                                      1):
             x, y = x.to(device), y.to(device)
             out = model(x)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
+            if on_batch:
+                on_batch(done, total)
     correct, loss_sum, seen = sum_over_ranks(shard, [correct, loss_sum, seen])
     return (correct / seen, loss_sum / seen) if seen else (0.0, float("nan"))
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,15 +366,19 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
                       measure_accuracy: bool = False, quantize: str = "none",
                       calibration_samples: int | None = None,
                       data_dir: str | None = None,
-                      sign: str | Path | None = None) -> ExportResult:
+                      sign: str | Path | None = None,
+                      on_stage: Callable[[str], None] | None = None) -> ExportResult:
     """Export, [quantize], pack, annotate, verify; the target appears only if every step
     succeeded.
 
     With ``measure_accuracy`` the validation top-1 of PyTorch and of onnxruntime are
     measured on the file before it is renamed into place. ``data_dir`` replaces the data
     directory the run recorded (for calibration and that accuracy). ``sign`` is a private
-    key file: the file is signed before it is renamed into place.
+    key file: the file is signed before it is renamed into place. ``on_stage(what)`` hears
+    of each step as it starts (export takes seconds to minutes: a command line says where
+    it is).
     """
+    stage = on_stage or (lambda what: None)
     _check_options(pack, values, opset, file_format, quantize, calibration_samples)
     if not str(out).strip():
         raise CompressError("--onnx needs a file name, e.g. --onnx model.onnx")
@@ -385,11 +390,14 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
     tmp = temporary_beside(out, "--onnx")  # an unwritable directory fails now, not minutes on
     ort_tmp = tmp.with_name(tmp.name + ".ort")  # onnxruntime recognises the format by name
     try:
+        stage("reading the checkpoint")
         ckpt = load_checkpoint(source_path)
         refuse_non_finite(ckpt.state_dict, str(source_path))
         if data_dir is not None:  # the data set moved since training
             ckpt.data.data_dir = data_dir
+        stage("exporting to ONNX" + (" and quantizing to int8" if quantize == "int8" else ""))
         model, quantization = _clean_model(ckpt, opset, quantize, calibration_samples)
+        stage("packing the sparse weights")
         stream = _pack(model, pack, values, structured=bool(ckpt.structure))  # "none":
         # it only annotates the tensors
         packed = [t.name for t in stream.tensors] if stream else []
@@ -399,6 +407,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         _check_fits_one_file(model)
         record_integrity(model)  # last: it covers every other entry
         onnx.save(model, str(tmp))
+        if verify:
+            stage("checking the file against PyTorch in onnxruntime")
         report = verify_export(tmp, ckpt, "int8" if quantize == "int8" else values) \
             if verify else None
         final = tmp
@@ -407,6 +417,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
             if verify:
                 _check_ort_file(ort_tmp, tmp, ckpt.data.input_shape)
             final = ort_tmp
+        if measure_accuracy:
+            stage("measuring validation top-1 in PyTorch and onnxruntime")
         accuracy = validation_accuracy(ckpt, final) if measure_accuracy else None
         signed_by = sign_file(final, signing_key) if signing_key is not None else None
         os.chmod(final, usual_file_mode())  # mkstemp makes 0600

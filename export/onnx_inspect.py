@@ -27,6 +27,18 @@ from export.quantize import dequantized_sources, quantization_parameters, quanti
 PARAMETER_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT32)
 
 
+def _is_torch_file(path: Path) -> bool:
+    """``torch.save`` writes a zip archive whose first entry is ``<name>/data.pkl`` (or, in
+    the legacy format, a pickle): told apart from ONNX by its first bytes."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") and b"data.pkl" in head or \
+        head.startswith(b"\x80\x02\x8a\x0a")
+
+
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     path = Path(path)
     if path.is_dir() and (path / "checkpoint.pt").is_file():
@@ -39,6 +51,10 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several kinds on foreign bytes
+        if _is_torch_file(path):
+            raise CompressError(f"{path} is a PyTorch checkpoint, not an ONNX model; export it "
+                                f"first: compress export {path} --onnx {path.stem}.onnx") \
+                from None
         raise CompressError(f"{path} is not a readable ONNX model ({type(exc).__name__})") \
             from None
     if not model.graph.node:

@@ -200,6 +200,11 @@ def test_a_structured_checkpoint_refuses_another_architecture(cli, l1_run, tmp_p
                 "--weights", l1_run, "--out", tmp_path / "wrong")
     assert_clean_failure(wrong, "different architecture")
     assert not (tmp_path / "wrong").exists()
+    # a model on other inputs cannot even be traced: the message names both models
+    other = cli("train-prune", "--model", "lenet5", "--data", "synthetic", "--epochs", "1",
+                "--max-train-samples", "64", "--weights", l1_run, "--out", tmp_path / "other")
+    assert_clean_failure(other, "(weights of 'resnet20') do not fit 'lenet5'")
+    assert not (tmp_path / "other").exists()
 
 
 TINYNETS = """

@@ -30,6 +30,7 @@ from compress.jobs.runner import (
     optim_config,
     progress_bars,
     run_epochs,
+    small_validation_note,
     training_cost,
     zero_share,
 )
@@ -167,13 +168,14 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         request, pruner = reuse.request, reuse
     else:
         pruner = spec.build(request)  # the request's input shape is set once data is read
-    run = RunDir(out).create(resumable=False)
+    run = RunDir(out).create(resumable=False, restartable=True)
     try:
         device = resolve_device(recipe.device)
         generator = seed_everything(recipe.seed)
         splits = load_splits(data_config(recipe))
         request.input_shape = splits.config.input_shape
         net, structure, warnings = _source_model(source, ckpt, recipe, splits)
+        warnings += filter(None, [small_validation_note(len(splits.val))])
         _check_runs_on(net, recipe)
         pruner.check(net)
     except BaseException:
@@ -206,7 +208,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                 seconds=seconds, val_top1=before, **result.details)
         if finetune_epochs > 0:
             run_epochs(job, console, show_progress, on_epoch)
-        summary = finish(job)
+        summary = finish(job, console, show_progress)
     if spec.granularity == "channels":  # a weight-sparsity target is not what was asked
         summary["target_sparsity"] = None
     summary.update(result.details)

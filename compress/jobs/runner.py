@@ -32,6 +32,16 @@ from compress.training import (
     train_epoch,
 )
 
+FEW_VALIDATION_IMAGES = 50  # a validation split smaller than this is warned about
+
+
+def small_validation_note(held_out: int) -> str | None:
+    """A warning when the validation split is too small for its top-1 to mean much."""
+    if held_out >= FEW_VALIDATION_IMAGES:
+        return None
+    return (f"validation on {held_out} image(s): its top-1 says little; use more "
+            "--max-train-samples or a larger --val-fraction")
+
 
 def data_config(recipe: Recipe) -> DataConfig:
     return DataConfig(name=recipe.data, data_dir=recipe.data_dir,
@@ -113,7 +123,58 @@ class Job:
                                 f"({exc.strerror or exc}); {kept}") from None
 
 
+PROGRESS_LINE_SECONDS = 15.0  # without a terminal: a task's progress line at most this often
+
+
+class ProgressLines(Progress):
+    """Progress for output that is not a terminal (a log file, a pipe), where bars cannot
+    redraw: a task that runs longer than `PROGRESS_LINE_SECONDS` gets a line then, one
+    every `PROGRESS_LINE_SECONDS` after, and one when it completes; a short task none."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console=console, disable=True)
+        self._since: dict[int, float] = {}  # when the task began, or last had a line
+        self._spoke: set[int] = set()  # tasks that had a line (they get a last one)
+
+    def add_task(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201 (rich's signature)
+        task_id = super().add_task(*args, **kwargs)
+        self._since[task_id] = time.monotonic()
+        return task_id
+
+    def update(self, task_id, **changes) -> None:  # noqa: ANN001 (rich's TaskID)
+        super().update(task_id, **changes)
+        self._line(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:  # noqa: ANN001
+        super().advance(task_id, advance)
+        self._line(task_id)
+
+    def _line(self, task_id) -> None:  # noqa: ANN001
+        task, now = self._tasks[task_id], time.monotonic()
+        if task_id not in self._since:  # ended, its last line printed
+            return
+        done = task.total is not None and task.completed >= task.total
+        if done and task_id not in self._spoke:
+            del self._since[task_id]
+            return
+        if not done and now - self._since[task_id] < PROGRESS_LINE_SECONDS:
+            return
+        self._spoke.add(task_id)
+        if done:
+            del self._since[task_id]
+        else:
+            self._since[task_id] = now
+        total = f"/{task.total:g}" if task.total is not None else ""
+        info = f" {task.fields['info']}" if task.fields.get("info") else ""
+        self.console.print(f"{task.description}: {task.completed:g}{total}{info} "
+                           f"({task.elapsed or 0.0:.0f} s)", highlight=False, markup=False,
+                           soft_wrap=True)
+
+
 def progress_bars(console: Console, enabled: bool) -> Progress:
+    """Bars on a terminal; lines now and then elsewhere; nothing when not ``enabled``."""
+    if enabled and not console.is_terminal:
+        return ProgressLines(console)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                     disable=not enabled, transient=True)
@@ -208,16 +269,27 @@ def zero_share(tensors: list[torch.Tensor]) -> float:
     return sum(int((t == 0).sum()) for t in tensors) / total if total else 0.0
 
 
-def finish(job: Job) -> dict:
+def _evaluated(job: Job, split, name: str, progress: Progress) -> tuple[float, float]:
+    """`evaluate` on ``split``, with a progress task called ``name``."""
+    task = progress.add_task(name, total=None, info="")
+
+    def step(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return evaluate(job.model, split, device=job.device, pruner=job.pruner, shard=job.shard,
+                    on_batch=step)
+
+
+def finish(job: Job, console: Console | None = None, show_progress: bool = False) -> dict:
     """Final figures: validation and test top-1, exact sparsity; report; final checkpoint."""
     # dpf-filter cuts its channels if not yet done
     event = job.pruner.finalize() if job.pruner is not None else None
     if event is not None:
         job.run.log(event.kind, **{k: v for k, v in vars(event).items() if k != "kind"})
-    val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner,
-                                 shard=job.shard)
-    test_acc, test_loss = evaluate(job.model, job.splits.test, device=job.device,
-                                   pruner=job.pruner, shard=job.shard)
+    with progress_bars(console or Console(stderr=True), show_progress and job.shard.main) \
+            as progress:
+        val_acc, _ = _evaluated(job, job.splits.val, "final validation", progress)
+        test_acc, _ = _evaluated(job, job.splits.test, "test", progress)
     pruner = job.pruner
     if pruner is not None and pruner.masks:
         distributed.check_identical(job.shard, pruner.masks, "pruning masks")

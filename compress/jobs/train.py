@@ -201,7 +201,7 @@ def _run_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard
                 if run.checkpoint.exists() else
                 f"no epoch finished, so {run.path} holds only its recipe and log")
         raise CompressError(f"{exc}; {kept}") from None
-    return finish(job)
+    return finish(job, console, show_progress)
 
 
 def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard,

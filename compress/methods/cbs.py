@@ -37,7 +37,7 @@ from torch import nn
 
 from compress.data import first_batches
 from compress.errors import CompressError
-from compress.masks import prunable_weights
+from compress.masks import magnitude_scores, prunable_weights
 from compress.methods.registry import (
     OneShotPruner,
     OneShotRequest,
@@ -186,8 +186,8 @@ class SecondOrder(OneShotPruner):
     def _select(self, model, weights, dense, existing, cache, sparsity, heldout):
         o = self.options
         count = pruned_count(sparsity, sum(w.numel() for w in dense.values()))
-        if o.selection == "magnitude":
-            return _global_lowest({n: w.abs() for n, w in dense.items()}, existing, count), {}
+        if o.selection == "magnitude":  # plain global magnitude is CBS's first start
+            return _randomised_magnitude(dense, existing, count, trial=0), {}
         if o.selection == "woodfisher":
             scores = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in dense.items()}
             for k, b in enumerate(cache.blocks):
@@ -285,8 +285,10 @@ def _global_lowest(scores: dict[str, torch.Tensor], existing: dict[str, torch.Te
 def _randomised_magnitude(dense: dict[str, torch.Tensor], existing: dict[str, torch.Tensor],
                           count: int, trial: int) -> dict[str, torch.Tensor]:
     """Trial 0: global magnitude. Trial t: the weights shuffled (seed t) into ~√d chunks,
-    each chunk pruned by magnitude in proportion, the exact total kept."""
-    scores = {n: w.abs() for n, w in dense.items()}
+    each chunk pruned by magnitude in proportion, the exact total kept. Both rank the scores
+    of `magnitude_scores`; the already-zero weights go first (one ranking over every layer
+    with ``existing`` honoured, which `magnitude_masks` has no notion of)."""
+    scores = magnitude_scores(dense)
     if trial == 0:
         return _global_lowest(scores, existing, count)
     flat = torch.cat([torch.where(existing[n], s.double(), -1.0).flatten()
@@ -353,10 +355,18 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+SWAP_KEYS = ("epsilon", "rho", "tau")  # `SwapSettings` fields, given flat (as flags are)
+
+
 def options_from(request: OneShotRequest, selection: str, update: str) -> SecondOrderOptions:
-    extra = request.second_order or {}
-    return SecondOrderOptions(selection=selection, update=extra.get("update") or update,
-                              **{k: v for k, v in extra.items() if k != "update"})
+    """The method's options from the request's ``second_order`` mapping (the fields of
+    `SecondOrderOptions`, with `SwapSettings`' given flat or as ``swaps``)."""
+    extra = dict(request.second_order or {})
+    swaps = {key: extra.pop(key) for key in SWAP_KEYS if key in extra}
+    if swaps:
+        extra["swaps"] = SwapSettings(**swaps)
+    return SecondOrderOptions(selection=selection, update=extra.pop("update", None) or update,
+                              **extra)
 
 
 def _builder(selection: str, update: str) -> Callable[[OneShotRequest], SecondOrder]:

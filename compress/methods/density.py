@@ -36,6 +36,7 @@ from torch import nn
 from compress.errors import CompressError
 from compress.methods.base import TrainingPruner
 from compress.methods.registry import register
+from compress.selection import least_passing
 from compress.structured.activation_density import (
     DensityReading,
     density_width,
@@ -175,7 +176,8 @@ class ActivationDensity(TrainingPruner):
 
     def _with_budget(self, reading: DensityReading) -> dict[str, list[int]]:
         """The density plan; at the last cut under a budget, every density scaled down by the
-        largest factor (bisected) whose network meets the budget."""
+        largest factor whose network meets the budget (bisected by `least_passing`, the search
+        every budget uses, on the depth ``1 - factor``)."""
         plan = self.plan(reading)
         if self.budget_ms is None or not self._last_cut():
             return plan
@@ -183,17 +185,22 @@ class ActivationDensity(TrainingPruner):
         self.budget_curve = [{"scale": 1.0, "p50_ms": p50}]
         if p50 <= self.budget_ms:
             return plan
-        low, high, best = 0.0, 1.0, None
-        for _ in range(BUDGET_STEPS):
-            middle = (low + high) / 2
-            trial = self.plan(reading, scale=middle)
+        trials: dict[float, dict[str, list[int]]] = {}
+
+        def meets(depth: float) -> bool:
+            """Whether the densities scaled by ``1 - depth`` give a network within budget.
+            Depth 1 (scale 0: every layer at its floor) is what is left when no other depth
+            meets it, and is not measured."""
+            if depth == 1.0:
+                return True
+            scale = 1.0 - depth  # exact: the bisection only visits multiples of 2**-steps
+            trials[scale] = trial = self.plan(reading, scale=scale)
             p50 = self.cutter.latency_after(trial, self.latency)
-            self.budget_curve.append({"scale": middle, "p50_ms": p50})
-            if p50 <= self.budget_ms:
-                low, best = middle, trial
-            else:
-                high = middle
-        return best if best is not None else self.plan(reading, scale=0.0)
+            self.budget_curve.append({"scale": scale, "p50_ms": p50})
+            return p50 <= self.budget_ms
+
+        scale = 1.0 - least_passing(meets, 0.0, 1.0, BUDGET_STEPS)
+        return trials[scale] if scale in trials else self.plan(reading, scale=0.0)
 
     # -- the width rule -----------------------------------------------------------------------
     def plan(self, reading: DensityReading, scale: float = 1.0) -> dict[str, list[int]]:

@@ -153,10 +153,7 @@ class FilterNorm(OneShotPruner):
         budget, curve = self.request.budget_ms, []
 
         def p50_at(share: float) -> float:
-            trial = copy.deepcopy(model)
-            if share > 0:
-                engine = ChannelEngine(trial, self.request.input_shape)
-                engine.remove(self.plan(engine, share))
+            trial = self._cut_copy(model, share)
             p50 = float(self.request.latency(trial, self.request.input_shape))
             curve.append({"share": round(share, 4), "p50_ms": p50,
                           "macs": count_macs(trial, self.request.input_shape)[0]})
@@ -167,10 +164,16 @@ class FilterNorm(OneShotPruner):
         return share, sorted(curve, key=lambda c: c["share"])
 
     def _macs_at(self, model: nn.Module, share: float) -> int:
+        return count_macs(self._cut_copy(model, share), self.request.input_shape)[0]
+
+    def _cut_copy(self, model: nn.Module, share: float) -> nn.Module:
+        """A copy of ``model`` with ``share`` of its channels cut (uncut at share 0): the
+        trial each step of a budget search measures."""
         trial = copy.deepcopy(model)
-        engine = ChannelEngine(trial, self.request.input_shape)
-        engine.remove(self.plan(engine, share))
-        return count_macs(trial, self.request.input_shape)[0]
+        if share > 0:
+            engine = ChannelEngine(trial, self.request.input_shape)
+            engine.remove(self.plan(engine, share))
+        return trial
 
 
 def _budget_note(budget: float, share: float, curve: list[dict], met: bool) -> str:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.masks import Coverage, magnitude_masks, mask_sparsity, prunable_weights
+from compress.masks import Coverage, mask_sparsity, prunable_weights
 from compress.methods.gmp import GMP
 from compress.methods.registry import (
     OneShotPruner,
@@ -22,7 +22,8 @@ from compress.schedules import constant_schedule
 
 
 class OneShotMagnitude(GMP):
-    """Prune ``sparsity`` of the smallest weights now; keep that mask for good."""
+    """Prune ``sparsity`` of the smallest weights now; keep that mask for good (the Python
+    API's pruner; the registered one-shot method, `MagnitudeOneShot`, applies it once)."""
 
     name = "magnitude"
 
@@ -61,7 +62,8 @@ class FixedMask(GMP):
 
 
 class MagnitudeOneShot(OneShotPruner):
-    """Global (or per-layer) magnitude masks at exactly the requested sparsity."""
+    """Global (or per-layer) magnitude masks at exactly the requested sparsity: the mask of
+    `OneShotMagnitude`, whose construction also zeroes the pruned weights."""
 
     def prune(self, model: nn.Module, data=None) -> OneShotResult:
         r = self.request
@@ -75,13 +77,11 @@ class MagnitudeOneShot(OneShotPruner):
                                 f"--sparsity {r.sparsity}; one-shot pruning only removes "
                                 "weights")
         try:
-            masks = magnitude_masks(weights, r.sparsity, r.scope or "global", r.layer_floor)
+            pruner = OneShotMagnitude(model, r.sparsity, scope=r.scope or "global",
+                                      coverage=r.coverage, layer_floor=r.layer_floor)
         except ValueError as exc:
             raise CompressError(str(exc)) from None
-        with torch.no_grad():
-            for name, w in weights.items():
-                w.mul_(masks[name].to(w.dtype))
-        return OneShotResult(masks=masks, notes=[f"coverage: {r.coverage.describe()}"])
+        return OneShotResult(masks=pruner.masks, notes=[f"coverage: {r.coverage.describe()}"])
 
 
 def _build(request: OneShotRequest) -> OneShotPruner:
