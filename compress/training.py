@@ -26,14 +26,17 @@ from compress.modes import eval_mode
 
 @dataclass
 class OptimConfig:
+    """The optimisation a run asked for; built from its recipe (`compress.jobs.runner.
+    optim_config`), whose declarations hold the defaults, so none are repeated here."""
+
     epochs: int
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.0
+    batch_size: int
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    lr_schedule: str
+    warmup_epochs: float
 
 
 def seed_everything(seed: int) -> torch.Generator:

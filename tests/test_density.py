@@ -4,6 +4,7 @@ physical removal of masked channels."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,9 +12,10 @@ import torch
 from helpers import stop_after_first
 from torch import nn
 
-from compress.methods.density import ActivationDensity, DensityOptions
+from compress.methods.density import ActivationDensity, DensityOptions, options_from
 from compress.methods.dpf_filter import DPFFilter
 from compress.models import build_model
+from compress.recipe import Recipe
 from compress.schedules import CubicSchedule
 from compress.structured.activation_density import density_width, measure
 from compress.structured.engine import ChannelEngine
@@ -62,6 +64,11 @@ def test_width_rule_floor_and_rounding(density, width, round_to, floor, blocks, 
                          blocks=blocks) == expected
 
 
+def _options(**changes) -> DensityOptions:
+    """The recipe's default ADP settings, with ``changes``."""
+    return dataclasses.replace(options_from(Recipe()), **changes)
+
+
 def _probe(shape=(1, 28, 28), n=64, seed=0):
     return [torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))]
 
@@ -69,7 +76,7 @@ def _probe(shape=(1, 28, 28), n=64, seed=0):
 def _cut_now(model, optimizer=None, **options):
     """An ADP pruner made to cut at its next measurement."""
     pruner = ActivationDensity(model, (1, 28, 28), 100,
-                               DensityOptions(start=0.0, tolerance=float("inf"), **options))
+                               _options(start=0.0, tolerance=float("inf"), **options))
     pruner.attach(optimizer, _probe())
     return pruner
 
@@ -114,7 +121,7 @@ def test_optimizer_state_follows_a_cut():
 def test_the_densest_channels_are_kept():
     model = known_pattern_model()
     pruner = ActivationDensity(model, (1, 10, 10), 100,
-                               DensityOptions(start=0.0, tolerance=float("inf"), round_to=1))
+                               _options(start=0.0, tolerance=float("inf"), round_to=1))
     pruner.attach(None, [(torch.arange(100, dtype=torch.float32) / 100).view(1, 1, 10, 10)])
     pruner.measure_and_cut()
     # density 0.3975 of 4 channels -> 2 kept: the two densest, thresholds 0.0 and 0.495

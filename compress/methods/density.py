@@ -53,15 +53,18 @@ BUDGET_STEPS = 6  # bisection steps on the density scale that meets --budget-ms
 
 @dataclass
 class DensityOptions:
-    probe_samples: int = 512
-    start: float = 0.2
-    every: float = 0.15
-    stop: float = 0.8
-    cuts: int = 1
-    until_settled: bool = False
-    tolerance: float = 0.03
-    round_to: int = 8
-    min_channels: int = 1
+    """ADP's settings, built from a recipe (`options_from`), whose declarations hold the
+    defaults, so none are repeated here."""
+
+    probe_samples: int
+    start: float
+    every: float
+    stop: float
+    cuts: int
+    until_settled: bool
+    tolerance: float
+    round_to: int
+    min_channels: int
 
 
 @dataclass
