@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -194,19 +195,19 @@ def prune(
     from compress.recipe import check_layer_floor, recipe_from_mapping
 
     # every value is checked before torch loads: a bad one is refused at once
+    fields["input_shape"] = parse_shape(fields["input_shape"])
     given = {key: value for key, value in fields.items()
              if key in PRUNE_SHARED and value is not None}
-    given["input_shape"] = parse_shape(fields["input_shape"])
-    shared = recipe_from_mapping({k: v for k, v in given.items() if v is not None})
+    shared = recipe_from_mapping(given)
     levels = _levels(sparsity)
     settings = PruneOptions(**{key: value for key, value in fields.items()
                                if key not in PRUNE_SHARED and value is not None})
     check_one_shot(method, levels, shared.target_macs, shared.budget_ms)
     check_declared(shared)
     settings.validate()
-    for level in levels or [None]:
-        if shared.layer_floor is not None:
-            check_layer_floor(shared.layer_floor, level or default_sparsity(method))
+    if shared.layer_floor is not None:
+        for level in levels or [default_sparsity(method)]:
+            check_layer_floor(shared.layer_floor, level)
     from compress.masks import Coverage
     from compress.pipeline import prune_oneshot
 
@@ -479,9 +480,6 @@ class ExportStages:
     a refusal stays one line); elsewhere a line for each step that took long, once done."""
 
     def __init__(self) -> None:
-        import time
-
-        self._clock = time.monotonic
         self._step: tuple[str, float] | None = None
         self._status = err.status("export") if err.is_terminal else None
 
@@ -492,14 +490,14 @@ class ExportStages:
 
     def __call__(self, what: str) -> None:
         self._close_step()
-        self._step = (what, self._clock())
+        self._step = (what, time.monotonic())
         if self._status is not None:
             self._status.update(f"export: {what} ...")
 
     def _close_step(self) -> None:
         if self._step is not None and self._status is None:
             what, began = self._step
-            took = self._clock() - began
+            took = time.monotonic() - began
             if took >= SLOW_STAGE_SECONDS:
                 err.print(f"export: {what}: {took:.0f} s", highlight=False, markup=False,
                           soft_wrap=True)

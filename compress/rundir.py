@@ -80,8 +80,8 @@ class RunDir:
         if not entries or not entries <= RUN_FILES or not self.metrics.is_file():
             return False
         try:
-            return '"event": "final"' not in self.metrics.read_text(errors="replace")
-        except OSError:
+            return all(event.get("event") != "final" for event in self.read_events())
+        except (OSError, UnicodeDecodeError):
             return False
 
     def clear_unfinished(self) -> None:

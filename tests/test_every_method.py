@@ -21,8 +21,8 @@ from compress.recipe import Recipe
 from compress.structured.engine import count_params
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINING = sorted(n for n, s in REGISTRY.items() if s.when == "training")
-ONE_SHOT = sorted(n for n, s in REGISTRY.items() if s.when == "one-shot")
+TRAINING = sorted(n for n, s in REGISTRY.items() if s.info.when == "training")
+ONE_SHOT = sorted(n for n, s in REGISTRY.items() if s.info.when == "one-shot")
 STEPS = 16
 SECOND_ORDER = {"fisher_samples": 64, "max_block": 64, "heldout_samples": 64, "rmp_trials": 2}
 
@@ -35,11 +35,11 @@ def test_every_training_method_runs_through_the_declared_interface(name, fmnist_
                     probe_samples=64, density_start=0.1, density_every=0.3,
                     density_tolerance=1.0, density_cuts=1).validate()
     pruner = method(name, "training").build(model, recipe, STEPS)
-    if REGISTRY[name].granularity == "none":
+    if REGISTRY[name].info.granularity == "none":
         assert pruner is None
         return
     assert isinstance(pruner, TrainingPruner)
-    assert pruner.granularity == REGISTRY[name].granularity
+    assert pruner.granularity == REGISTRY[name].info.granularity
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     probe = [x for x, _ in first_batches(fmnist_small.train, 64)] if pruner.needs_probe else []
     pruner.attach(optimizer, probe)
@@ -78,9 +78,9 @@ def test_every_one_shot_method_prunes_through_the_registry(name, fmnist_small):
             conv.weight[:2] = 0
     params = count_params(model)
     pruner.check(model)
-    result = pruner.prune(model, fmnist_small if spec.needs_data else None)
+    result = pruner.prune(model, fmnist_small if spec.info.needs_data else None)
     assert isinstance(result, OneShotResult)
-    if spec.granularity == "weights":
+    if spec.info.granularity == "weights":
         assert mask_sparsity(result.masks) == pytest.approx(0.5, abs=0.01)
     else:
         assert count_params(model) < params

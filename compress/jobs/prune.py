@@ -148,8 +148,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     if budget_ms is not None and not (budget_ms > 0 and budget_ms < float("inf")):
         raise CompressError(f"--budget-ms must be a positive number, got {budget_ms}")
     if sparsity is None and target_macs is None and budget_ms is None and \
-            spec.name != "shrink":
-        sparsity = default_sparsity(spec.name)
+            spec.info.name != "shrink":
+        sparsity = default_sparsity(spec.info.name)
     if finetune_epochs < 0:
         raise CompressError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     console = console or Console(stderr=True)
@@ -161,7 +161,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                              min_channels=min_channels, target_macs=target_macs,
                              budget_ms=budget_ms, latency=latency,
                              second_order=second_order)
-    recipe = _prune_recipe(base, spec.name, request, finetune_epochs, lr, batch_size, seed,
+    recipe = _prune_recipe(base, spec.info.name, request, finetune_epochs, lr, batch_size, seed,
                            data_overrides or {})
     if reuse is not None:  # a sweep: the same pruner (and what it computed) at a new level
         reuse.request.sparsity = sparsity
@@ -204,12 +204,12 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                                                                   coverage),
                        generator, device, structure)
         before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
-        run.log("oneshot", source=str(checkpoint or model), method=spec.name,
+        run.log("oneshot", source=str(checkpoint or model), method=spec.info.name,
                 seconds=seconds, val_top1=before, **result.details)
         if finetune_epochs > 0:
             run_epochs(job, console, show_progress, on_epoch)
         summary = finish(job, console, show_progress)
-    if spec.granularity == "channels":  # a weight-sparsity target is not what was asked
+    if spec.info.granularity == "channels":  # a weight-sparsity target is not what was asked
         summary["target_sparsity"] = None
     summary.update(result.details)
     summary["val_top1_before_finetune"] = before

@@ -47,26 +47,6 @@ class MethodSpec:
     info: MethodInfo
     build: Callable
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def granularity(self) -> str:
-        return self.info.granularity
-
-    @property
-    def when(self) -> str:
-        return self.info.when
-
-    @property
-    def summary(self) -> str:
-        return self.info.summary
-
-    @property
-    def needs_data(self) -> bool:
-        return self.info.needs_data
-
 
 REGISTRY: dict[str, MethodSpec] = {}
 
