@@ -138,3 +138,10 @@ def test_metrics_final_event_is_what_restart_looks_for(tmp_path):
     run.log("final", top1=0.5)
     assert json.loads(run.metrics.read_text())["event"] == "final"
     assert not run.holds_only_an_unfinished_run()
+
+
+def test_prune_checks_the_layer_floor_against_the_sparsity_given_even_zero(cli, tmp_path):
+    refused = cli("prune", tmp_path / "absent", "--sparsity", "0", "--layer-floor", "0.5")
+    assert_clean_failure(refused, "no checkpoint")  # the floor fits sparsity 0: not refused
+    refused = cli("prune", tmp_path / "absent", "--sparsity", "0.8", "--layer-floor", "0.5")
+    assert_clean_failure(refused, "--layer-floor must be between 0 and 1 - sparsity")
