@@ -140,7 +140,8 @@ def train_prune(
 
 # the recipe fields `prune` shares with train-prune, and how prune reads them differently
 PRUNE_SHARED = ("model", "weights", "data", "data_dir", "input_shape", "num_classes",
-                "max_train_samples", "max_test_samples", "scope", "layer_floor",
+                "max_train_samples", "max_test_samples", "workers", "skip_bad_images",
+                "scope", "layer_floor",
                 "skip_first", "skip_classifier", "target_macs", "budget_ms", "budget_threads",
                 "round_to", "min_channels", "lr", "batch_size", "seed")
 ONE_SHOT_CHANNELS = "Channels: " + ", ".join(
@@ -161,6 +162,7 @@ PRUNE_CHANGES = {
     "batch_size": {"panel": FINETUNE, "shown": "the run's"},
     "seed": {"panel": FINETUNE},
     "skip_first": {"shown": "False"},
+    "skip_bad_images": {"shown": "False"},
     "skip_classifier": {"shown": "False"},
 }
 
@@ -243,7 +245,7 @@ def prune(
                 err.print(escape(f"warning: {busy}"), highlight=False, soft_wrap=True)
 
     data_keys = ("data", "data_dir", "input_shape", "num_classes", "max_train_samples",
-                 "max_test_samples")
+                 "max_test_samples", "workers", "skip_bad_images")
     options = dict(method=method, scope=given.get("scope"),
                    layer_floor=given.get("layer_floor"), round_to=shared.round_to,
                    min_channels=shared.min_channels, target_macs=shared.target_macs,

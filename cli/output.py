@@ -143,6 +143,9 @@ def summary_table(summary: dict) -> Table:
                      f"{', '.join(summary['empty_layers'])}; no signal passes through them "
                      "(keep part of every layer with --layer-floor, e.g. 0.01, or lower "
                      "--sparsity)"))
+    if summary.get("skipped_images"):
+        rows.append(("[yellow]skipped images[/yellow]", f"{summary['skipped_images']} "
+                     "unreadable image(s) left out (--skip-bad-images)"))
     for note in summary.get("notes") or []:
         rows.append(("note", note))
     if "val_top1_before_finetune" in summary:

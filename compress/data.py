@@ -21,6 +21,13 @@ import torch
 from compress.dataconfig import DATASETS, DataConfig
 from compress.datafiles import FASHION_MNIST_SYSTEM_DIR, read_split
 from compress.errors import CompressError
+from compress.image_folders import (
+    LAYOUT,
+    BadImages,
+    FolderLoader,
+    default_workers,
+    folder_sets,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Shard = tuple[int, int]  # (rank, world) of a torchrun process
@@ -94,17 +101,21 @@ def _random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4)
 
 
 class FolderSplit:
-    """A torchvision data set served through a ``DataLoader``."""
+    """Images of an image-folder tree (`compress.image_folders`), batched by a
+    ``DataLoader``; augmented only in a shuffled (training) pass of an augmenting split."""
 
-    def __init__(self, dataset, indices: list[int] | None = None) -> None:
-        self.dataset = dataset
-        self.indices = list(range(len(dataset))) if indices is None else indices
+    def __init__(self, plain: FolderLoader, augmented: FolderLoader | None, bad: BadImages,
+                 indices: list[int] | None = None) -> None:
+        self.plain, self.augmented, self.bad = plain, augmented, bad
+        self.indices = list(range(len(plain.dataset))) if indices is None else indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def subset(self, index: torch.Tensor, augment: bool | None = None) -> FolderSplit:
-        return FolderSplit(self.dataset, [self.indices[i] for i in index.tolist()])
+        augmented = None if augment is False else self.augmented
+        return FolderSplit(self.plain, augmented, self.bad,
+                           [self.indices[i] for i in index.tolist()])
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None,
@@ -112,8 +123,9 @@ class FolderSplit:
         order = (torch.randperm(len(self), generator=generator) if shuffle
                  else torch.arange(len(self)))
         order = shard_order(order, shard, pad=shuffle)
-        sub = torch.utils.data.Subset(self.dataset, [self.indices[i] for i in order.tolist()])
-        yield from torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=0)
+        loader = self.augmented if shuffle and self.augmented is not None else self.plain
+        yield from loader.batches([self.indices[i] for i in order.tolist()], batch_size,
+                                  self.bad)
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
         return sharded_batches(len(self), batch_size, world)
@@ -139,6 +151,11 @@ class Splits:
     test: TensorSplit | FolderSplit
     config: DataConfig
 
+    def skipped_images(self) -> int:
+        """Images left out as unreadable so far (``--skip-bad-images``)."""
+        folders = [s for s in (self.train, self.val, self.test) if isinstance(s, FolderSplit)]
+        return len(set().union(*(s.bad.paths for s in folders)))
+
 
 # -- readers --------------------------------------------------------------------------------
 def _tensor_sets(config: DataConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -154,40 +171,47 @@ def _tensor_sets(config: DataConfig) -> dict[str, tuple[torch.Tensor, torch.Tens
 
 
 def _image_folder(config: DataConfig) -> Splits:
-    from torchvision import datasets, transforms
-
     if not config.data_dir:
-        raise CompressError("imagefolder needs --data-dir with train/ and test/ (or val/)")
-    root = Path(config.data_dir)
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise CompressError(f"imagefolder: {root} must hold train/ and test/ (or val/)")
-    c, h, w = config.input_shape
-    tf = transforms.Compose([
-        transforms.Grayscale(1) if c == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
-        transforms.Resize((h, w)), transforms.ToTensor(),
-        transforms.Normalize([0.5] * c, [0.5] * c),
-    ])
-    train = datasets.ImageFolder(str(root / "train"), transform=tf)
-    test = datasets.ImageFolder(str(test_dir), transform=tf)
-    config.num_classes = len(train.classes)
-    config.mean, config.std = [0.5] * c, [0.5] * c
-    return _split(FolderSplit(train), FolderSplit(test), config)
+        raise CompressError(f"imagefolder needs --data-dir holding {LAYOUT}")
+    if config.input_shape[0] not in (1, 3):
+        raise CompressError(f"imagefolder: images have 1 or 3 channels, not "
+                            f"{config.input_shape[0]} (--input-shape)")
+    workers = default_workers() if config.workers is None else config.workers
+    bad = BadImages(skip=config.skip_bad_images)
+    augment = config.augment is not False
+    sets = folder_sets(Path(config.data_dir), tuple(config.input_shape), augment, workers, bad,
+                       config.mean, config.std)
+    config.num_classes = len(sets.classes)
+    config.mean, config.std = sets.mean, sets.std
+    train = FolderSplit(FolderLoader(sets.train_plain, workers),
+                        FolderLoader(sets.train, workers) if augment else None, bad)
+    test = FolderSplit(FolderLoader(sets.test, workers), None, bad)
+    if sets.val is None:
+        return _split(train, test, config)
+    val = FolderSplit(FolderLoader(sets.val, workers), None, bad)
+    return _split(train, test, config, val)
 
 
-def _split(train, test, config: DataConfig) -> Splits:
+def _split(train, test, config: DataConfig, val=None) -> Splits:
+    """Validation carved from train (``val_fraction``), unless a validation split is given."""
     g = torch.Generator().manual_seed(config.split_seed)
     order = torch.randperm(len(train), generator=g)
     if config.max_train_samples:
         order = order[:config.max_train_samples]
+    if val is not None:
+        return Splits(train.subset(order), val, _test_slice(test, config), config)
     n_val = max(1, int(round(config.val_fraction * len(order))))
     if len(order) - n_val < 1:
         raise CompressError(f"{config.name}: {len(order)} training images leave none for "
                             "training after the validation split; use more samples")
     val, train_part = train.subset(order[:n_val], augment=False), train.subset(order[n_val:])
+    return Splits(train_part, val, _test_slice(test, config), config)
+
+
+def _test_slice(test, config: DataConfig):
     if config.max_test_samples and config.max_test_samples < len(test):
-        test = test.subset(torch.arange(config.max_test_samples))
-    return Splits(train_part, val, test, config)
+        return test.subset(torch.arange(config.max_test_samples))
+    return test
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

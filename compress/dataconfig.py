@@ -21,7 +21,9 @@ class DataConfig:
     split_seed: int = 0
     max_train_samples: int | None = None
     max_test_samples: int | None = None
-    augment: bool | None = None
+    augment: bool | None = None  # None: on for CIFAR and image folders, off for the rest
+    workers: int | None = None  # image folders: decoding processes (None: the usable cores)
+    skip_bad_images: bool = False  # image folders: leave out (and count) unreadable images
     # per-channel normalisation computed from the training images (filled by load_splits);
     # kept so an exported model can be fed without the training data at hand
     mean: list[float] | None = None
@@ -33,9 +35,13 @@ class DataConfig:
         return d
 
     def portable(self) -> dict:
-        """``to_dict`` without the machine's own path: an exported file names its data set,
-        and the machine that reads it finds the data itself (or is given --data-dir)."""
-        return {**self.to_dict(), "data_dir": None}
+        """``to_dict`` without what belongs to the machine (its path, how it reads the
+        images): an exported file names its data set, and the machine that reads it finds
+        the data itself (or is given --data-dir)."""
+        recorded = self.to_dict()
+        for machine_only in ("data_dir", "workers", "skip_bad_images"):
+            recorded.pop(machine_only)
+        return {**recorded, "data_dir": None}
 
     @classmethod
     def from_dict(cls, d: dict) -> DataConfig:
@@ -77,6 +83,9 @@ _RECORDED = {  # what a recorded DataConfig field must be (files can be damaged)
     "max_train_samples": (lambda v: v is None or _count(v), "a positive count"),
     "max_test_samples": (lambda v: v is None or _count(v), "a positive count"),
     "augment": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "workers": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool)
+                and v >= 0, "a count"),
+    "skip_bad_images": (lambda v: isinstance(v, bool), "true or false"),
     "mean": (lambda v: v is None or _numbers(v), "a list of numbers"),
     "std": (lambda v: v is None or _numbers(v), "a list of numbers"),
 }

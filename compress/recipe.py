@@ -56,6 +56,17 @@ class Recipe:
     max_test_samples: int | None = option(None, help="Use a slice of the test set.",
                                           panel=MODEL_DATA, shown="all", low=1)
     weights: str | None = option(None, help="Start from these weights.", panel=MODEL_DATA)
+    image_size: int | None = option(None, panel=MODEL_DATA, low=8, shown="--input-shape's",
+                                    help="imagefolder: side of the square crop the model "
+                                    "sees (sets --input-shape's H and W).")
+    augment: bool | None = option(None, panel=MODEL_DATA, shown="on for cifar and "
+                                  "imagefolder", help="Augment training images (random "
+                                  "crop and flip).")
+    workers: int | None = option(None, panel=MODEL_DATA, low=0, shown="the usable cores",
+                                 help="imagefolder: processes decoding images.")
+    skip_bad_images: bool = option(False, panel=MODEL_DATA, help="imagefolder: leave out "
+                                   "an unreadable image (counted in the summary) instead of "
+                                   "stopping.")
     # pruning
     method: str = option("dpf", help="The method (see `compress methods`).", panel=METHOD)
     sparsity: float | None = option(  # None: `default_sparsity` of the method

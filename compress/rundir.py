@@ -33,6 +33,7 @@ class RunDir:
         self.path = Path(path)
         self.writer = writer
         self.created_here = False
+        self._made: list[Path] = []  # parents `create` made for the directory
         self._lock: int | None = None  # the directory's descriptor, flock-ed while writing
 
     @property
@@ -66,6 +67,7 @@ class RunDir:
             raise CompressError(f"--out {self.path} already holds files; choose a new "
                                 f"directory{hint}")
         self.created_here = not self.path.exists()
+        self._made = self._missing_ancestors()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -110,11 +112,26 @@ class RunDir:
             self._release()
             self._lock = None
 
+    def _missing_ancestors(self) -> list[Path]:
+        """The parents of the run directory that do not exist yet, nearest first."""
+        missing = []
+        for parent in self.path.absolute().parents:
+            if parent.exists():
+                break
+            missing.append(parent)
+        return missing
+
     def discard_if_unused(self) -> None:
-        """Remove the directory again if this run made it and wrote nothing into it."""
+        """Remove the directory again if this run made it and wrote nothing into it, and
+        the parents it made for it (``runs/`` of a first refused run)."""
         if self.created_here and self.path.is_dir() and not any(self.path.iterdir()):
             self.unlock()
             self.path.rmdir()
+            for parent in self._made:
+                try:
+                    parent.rmdir()
+                except OSError:  # something else was put there meanwhile
+                    break
 
     @contextlib.contextmanager
     def discarded_unless_checkpointed(self):

@@ -145,3 +145,11 @@ def test_prune_checks_the_layer_floor_against_the_sparsity_given_even_zero(cli, 
     assert_clean_failure(refused, "no checkpoint")  # the floor fits sparsity 0: not refused
     refused = cli("prune", tmp_path / "absent", "--sparsity", "0.8", "--layer-floor", "0.5")
     assert_clean_failure(refused, "--layer-floor must be between 0 and 1 - sparsity")
+
+
+def test_a_refused_first_run_leaves_no_empty_runs_folder(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    refused = cli("train-prune", "--data", "imagefolder", "--data-dir", "images")
+    assert_clean_failure(refused, "has no train/ folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]

@@ -44,11 +44,14 @@ def small_validation_note(held_out: int) -> str | None:
 
 
 def data_config(recipe: Recipe) -> DataConfig:
-    return DataConfig(name=recipe.data, data_dir=recipe.data_dir,
-                      input_shape=tuple(recipe.input_shape), num_classes=recipe.num_classes,
-                      val_fraction=recipe.val_fraction,
+    shape = tuple(recipe.input_shape)
+    if recipe.image_size is not None:
+        shape = (shape[0], recipe.image_size, recipe.image_size)
+    return DataConfig(name=recipe.data, data_dir=recipe.data_dir, input_shape=shape,
+                      num_classes=recipe.num_classes, val_fraction=recipe.val_fraction,
                       max_train_samples=recipe.max_train_samples,
-                      max_test_samples=recipe.max_test_samples)
+                      max_test_samples=recipe.max_test_samples, augment=recipe.augment,
+                      workers=recipe.workers, skip_bad_images=recipe.skip_bad_images)
 
 
 def optim_config(recipe: Recipe) -> OptimConfig:
@@ -303,6 +306,8 @@ def finish(job: Job, console: Console | None = None, show_progress: bool = False
         "test_top1": test_acc,
         "test_samples": len(job.splits.test),
         "processes": job.shard.world,
+        **({"skipped_images": job.splits.skipped_images()}
+           if job.splits.config.skip_bad_images else {}),
         "train_seconds": job.train_seconds,
         **(job.cost.summary() if job.cost else {}),
     }
