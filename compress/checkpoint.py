@@ -30,6 +30,7 @@ from compress.fileio import atomic_write, regular_file_size
 from compress.masks import canonical_zeros
 from compress.model_specs import check_spec_from_file
 from compress.models import build_model
+from compress.pretrained import fit_classifier, is_named, named_file
 
 FORMAT = "compress.checkpoint"
 FORMAT_VERSION = 2
@@ -291,11 +292,12 @@ def _check_payload(payload: dict, path: Path) -> None:
 
 
 def load_weights_into(model: nn.Module, path: str | Path,
-                      model_name: str = "the model") -> dict | None:
+                      model_name: str = "the model") -> tuple[dict | None, list[str]]:
     """Initialise ``model`` (``model_name``: how the user named it) from a compress
-    checkpoint or a plain state_dict file; a channel-pruned checkpoint cuts ``model`` to its
-    structure first, which is returned."""
-    path = resolve_checkpoint_path(path)
+    checkpoint, a plain state_dict file or published weights named ``torchvision:...``
+    (`compress.pretrained`); a channel-pruned checkpoint cuts ``model`` to its structure
+    first. Returns that structure and notes for the run (a classifier replaced)."""
+    path = named_file(str(path)) if is_named(str(path)) else resolve_checkpoint_path(path)
     payload = read_torch_file(path)
     state = payload.get("state_dict") if isinstance(payload, dict) and \
         payload.get("format") == FORMAT else payload
@@ -314,6 +316,7 @@ def load_weights_into(model: nn.Module, path: str | Path,
                 raise
             raise CompressError(f"{source} do not fit {model_name!r}: its channel cuts are "
                                 f"{saved}'s ({first_line(exc)[:120]})") from None
+    state, note = fit_classifier(model, state) if structure is None else (state, None)
     try:
         load_state(model, state)
     except RuntimeError as exc:
@@ -321,4 +324,4 @@ def load_weights_into(model: nn.Module, path: str | Path,
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
         raise CompressError(f"{source} do not fit {model_name!r}: "
                             f"{detail.split(':')[0][:200]}") from None
-    return structure
+    return structure, [note] if note else []

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from compress.datafiles import read_split
+
 
 def assert_clean_failure(result, *fragments: str) -> None:
     """A command line refusal: exit 2, one ``error:`` line, no traceback, each fragment said."""
@@ -16,3 +23,20 @@ def stop_after_first(result) -> None:
     """An on_epoch callback that interrupts a run after its first epoch, as Ctrl-C would."""
     if result.epoch == 1:
         raise KeyboardInterrupt
+
+
+CLASSES = ("t-shirt", "trouser", "pullover")
+
+
+def write_tree(root: Path, splits=("train", "test"), per_class: int = 8,
+               classes=CLASSES) -> Path:
+    """``per_class`` Fashion-MNIST images of each class in ``classes``, as 28x28 PNG files."""
+    images, labels = read_split("fashion-mnist", None, "train")
+    for s, split in enumerate(splits):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            chosen = np.flatnonzero(labels == CLASSES.index(name))[s * per_class:]
+            for i, index in enumerate(chosen[:per_class]):
+                Image.fromarray(images[index, 0]).save(folder / f"{i}.png")
+    return root

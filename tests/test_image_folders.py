@@ -5,32 +5,13 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import assert_clean_failure
-from PIL import Image
+from helpers import CLASSES, assert_clean_failure, write_tree
 
 from compress.data import load_splits
 from compress.dataconfig import DataConfig
-from compress.datafiles import read_split
 from compress.errors import CompressError
-
-CLASSES = ("t-shirt", "trouser", "pullover")
-
-
-def write_tree(root: Path, splits=("train", "test"), per_class: int = 8,
-               classes=CLASSES) -> Path:
-    """``per_class`` Fashion-MNIST images of each class in ``classes``, as 28x28 PNG files."""
-    images, labels = read_split("fashion-mnist", None, "train")
-    for s, split in enumerate(splits):
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            chosen = np.flatnonzero(labels == CLASSES.index(name))[s * per_class:]
-            for i, index in enumerate(chosen[:per_class]):
-                Image.fromarray(images[index, 0]).save(folder / f"{i}.png")
-    return root
 
 
 def config(root: Path, **changes) -> DataConfig:

@@ -93,7 +93,8 @@ def _source_model(source: PruneSource, ckpt: Checkpoint | None, recipe: Recipe,
     if source.weights is None:
         return model, None, [f"{recipe.model} has no trained weights (no --weights): it is "
                              "pruned as initialised"]
-    return model, load_weights_into(model, source.weights, recipe.model), []
+    structure, notes = load_weights_into(model, source.weights, recipe.model)
+    return model, structure, notes
 
 
 def _prune_recipe(base: Recipe, name: str, request: OneShotRequest, finetune_epochs: int,
@@ -216,7 +217,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     summary["finetune_epochs"] = finetune_epochs
     summary["source"] = str(checkpoint or model)
     summary["prune_seconds"] = seconds
-    summary["notes"] = result.notes + warnings
+    summary["notes"] = summary.get("notes", []) + result.notes + warnings
     return summary
 
 

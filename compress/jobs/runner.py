@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
@@ -20,6 +20,7 @@ from compress.checkpoint import (
 from compress.data import DataConfig, Splits
 from compress.errors import CompressError
 from compress.methods import TrainingPruner
+from compress.pretrained import is_named, normalisation
 from compress.recipe import (
     Recipe,
 )
@@ -44,14 +45,21 @@ def small_validation_note(held_out: int) -> str | None:
 
 
 def data_config(recipe: Recipe) -> DataConfig:
+    """The recipe's data set. An image folder read for named pretrained weights is
+    normalised with the statistics those weights were trained with."""
     shape = tuple(recipe.input_shape)
     if recipe.image_size is not None:
         shape = (shape[0], recipe.image_size, recipe.image_size)
-    return DataConfig(name=recipe.data, data_dir=recipe.data_dir, input_shape=shape,
-                      num_classes=recipe.num_classes, val_fraction=recipe.val_fraction,
-                      max_train_samples=recipe.max_train_samples,
-                      max_test_samples=recipe.max_test_samples, augment=recipe.augment,
-                      workers=recipe.workers, skip_bad_images=recipe.skip_bad_images)
+    config = DataConfig(name=recipe.data, data_dir=recipe.data_dir, input_shape=shape,
+                        num_classes=recipe.num_classes, val_fraction=recipe.val_fraction,
+                        max_train_samples=recipe.max_train_samples,
+                        max_test_samples=recipe.max_test_samples, augment=recipe.augment,
+                        workers=recipe.workers, skip_bad_images=recipe.skip_bad_images)
+    if config.name == "imagefolder" and shape[0] == 3 and is_named(recipe.weights):
+        stats = normalisation(recipe.weights)
+        if stats is not None:
+            config.mean, config.std = stats
+    return config
 
 
 def optim_config(recipe: Recipe) -> OptimConfig:
@@ -106,6 +114,7 @@ class Job:
     structure: dict | None = None  # the channel cuts the model carries (checkpoint format 2)
     cost: TrainingCost | None = None  # MACs spent training, against dense training
     train_seconds: float = 0.0  # wall time of the training passes (no evaluation)
+    notes: list[str] = field(default_factory=list)  # what the user should know, in words
 
     def current_structure(self) -> dict | None:
         """The cuts the model carries now: those it started with, then the pruner's."""
@@ -305,6 +314,7 @@ def finish(job: Job, console: Console | None = None, show_progress: bool = False
         "val_top1": val_acc,
         "test_top1": test_acc,
         "test_samples": len(job.splits.test),
+        **({"notes": list(job.notes)} if job.notes else {}),
         "processes": job.shard.world,
         **({"skipped_images": job.splits.skipped_images()}
            if job.splits.config.skip_bad_images else {}),

@@ -61,12 +61,12 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
     generator = seed_everything(recipe.seed)
     splits = load_splits(data_config(recipe))
     model = build_model(recipe.model, splits.config.num_classes, splits.config.input_shape)
-    structure = None
+    structure, notes = None, []
     if resume_state is not None:
         structure = resume_state.structure
         apply_structure(model, structure, splits.config.input_shape)
     elif recipe.weights:
-        structure = load_weights_into(model, recipe.weights, recipe.model)
+        structure, notes = load_weights_into(model, recipe.weights, recipe.model)
     model.to(device)
     cfg = optim_config(recipe)
     steps_per_epoch = splits.train.num_batches(cfg.batch_size, shard.world)
@@ -91,7 +91,8 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
         pruner.attach(optimizer, probe_batches(splits, recipe.probe_samples, device)
                       if pruner.needs_probe else [])
     job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
-              shard=shard, structure=structure, cost=training_cost(model, recipe))
+              shard=shard, structure=structure, cost=training_cost(model, recipe),
+              notes=notes)
     if resume_state is not None:
         _restore(job, resume_state)
     job.train_model = model
