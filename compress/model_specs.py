@@ -1,12 +1,15 @@
 """Which model specs a file may name, without importing torch.
 
 A spec read from a file (a checkpoint, a recipe, an export's metadata) must not choose code
-to run: `check_spec_from_file` admits only the registered names and torchvision's model
-builders, plus any spec the user named themselves (`trust_model_spec`, which ``--model``
-calls). The command line and a user's own code keep accepting any ``module:callable``.
+to run: `check_spec_from_file` admits only the registered names, torchvision's model
+builders, timm's architectures by name (``timm:NAME``), plus any spec the user named
+themselves (`trust_model_spec`, which ``--model`` calls). The command line and a user's
+own code keep accepting any ``module:callable``.
 """
 
 from __future__ import annotations
+
+import re
 
 from compress.errors import CompressError
 
@@ -15,6 +18,8 @@ REGISTERED_NAMES = ("mlpnet", "lenet300", "lenet5", "vgg-small", "resnet20", "re
                     "resnet56", "wrn-28-2")
 
 _TRUSTED_SPECS: set[str] = set()
+# timm's registry, by name only (`compress.models.timm_models` looks nothing else up)
+_TIMM_NAME = re.compile(r"timm:[a-z0-9_]+(\.[a-z0-9_]+)?")
 
 
 def trust_model_spec(spec: str | None) -> None:
@@ -43,7 +48,8 @@ def check_spec_from_file(spec: object, source: str) -> str:
     resolve: a registered name, a torchvision model, or a spec the user named."""
     if not isinstance(spec, str):
         raise CompressError(f"{source} names the model {spec!r}, not a model name")
-    if spec in REGISTERED_NAMES or spec in _TRUSTED_SPECS or _torchvision_builder(spec):
+    if spec in REGISTERED_NAMES or spec in _TRUSTED_SPECS or _torchvision_builder(spec) or \
+            _TIMM_NAME.fullmatch(spec):
         return spec
     raise CompressError(f"{source} names the model {spec!r}, which is neither registered nor "
                         "a torchvision model; a file never chooses code to run: if you trust "

@@ -42,6 +42,6 @@ stamp_value="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$stamp_value" ] || [ ! -x .venv/bin/compress ]; then
     echo "setup: installing compress and its dependencies into .venv (torch is large: minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    .venv/bin/python -m pip install -q -e ".[dev,timm]"
     echo "$stamp_value" > "$stamp"
 fi

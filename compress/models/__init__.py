@@ -1,4 +1,5 @@
-"""Model registry: short names for the networks of the papers, or any ``module:callable``.
+"""Model registry: short names for the networks of the papers, timm's architectures
+(``timm:NAME``, `compress.models.timm_models`), or any ``module:callable``.
 
 A factory is called with the keyword arguments it accepts among ``num_classes``,
 ``in_channels`` and ``input_size`` (taken from the data). When it does not take
@@ -22,6 +23,7 @@ from compress.errors import CompressError
 from compress.model_specs import check_spec_from_file, trust_model_spec
 from compress.models.cifar import resnet20, resnet32, resnet56, vgg_small, wrn_28_2
 from compress.models.small import lenet5, lenet300, mlpnet
+from compress.models.timm_models import is_timm, timm_factory
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlpnet": mlpnet,
@@ -39,6 +41,8 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     """A registered name or ``package.module:callable`` -> the factory."""
     if spec in REGISTRY:
         return REGISTRY[spec]
+    if is_timm(spec):
+        return timm_factory(spec)
     if ":" not in spec:
         names = ", ".join(REGISTRY)
         raise CompressError(f"unknown model {spec!r}: use one of {names}, or module:callable")

@@ -1,0 +1,46 @@
+"""timm's architectures as ``--model timm:NAME``: trained, channel-pruned and exported like
+torchvision's."""
+
+import sys
+
+import pytest
+from helpers import assert_clean_failure
+
+from compress.errors import CompressError
+from compress.model_specs import check_spec_from_file
+from compress.models import build_model
+
+SMALL = ("--data", "synthetic", "--input-shape", "3,32,32", "--max-train-samples", "64",
+         "--max-test-samples", "16", "--threads", "1")
+
+
+def test_a_timm_model_trains_prunes_channels_and_exports(cli, tmp_path):
+    dense, thin = tmp_path / "dense", tmp_path / "thin"
+    trained = cli("train-prune", "--model", "timm:mobilenetv3_small_050", *SMALL,
+                  "--method", "none", "--epochs", "1", "--batch-size", "16", "--out", dense)
+    assert trained.exit_code == 0, trained.output
+    pruned = cli("prune", dense, "--method", "l1-filter", "--sparsity", "0.5", "--out", thin,
+                 "--json")
+    assert pruned.exit_code == 0, pruned.output
+    exported = cli("export", thin, "--onnx", tmp_path / "thin.onnx")
+    assert exported.exit_code == 0, exported.output
+    assert "verified" in exported.output
+
+
+def test_timm_names_are_looked_up_in_its_registry_only():
+    assert check_spec_from_file("timm:resnet18", "f") == "timm:resnet18"
+    assert check_spec_from_file("timm:vit_tiny_patch16_224.augreg_in21k", "f")
+    for spec in ("timm:hf-hub:someone/model", "timm:../x", "timm:Resnet18 ; rm"):
+        with pytest.raises(CompressError, match="a file never chooses code"):
+            check_spec_from_file(spec, "f")
+    with pytest.raises(CompressError, match="not a hub path"):
+        build_model("timm:hf-hub:someone/model", 10, (3, 32, 32))
+    with pytest.raises(CompressError, match="closest: timm:resnet18"):
+        build_model("timm:resnet19", 10, (3, 32, 32))
+
+
+def test_without_timm_the_message_names_the_extra(cli, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if it were not installed
+    refused = cli("train-prune", "--model", "timm:resnet18", *SMALL, "--epochs", "1",
+                  "--out", tmp_path / "run")
+    assert_clean_failure(refused, "timm models need timm", "'.[timm]'")
