@@ -538,6 +538,9 @@ def export_onnx(
     sign: Annotated[str | None, Opt("--sign", help="Private key (from `compress keygen`) "
                                                   "that signs the file.")] = None,
     model: TrustedModel = None,
+    allow_constant_output: Annotated[bool, Opt(
+        "--allow-constant-output", help="Export a model whose output does not depend on its "
+        "input (an untrained architecture to time), with a warning.")] = False,
     json_out: Annotated[bool, Opt("--json")] = False,
 ) -> None:
     """Export to one self-contained ONNX file with packed sparse weights and metadata."""
@@ -550,9 +553,14 @@ def export_onnx(
                                    verify=verify, file_format=file_format, overwrite=overwrite,
                                    measure_accuracy=verify, quantize=quantize,
                                    calibration_samples=calibration_samples, data_dir=data_dir,
-                                   sign=sign, on_stage=None if json_out else stages)
+                                   sign=sign, on_stage=None if json_out else stages,
+                                   allow_constant_output=allow_constant_output)
     accuracy = result.accuracy
     _warn_unfinished(result.unfinished)
+    if result.verify is not None and result.verify.constant_output:
+        err.print("warning: the model's output does not depend on its input (the same logits "
+                  "for every sample); exported as asked (--allow-constant-output), but it "
+                  "classifies nothing", highlight=False, soft_wrap=True)
     payload = {"path": result.path, "file_bytes": result.file_bytes, "packed": result.packed,
                "values": result.values, "exponent_width": result.exponent_width,
                "quantize": quantize, "opset": result.opset,

@@ -367,7 +367,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
                       calibration_samples: int | None = None,
                       data_dir: str | None = None,
                       sign: str | Path | None = None,
-                      on_stage: Callable[[str], None] | None = None) -> ExportResult:
+                      on_stage: Callable[[str], None] | None = None,
+                      allow_constant_output: bool = False) -> ExportResult:
     """Export, [quantize], pack, annotate, verify; the target appears only if every step
     succeeded.
 
@@ -409,7 +410,8 @@ def export_checkpoint(source: str | Path, out: str | Path, *, pack: str = "auto"
         onnx.save(model, str(tmp))
         if verify:
             stage("checking the file against PyTorch in onnxruntime")
-        report = verify_export(tmp, ckpt, "int8" if quantize == "int8" else values) \
+        report = verify_export(tmp, ckpt, "int8" if quantize == "int8" else values,
+                               allow_constant_output) \
             if verify else None
         final = tmp
         if file_format == "ort":

@@ -33,6 +33,7 @@ class VerifyReport:
     max_abs_diff_vs_decoded: float
     tolerance: float
     optimized_nodes: int
+    constant_output: bool = False  # exported anyway (--allow-constant-output)
 
 
 def decoded_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -64,7 +65,22 @@ def _run(session, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
+def _dead_network(ckpt) -> str:
+    """Why a network gives one output for every input, and what to do about it."""
+    if ckpt.method == "none" and not ckpt.structure:
+        return ("the exported model's output does not depend on its input (the same logits "
+                "for every sample), and it is not pruned: the weights it was built or trained "
+                "with are already dead (torchvision builds its ViTs with a zero classifier); "
+                "train it or start from --weights, or pass --allow-constant-output to export "
+                "it anyway")
+    return ("the exported model's output does not depend on its input (the same logits for "
+            "every sample): the network is dead, typically because pruning emptied a layer; "
+            "prune with --layer-floor or a lower --sparsity (or pass --allow-constant-output "
+            "to export it anyway)")
+
+
+def verify_export(path: Path, ckpt, values: str,
+                  allow_constant: bool = False) -> VerifyReport:
     import torch
 
     try:
@@ -78,11 +94,9 @@ def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
     model = ckpt.build_model().eval()
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
-    if np.ptp(expected, axis=0).max() == 0.0:  # then any parity figure would be meaningless
-        raise CompressError("the exported model's output does not depend on its input (the "
-                            "same logits for every sample): the network is dead, typically "
-                            "because pruning emptied a layer; prune with --layer-floor or a "
-                            "lower --sparsity")
+    constant = bool(np.ptp(expected, axis=0).max() == 0.0)  # parity then says little
+    if constant and not allow_constant:
+        raise CompressError(_dead_network(ckpt))
     scale = max(1.0, float(np.abs(expected).max()))
     vs_torch = float(np.abs(got - expected).max())
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,4 +119,5 @@ def verify_export(path: Path, ckpt, values: str) -> VerifyReport:
     if values == "fp32" and vs_torch > FP32_TOLERANCE * scale:
         raise CompressError(f"onnxruntime output differs from PyTorch by {vs_torch:.2e} "
                             f"(tolerance {FP32_TOLERANCE * scale:.2e})")
-    return VerifyReport(vs_torch, vs_decoded, FP32_TOLERANCE * scale, len(graph.node))
+    return VerifyReport(vs_torch, vs_decoded, FP32_TOLERANCE * scale, len(graph.node),
+                        constant)

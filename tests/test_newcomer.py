@@ -153,3 +153,18 @@ def test_a_refused_first_run_leaves_no_empty_runs_folder(cli, tmp_path, monkeypa
     refused = cli("train-prune", "--data", "imagefolder", "--data-dir", "images")
     assert_clean_failure(refused, "has no train/ folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_a_dead_unpruned_model_is_not_blamed_on_pruning(cli, tmp_path):
+    from compress.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "dense"
+    trained = cli("train-prune", "--method", "none", *TINY, "--epochs", "1", "--out", run)
+    assert trained.exit_code == 0, trained.output
+    ckpt = load_checkpoint(run)
+    for name in ("classifier.5.weight", "classifier.5.bias"):  # zero, as ViTs start
+        ckpt.state_dict[name].zero_()
+    save_checkpoint(ckpt, run / "checkpoint.pt")
+    refused = cli("export", run, "--onnx", tmp_path / "m.onnx")
+    assert_clean_failure(refused, "and it is not pruned", "--allow-constant-output")
+    assert not (tmp_path / "m.onnx").exists()

@@ -204,7 +204,12 @@ def test_no_layer_is_emptied_by_default_and_a_dead_network_is_not_exported(cli, 
     assert "no weight left" in exact.output
     line = _one_line_exit_2(cli("export", tmp_path / "exact", "--onnx", tmp_path / "x.onnx"))
     assert "does not depend on its input" in line and not (tmp_path / "x.onnx").exists()
+    assert "typically because pruning emptied a layer" in line
     assert cli("export", tmp_path / "kept", "--onnx", tmp_path / "k.onnx").exit_code == 0
+    anyway = cli("export", tmp_path / "exact", "--onnx", tmp_path / "x.onnx",
+                 "--allow-constant-output")
+    assert anyway.exit_code == 0 and "warning: the model's output does not depend" in \
+        anyway.output and (tmp_path / "x.onnx").exists()
 
 
 def test_default_threads_split_the_cores_among_torchrun_processes(monkeypatch):
