@@ -77,3 +77,26 @@ def test_a_run_from_named_weights_uses_their_normalisation(cli, torch_cache, tmp
                 "--data", "imagefolder", "--data-dir", images, "--input-shape", "3,32,32",
                 "--workers", "0", "--epochs", "1", "--out", tmp_path / "wrong")
     assert_clean_failure(wrong, "unknown pretrained weights 'torchvision:NoSuch.V1'")
+
+
+def test_a_torchvision_model_from_named_weights_thins_exports_and_evaluates(cli, torch_cache,
+                                                                             tmp_path):
+    """The practitioner's path: an image folder, pretrained weights by name (their own
+    normalisation), ADP while fine-tuning with augmentation, export, evaluate the file."""
+    images = write_tree(tmp_path / "images", per_class=6)
+    run, onnx_file = tmp_path / "run", tmp_path / "thin.onnx"
+    trained = cli("train-prune", "--model", MODEL, "--weights", NAME, "--data", "imagefolder",
+                  "--data-dir", images, "--input-shape", "3,32,32", "--workers", "0",
+                  "--augment", "--method", "density", "--probe-samples", "8",
+                  "--density-start", "0", "--density-tolerance", "1", "--epochs", "2",
+                  "--batch-size", "6", "--threads", "1", "--json", "--out", run)
+    assert trained.exit_code == 0, trained.output
+    summary = json.loads(trained.stdout)
+    assert summary["mac_ratio"] < 1.0  # ADP cut channels
+    data = torch.load(run / "checkpoint.pt", weights_only=True)["data"]
+    assert data["mean"] == pytest.approx([0.485, 0.456, 0.406]) and data["augment"] is True
+    exported = cli("export", run, "--onnx", onnx_file)
+    assert exported.exit_code == 0, exported.output
+    scored = cli("evaluate", onnx_file, "--data-dir", images, "--json")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["samples"] == 18

@@ -1,6 +1,7 @@
 """timm's architectures as ``--model timm:NAME``: trained, channel-pruned and exported like
 torchvision's."""
 
+import json
 import sys
 
 import pytest
@@ -14,9 +15,9 @@ SMALL = ("--data", "synthetic", "--input-shape", "3,32,32", "--max-train-samples
          "--max-test-samples", "16", "--threads", "1")
 
 
-def test_a_timm_model_trains_prunes_channels_and_exports(cli, tmp_path):
+def test_a_timm_model_trains_prunes_channels_exports_and_benches(cli, tmp_path):
     dense, thin = tmp_path / "dense", tmp_path / "thin"
-    trained = cli("train-prune", "--model", "timm:mobilenetv3_small_050", *SMALL,
+    trained = cli("train-prune", "--model", "timm:resnet18", *SMALL,
                   "--method", "none", "--epochs", "1", "--batch-size", "16", "--out", dense)
     assert trained.exit_code == 0, trained.output
     pruned = cli("prune", dense, "--method", "l1-filter", "--sparsity", "0.5", "--out", thin,
@@ -25,6 +26,9 @@ def test_a_timm_model_trains_prunes_channels_and_exports(cli, tmp_path):
     exported = cli("export", thin, "--onnx", tmp_path / "thin.onnx")
     assert exported.exit_code == 0, exported.output
     assert "verified" in exported.output
+    timed = cli("bench", tmp_path / "thin.onnx", "--runs", "5", "--json")
+    assert timed.exit_code == 0, timed.output
+    assert json.loads(timed.stdout)["latency_ms"]["p50"] > 0
 
 
 def test_timm_names_are_looked_up_in_its_registry_only():
