@@ -48,3 +48,29 @@ def test_without_timm_the_message_names_the_extra(cli, monkeypatch, tmp_path):
     refused = cli("train-prune", "--model", "timm:resnet18", *SMALL, "--epochs", "1",
                   "--out", tmp_path / "run")
     assert_clean_failure(refused, "timm models need timm", "'.[timm]'")
+
+
+def test_fused_qkv_attention_keeps_its_heads_and_cuts_the_rest(tmp_path):
+    """timm's ViT reshapes qkv by num_heads and head_dim, attributes a cut cannot update:
+    q/k/v keep their width, the residual and MLP widths are cut, the export matches."""
+    import torch
+
+    from compress.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from compress.data import DataConfig
+    from compress.pipeline import prune_oneshot
+    from export.onnx_export import export_checkpoint
+
+    torch.manual_seed(0)
+    spec, shape = "timm:vit_tiny_patch16_224", (3, 32, 32)
+    model = build_model(spec, 10, shape)
+    data = DataConfig(name="synthetic", input_shape=shape, max_train_samples=16,
+                      max_test_samples=8)
+    save_checkpoint(Checkpoint(spec, data, model.state_dict()), tmp_path / "dense.pt")
+    summary = prune_oneshot(str(tmp_path / "dense.pt"), str(tmp_path / "cut"), 0.5,
+                            method="l1-filter", batch_size=8, show_progress=False)
+    assert summary["mac_ratio"] < 0.8
+    pruned = load_checkpoint(tmp_path / "cut").build_model()
+    attention = pruned.blocks[0].attn
+    assert attention.qkv.out_features == 3 * 192 and pruned.blocks[0].mlp.fc1.out_features < 768
+    result = export_checkpoint(tmp_path / "cut", tmp_path / "cut.onnx", pack="none")
+    assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance

@@ -434,6 +434,26 @@ def _attention_rules(model: nn.Module, rules: EngineRules, trace: _TraceForward)
             "drives q/k/v/proj together, heads are kept and head_dim shrinks")
     # num_heads stays empty: tp's num_heads path expects a traced qkv Linear followed by
     # reshape/unbind on the channel dim (timm style); none of torchvision's attentions is that.
+    _fused_qkv_rules(model, rules)
+
+
+def _fused_qkv_rules(model: nn.Module, rules: EngineRules) -> None:
+    """Attention with one fused ``qkv`` Linear reshaped by ``num_heads`` (timm's ViT, Swin,
+    MobileViT... blocks): its reshape reads the head count and size from attributes the cut
+    cannot update, so qkv's outputs (and the attention width behind them) are kept whole;
+    the residual width that feeds qkv and leaves ``proj``, and the MLP widths, are cut."""
+    kept = 0
+    for module in model.modules():
+        qkv = getattr(module, "qkv", None)
+        if type(module) in rules.customized_pruners or not isinstance(qkv, nn.Linear) or \
+                not isinstance(getattr(module, "num_heads", None), int):
+            continue
+        rules.ignored_layers.append(qkv)
+        kept += 1
+    if kept:
+        rules.notes.append(f"{kept} fused-qkv attention block(s): q/k/v widths kept whole "
+                           "(their reshape reads num_heads and head_dim); residual and MLP "
+                           "widths cut")
 
 
 def _parameter_rules(model: nn.Module, rules: EngineRules) -> None:
