@@ -29,7 +29,7 @@ SIDE = 64
 
 def write_pngs(root: Path, count: int) -> None:
     images, labels = read_split("fashion-mnist", None, "train")
-    for split, chosen in (("train", range(count)), ("test", range(count, count + 10))):
+    for split, chosen in (("train", range(count)), ("test", range(count, count + 300))):
         for index in chosen:
             folder = root / split / f"class{labels[index]}"
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """timm models of every family through the channel engine: prune, export, check, time (the
 steps are zoo.py's, with live weights).
 
-62 architectures at their smallest sizes, across ResNet/ResNeXt (and their SE, SK, Res2Net,
+60 architectures at their smallest sizes, across ResNet/ResNeXt (and their SE, SK, Res2Net,
 ResNeSt, CSP variants), RegNet, EfficientNet, MobileNet V2/V3, MNASNet, GhostNet, RepVGG,
 RepGhost, MobileOne, ConvNeXt, DeiT/ViT, Swin, MaxViT, CoAtNet, MobileViT, EfficientFormer,
 FastViT, LeViT, PVT, PoolFormer, XCiT, NesT, TinyViT, EfficientViT, DenseNet, DLA, HRNet,
