@@ -31,6 +31,7 @@ from compress.masks import canonical_zeros
 from compress.model_specs import check_spec_from_file
 from compress.models import build_model
 from compress.pretrained import fit_classifier, is_named, named_file
+from compress.pretrained_timm import is_timm_weights, pretrained_model, weights_file
 
 FORMAT = "compress.checkpoint"
 FORMAT_VERSION = 2
@@ -291,12 +292,24 @@ def _check_payload(payload: dict, path: Path) -> None:
                             "weights)")
 
 
-def load_weights_into(model: nn.Module, path: str | Path,
-                      model_name: str = "the model") -> tuple[dict | None, list[str]]:
+def load_weights_into(model: nn.Module, path: str | Path, model_name: str = "the model",
+                      data: tuple[int, tuple[int, int, int]] | None = None
+                      ) -> tuple[dict | None, list[str]]:
     """Initialise ``model`` (``model_name``: how the user named it) from a compress
-    checkpoint, a plain state_dict file or published weights named ``torchvision:...``
-    (`compress.pretrained`); a channel-pruned checkpoint cuts ``model`` to its structure
-    first. Returns that structure and notes for the run (a classifier replaced)."""
+    checkpoint, a plain state_dict file or published weights named ``torchvision:...`` or
+    ``timm:...`` (`compress.pretrained`; timm's need ``data``, the class count and input
+    shape the model was built for); a channel-pruned checkpoint cuts ``model`` to its
+    structure first. Returns that structure and notes for the run (a classifier replaced)."""
+    if is_timm_weights(str(path)):
+        if data is None:
+            raise CompressError(f"{path}: timm's weights are fitted to the data's classes "
+                                "and input shape, which were not given")
+        file = weights_file(str(path), model_name)
+        if file.suffix != ".safetensors":  # safetensors holds tensors only, by its format
+            check_archive(file)
+        loaded, notes = pretrained_model(str(path), file, *data)
+        load_state(model, loaded.state_dict())
+        return None, notes
     path = named_file(str(path)) if is_named(str(path)) else resolve_checkpoint_path(path)
     payload = read_torch_file(path)
     state = payload.get("state_dict") if isinstance(payload, dict) and \

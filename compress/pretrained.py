@@ -16,21 +16,24 @@ read for torchvision weights is normalised with the statistics they were trained
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from compress.errors import CompressError, first_line
+from compress.errors import CompressError
+from compress.hub_cache import cached_url
+from compress.models.timm_models import PREFIX as TIMM
+from compress.pretrained_timm import is_timm_weights
+from compress.pretrained_timm import normalisation as timm_normalisation
 
 TORCHVISION = "torchvision:"
-_HASH = re.compile(r"-([a-f0-9]*)\.")  # the hash prefix torchvision puts in its file names
 
 
 def is_named(weights: str | None) -> bool:
-    """Whether ``--weights`` names published weights rather than a file."""
-    return bool(weights) and weights.startswith(TORCHVISION)
+    """Whether ``--weights`` names published weights (torchvision's or timm's,
+    `compress.pretrained_timm`) rather than a file."""
+    return bool(weights) and weights.startswith((TORCHVISION, TIMM))
 
 
 def _all_weight_names() -> list[str]:
@@ -58,31 +61,16 @@ def torchvision_weights(name: str):
         raise CompressError(f"unknown pretrained weights {name!r}{hint}") from None
 
 
-def cached_file(weights) -> Path:
-    """Where torch keeps the file of ``weights``, downloaded there if it is missing."""
-    url = weights.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    match = _HASH.search(path.name)
-    try:
-        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
-                                       progress=False)
-    except Exception as exc:  # no network, a proxy, a hash that does not match
-        raise CompressError(f"pretrained weights {weights} are not in torch's cache and could "
-                            f"not be downloaded ({first_line(exc)[:100]}): fetch {url} and "
-                            f"put it at {path}") from None
-    return path
-
-
 def named_file(name: str) -> Path:
     """The file of named weights, in torch's cache (see the module)."""
-    return cached_file(torchvision_weights(name))
+    weights = torchvision_weights(name)
+    return cached_url(weights.url, str(weights))
 
 
 def normalisation(name: str) -> tuple[list[float], list[float]] | None:
     """The mean and std the named weights were trained with, where they say."""
+    if is_timm_weights(name):
+        return timm_normalisation(name)
     transforms = torchvision_weights(name).transforms()
     mean, std = getattr(transforms, "mean", None), getattr(transforms, "std", None)
     return (list(mean), list(std)) if mean and std else None

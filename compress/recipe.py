@@ -55,7 +55,9 @@ class Recipe:
                                            panel=MODEL_DATA, shown="all", low=1)
     max_test_samples: int | None = option(None, help="Use a slice of the test set.",
                                           panel=MODEL_DATA, shown="all", low=1)
-    weights: str | None = option(None, help="Start from these weights.", panel=MODEL_DATA)
+    weights: str | None = option(
+        None, help="Start from these weights: a file, or published weights by name "
+        "(torchvision:ResNet18_Weights.DEFAULT, timm:resnet18.a1_in1k).", panel=MODEL_DATA)
     image_size: int | None = option(None, panel=MODEL_DATA, low=8, shown="--input-shape's",
                                     help="imagefolder: side of the square crop the model "
                                     "sees (sets --input-shape's H and W).")

@@ -3,13 +3,19 @@ torchvision's."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
-from helpers import assert_clean_failure
+import timm
+import torch
+from helpers import assert_clean_failure, write_tree
+from safetensors.torch import load_file, save_file
 
+from compress.checkpoint import load_weights_into
 from compress.errors import CompressError
 from compress.model_specs import check_spec_from_file
 from compress.models import build_model
+from compress.pretrained import normalisation
 
 SMALL = ("--data", "synthetic", "--input-shape", "3,32,32", "--max-train-samples", "64",
          "--max-test-samples", "16", "--threads", "1")
@@ -74,3 +80,77 @@ def test_fused_qkv_attention_keeps_its_heads_and_cuts_the_rest(tmp_path):
     assert attention.qkv.out_features == 3 * 192 and pruned.blocks[0].mlp.fc1.out_features < 768
     result = export_checkpoint(tmp_path / "cut", tmp_path / "cut.onnx", pack="none")
     assert result.verify.max_abs_diff_vs_torch <= result.verify.tolerance
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """A private Hugging Face cache holding timm:resnet18.a1_in1k's weights (random, seeded,
+    ImageNet's 1000 classes) where ``hf_hub_download`` puts them; offline, and downloads go
+    through a proxy that refuses, so nothing leaves the machine."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once, at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    repo = cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    path = repo / "snapshots" / "0123abcd" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18").state_dict(), path)
+    return path
+
+
+def test_timm_weights_by_name_load_offline_and_fit_the_data(hub_cache):
+    saved = load_file(hub_cache)
+    model = build_model("timm:resnet18", 3, (1, 32, 32))
+    fresh_head = model.fc.weight.detach().clone()
+    structure, notes = load_weights_into(model, "timm:resnet18.a1_in1k", "timm:resnet18",
+                                         (3, (1, 32, 32)))
+    assert structure is None
+    assert torch.equal(model.layer1[0].conv1.weight, saved["layer1.0.conv1.weight"])
+    assert torch.allclose(model.conv1.weight, saved["conv1.weight"].sum(1, keepdim=True))
+    assert model.fc.weight.shape == (3, 512) and not torch.equal(model.fc.weight, fresh_head)
+    assert notes == ["the classifier (fc) was trained on 1000 classes; it is replaced by a "
+                     "fresh one for the data's 3", "the first convolution (conv1) was "
+                     "trained on 3 input channels; timm adapted it to 1"]
+    assert normalisation("timm:resnet18") == (pytest.approx([0.485, 0.456, 0.406]),
+                                              pytest.approx([0.229, 0.224, 0.225]))
+
+
+def test_timm_weights_that_cannot_be_had_are_one_line(hub_cache):
+    model = build_model("timm:resnet18", 3, (3, 32, 32))
+    with pytest.raises(CompressError) as missing:
+        load_weights_into(model, "timm:resnet18.tv_in1k", "timm:resnet18", (3, (3, 32, 32)))
+    message = str(missing.value)
+    assert "\n" not in message and "could not be downloaded (offline" in message
+    assert "https://huggingface.co/timm/resnet18.tv_in1k/resolve/main/model.safetensors" \
+        in message and "models--timm--resnet18.tv_in1k" in message
+    with pytest.raises(CompressError, match="closest: timm:resnet18.tv_in1k"):
+        load_weights_into(model, "timm:resnet18.tv_in1kk", "timm:resnet18", (3, (3, 32, 32)))
+    with pytest.raises(CompressError, match="use --model timm:resnet34"):
+        load_weights_into(model, "timm:resnet34", "timm:resnet18", (3, (3, 32, 32)))
+    hub_cache.write_bytes(b"not safetensors")
+    with pytest.raises(CompressError, match="did not load as timm:resnet18"):
+        load_weights_into(model, "timm:resnet18", "timm:resnet18", (3, (3, 32, 32)))
+
+
+def test_a_run_from_timm_weights_uses_their_normalisation(cli, hub_cache, tmp_path):
+    images = write_tree(tmp_path / "images", per_class=4)
+    result = cli("train-prune", "--model", "timm:resnet18", "--weights", "timm:resnet18",
+                 "--data", "imagefolder", "--data-dir", images, "--input-shape", "3,32,32",
+                 "--workers", "0", "--method", "none", "--epochs", "1", "--batch-size", "8",
+                 "--threads", "1", "--json", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["notes"] == [
+        "the classifier (fc) was trained on 1000 classes; it is replaced by a fresh one for "
+        "the data's 3"]
+    data = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["data"]
+    assert data["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    wrong = cli("train-prune", "--model", "timm:resnet18", "--weights", "timm:resnet81",
+                "--data", "imagefolder", "--data-dir", images, "--input-shape", "3,32,32",
+                "--workers", "0", "--epochs", "1", "--out", tmp_path / "wrong")
+    assert_clean_failure(wrong, "unknown pretrained weights 'timm:resnet81'")

@@ -93,7 +93,9 @@ def _source_model(source: PruneSource, ckpt: Checkpoint | None, recipe: Recipe,
     if source.weights is None:
         return model, None, [f"{recipe.model} has no trained weights (no --weights): it is "
                              "pruned as initialised"]
-    structure, notes = load_weights_into(model, source.weights, recipe.model)
+    structure, notes = load_weights_into(
+        model, source.weights, recipe.model,
+        (splits.config.num_classes, splits.config.input_shape))
     return model, structure, notes
 
 

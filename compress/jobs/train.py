@@ -66,7 +66,9 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
         structure = resume_state.structure
         apply_structure(model, structure, splits.config.input_shape)
     elif recipe.weights:
-        structure, notes = load_weights_into(model, recipe.weights, recipe.model)
+        structure, notes = load_weights_into(
+            model, recipe.weights, recipe.model,
+            (splits.config.num_classes, splits.config.input_shape))
     model.to(device)
     cfg = optim_config(recipe)
     steps_per_epoch = splits.train.num_batches(cfg.batch_size, shard.world)

@@ -48,15 +48,23 @@ def timm_factory(spec: str) -> Callable[..., nn.Module]:
         raise CompressError(f"unknown timm model {name!r}{hint}")
 
     def build(num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
-        options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+        return create(name, num_classes, in_channels, input_size)
+
+    return build
+
+
+def create(name: str, num_classes: int, in_channels: int, input_size: tuple[int, int],
+           **options) -> nn.Module:
+    """``timm.create_model`` for data of ``in_channels`` x ``input_size`` with ``num_classes``
+    classes; ``options`` go to timm as they are (pretrained weights, for one)."""
+    timm = _timm()
+    options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels,
+               **options}
+    try:
         try:  # transformers take the image size; convolutional networks refuse the keyword
             return timm.create_model(name, img_size=tuple(input_size), **options)
         except TypeError:
-            pass
-        try:
             return timm.create_model(name, **options)
-        except Exception as exc:  # timm's builders fail in many ways on odd shapes
-            raise CompressError(f"timm model {name!r} failed to build: "
-                                f"{first_line(exc)[:160]}") from None
-
-    return build
+    except Exception as exc:  # timm's builders fail in many ways on odd shapes
+        raise CompressError(f"timm model {name!r} failed to build: "
+                            f"{first_line(exc)[:160]}") from None
