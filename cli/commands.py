@@ -527,7 +527,8 @@ def export_onnx(
     quantize: Annotated[str, Opt(help="none, or int8: static QDQ, per-channel weights, "
                                       "calibrated on training images.")] = "none",
     calibration_samples: Annotated[int | None, Opt(help="Training images that calibrate "
-                                                        "--quantize int8.", show_default="512")]
+                                                        "--quantize int8.",
+                                                        show_default="512, or all when fewer")]
     = None,
     data_dir: Annotated[str | None, Opt(help="Where the run's data set lies now, if it "
                                              "moved (calibration and the accuracy check).")]

@@ -34,7 +34,6 @@ from export.integrity import record_integrity
 from export.metadata import set_model_metadata, set_tensor_metadata
 from export.packing import VALUE_TYPES, PackedStream, decoder, encode, worth_packing
 from export.quantize import (
-    DEFAULT_CALIBRATION_SAMPLES,
     QUANT_MODES,
     calibration_batches,
     quantize_int8,
@@ -347,8 +346,8 @@ def _clean_model(ckpt: Checkpoint, opset: int, quantize: str,
     model = tidy(_torch_to_onnx(ckpt, opset))
     if quantize != "int8":
         return model, None
-    samples = calibration_samples or DEFAULT_CALIBRATION_SAMPLES
-    return quantize_int8(model, calibration_batches(ckpt, samples)), settings(samples)
+    batches = calibration_batches(ckpt, calibration_samples)
+    return quantize_int8(model, batches), settings(sum(len(b) for b in batches))
 
 
 def tidy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -26,15 +26,18 @@ DEFAULT_CALIBRATION_SAMPLES = 512
 CALIBRATION_SEED = 0
 
 
-def calibration_batches(ckpt, samples: int, batch_size: int = 64) -> list[np.ndarray]:
-    """``samples`` training images drawn with a fixed seed, in batches of float32 arrays."""
+def calibration_batches(ckpt, samples: int | None, batch_size: int = 64) -> list[np.ndarray]:
+    """``samples`` training images drawn with a fixed seed, in batches of float32 arrays;
+    ``None``: ``DEFAULT_CALIBRATION_SAMPLES``, or the whole split when it is smaller."""
     import torch
 
     from compress.data import load_splits
 
-    if samples < 1:
+    if samples is not None and samples < 1:
         raise CompressError(f"--calibration-samples must be at least 1, got {samples}")
     train = load_splits(ckpt.data).train
+    if samples is None:
+        samples = min(DEFAULT_CALIBRATION_SAMPLES, len(train))
     if samples > len(train):
         raise CompressError(f"--calibration-samples {samples} is more than the {len(train):,} "
                             "images of the training split")

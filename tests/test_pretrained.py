@@ -4,6 +4,7 @@ data's classes; the normalisation they were trained with."""
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torchvision
@@ -12,6 +13,7 @@ from helpers import assert_clean_failure, write_tree
 from compress.checkpoint import load_weights_into
 from compress.errors import CompressError
 from compress.models import build_model
+from export.metadata import model_metadata
 
 NAME = "torchvision:MobileNet_V3_Small_Weights.IMAGENET1K_V1"
 MODEL = "torchvision.models:mobilenet_v3_small"
@@ -82,7 +84,8 @@ def test_a_run_from_named_weights_uses_their_normalisation(cli, torch_cache, tmp
 def test_a_torchvision_model_from_named_weights_thins_exports_and_evaluates(cli, torch_cache,
                                                                              tmp_path):
     """The practitioner's path: an image folder, pretrained weights by name (their own
-    normalisation), ADP while fine-tuning with augmentation, export, evaluate the file."""
+    normalisation), ADP while fine-tuning with augmentation, int8 export calibrated on the
+    folder's training images, evaluate the file."""
     images = write_tree(tmp_path / "images", per_class=6)
     run, onnx_file = tmp_path / "run", tmp_path / "thin.onnx"
     trained = cli("train-prune", "--model", MODEL, "--weights", NAME, "--data", "imagefolder",
@@ -95,8 +98,11 @@ def test_a_torchvision_model_from_named_weights_thins_exports_and_evaluates(cli,
     assert summary["mac_ratio"] < 1.0  # ADP cut channels
     data = torch.load(run / "checkpoint.pt", weights_only=True)["data"]
     assert data["mean"] == pytest.approx([0.485, 0.456, 0.406]) and data["augment"] is True
-    exported = cli("export", run, "--onnx", onnx_file)
+    exported = cli("export", run, "--onnx", onnx_file, "--quantize", "int8", "--json")
     assert exported.exit_code == 0, exported.output
+    # calibrated on the training images, all of them where there are fewer than 512
+    meta = model_metadata(onnx.load(str(onnx_file)))
+    assert meta["quantization"]["calibration_samples"] == 16
     scored = cli("evaluate", onnx_file, "--data-dir", images, "--json")
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.stdout)["samples"] == 18
