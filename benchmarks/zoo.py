@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def short_cause(row: dict) -> str:
+    """A failure in a few words, for the compact table."""
+    error = row.get("error", "")
+    if "torch-pruning's dependency graph" in error:
+        return "torch-pruning's graph"
+    if "after the cut it fails" in error:
+        found = re.search(r"at module \S+ \((\w+)\)", error)
+        return f"cut breaks {found.group(1)}" if found else "cut breaks a layer"
+    return {"process": "out of memory", "time limit": "time limit",
+            "export": "torch's export"}.get(row.get("stage"), row.get("stage", "?"))
+
+
+def compact_table(rows: list[dict], across: int = 3) -> str:
+    """Model, MAC ratio and p50 ratio, ``across`` models per line; a failure in a few
+    words."""
+    cells = []
+    for r in rows:
+        if r.get("stage") == "done":
+            cells.append(f"{r['model']} | {r['mac_ratio']:.2f} | {r['p50_ratio']:.2f}")
+        else:
+            cells.append(f"{r['model']} | - | {short_cause(r)}")
+    cells += [" | | "] * (-len(cells) % across)
+    head = "| " + " | ".join(["model | MAC ratio | p50 ratio"] * across) + " |"
+    lines = [head, "|" + "---|" * 3 * across]
+    lines += ["| " + " | ".join(cells[i:i + across]) + " |"
+              for i in range(0, len(cells), across)]
+    return "\n".join(lines)
+
+
 def main(script: str, description: str, all_names: Callable[[], list[str]],
          spec_of: Callable[[str], str], input_of: Callable[[str], tuple[int, ...]],
          results: Path) -> None:
@@ -181,6 +211,8 @@ def main(script: str, description: str, all_names: Callable[[], list[str]],
     parser.add_argument("--results", type=Path, default=results)
     parser.add_argument("--table", action="store_true",
                         help="only print the table of the results so far (not yet run: '-')")
+    parser.add_argument("--compact", action="store_true",
+                        help="with --table: model, MAC ratio and p50 ratio, three per line")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,8 +235,8 @@ def main(script: str, description: str, all_names: Callable[[], list[str]],
         row = done[name]
         print(f"{name}: {row.get('stage')} {row.get('error', '')} ({row['seconds']} s)",
               flush=True)
-    print(table([done.get(n, {"model": n, "input": "-", "stage": "not run yet"})
-                 for n in names]))
+    rows = [done.get(n, {"model": n, "input": "-", "stage": "not run yet"}) for n in names]
+    print(compact_table(rows) if args.compact else table(rows))
 
 
 def _in_child(script: str, name: str, timeout: int) -> dict:

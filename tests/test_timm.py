@@ -154,3 +154,14 @@ def test_a_run_from_timm_weights_uses_their_normalisation(cli, hub_cache, tmp_pa
                 "--data", "imagefolder", "--data-dir", images, "--input-shape", "3,32,32",
                 "--workers", "0", "--epochs", "1", "--out", tmp_path / "wrong")
     assert_clean_failure(wrong, "unknown pretrained weights 'timm:resnet81'")
+
+
+def test_a_coupling_torch_pruning_does_not_follow_is_one_line(cli, tmp_path):
+    """DPN's dual paths fail inside torch-pruning's index mapping (an IndexError while
+    scoring; ResNeSt's split attention, a ZeroDivisionError while cutting): the engine
+    names the step and the layer."""
+    result = cli("prune", "--model", "timm:dpn48b", *SMALL, "--method", "l1-filter",
+                 "--out", tmp_path / "out")
+    assert_clean_failure(result, "torch-pruning's dependency graph fails while scoring the "
+                         "channels of features.conv5_3.c1x1_c2 (IndexError")
+    assert not (tmp_path / "out").exists()

@@ -106,6 +106,10 @@ class ChannelEngine:
 
     def groups(self) -> list[ChannelGroup]:
         """Every group the engine may cut, leaders in module order."""
+        with _graph_step("listing its channel groups"):
+            return self._groups()
+
+    def _groups(self) -> list[ChannelGroup]:
         found = []
         for root, group in self._root_groups():
             members = []
@@ -124,10 +128,11 @@ class ChannelEngine:
         0..width-1 in order). A layer reading the channels flattened lists ``k`` indices
         per channel, channel after channel."""
         module = dict(self.model.named_modules())[root]
-        pruner = self.graph.get_pruner_of_module(module)
-        width = pruner.get_out_channels(module)
-        group = self.graph.get_pruning_group(module, pruner.prune_out_channels,
-                                             list(range(width)))
+        with _graph_step(f"following the channels of {root}"):
+            pruner = self.graph.get_pruner_of_module(module)
+            width = pruner.get_out_channels(module)
+            group = self.graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                 list(range(width)))
         found = []
         for dep, idxs in group:
             name = self.names.get(dep.target.module)
@@ -161,9 +166,10 @@ class ChannelEngine:
         importance = tp.importance.GroupMagnitudeImportance(p=norm, group_reduction="sum",
                                                             normalizer=None)
         found = {}
-        with torch.no_grad():
+        with torch.no_grad(), _graph_step("listing its channel groups"):
             for root, group in self._root_groups():
-                found[self.names[root]] = importance(group).detach().float().cpu()
+                with _graph_step(f"scoring the channels of {self.names[root]}"):
+                    found[self.names[root]] = importance(group).detach().float().cpu()
         return found
 
     def remove(self, drop: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -178,10 +184,11 @@ class ChannelEngine:
                 if not idxs:
                     continue
                 module = modules[root]
-                pruner = self.graph.get_pruner_of_module(module)
-                group = self.graph.get_pruning_group(module, pruner.prune_out_channels,
-                                                     sorted(int(i) for i in idxs))
-                group.prune()
+                with _graph_step(f"cutting {root}"):
+                    pruner = self.graph.get_pruner_of_module(module)
+                    group = self.graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                         sorted(int(i) for i in idxs))
+                    group.prune()
             after_prune(self.model)
         self.history = [[str(n), bool(o), [int(i) for i in idxs]]
                         for n, o, idxs in self.graph.pruning_history()]
@@ -204,6 +211,20 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...],
     except Exception as exc:  # tracing runs the user's model: it can fail in any way
         raise CompressError(f"the channel engine cannot trace this model"
                             f"{failing_module(model, exc)}: {_reason(exc)}") from None
+
+
+@contextmanager
+def _graph_step(step: str) -> Iterator[None]:
+    """torch-pruning's own failures (an index mapping through a reshape, a split or a
+    channel shuffle that its graph does not follow) as the engine's one line."""
+    try:
+        yield
+    except CompressError:
+        raise
+    except Exception as exc:  # inside torch-pruning: any type, never the user's mistake
+        raise CompressError(f"the channel engine cannot prune this model: torch-pruning's "
+                            f"dependency graph fails while {step} ({_reason(exc)}), a "
+                            "coupling of channels it does not follow") from None
 
 
 def _reason(exc: BaseException) -> str:
