@@ -107,7 +107,7 @@ def model_rows(name: str, tree: Path, work: Path, args) -> dict:
 
 
 def _run_facts(summary: dict) -> dict:
-    keep = ("test_acc", "val_acc", "mac_ratio", "params", "macs", "epochs", "train_seconds",
+    keep = ("test_top1", "val_top1", "mac_ratio", "param_ratio", "cuts", "train_seconds",
             "wall_seconds", "notes")
     return {key: summary.get(key) for key in keep}
 

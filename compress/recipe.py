@@ -139,6 +139,9 @@ class Recipe:
                               choices=("cosine", "step", "constant"))
     warmup_epochs: float = option(0.0, help="Epochs of linear learning-rate warm-up.",
                                   panel=TRAINING, low=0.0)
+    bn_recalibrate: int = option(
+        0, help="Training images that BatchNorm statistics are re-estimated on after the "
+        "last epoch (0: off).", panel=TRAINING, low=0)
     seed: int = option(0, help="Seed of weights, data order and masks.", panel=TRAINING)
     device: str = option("cpu", help="cpu or cuda.", panel=TRAINING)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from compress import distributed
+from compress import batchnorm, distributed
 from compress.checkpoint import (
     Checkpoint,
     save_checkpoint,
@@ -298,6 +299,7 @@ def finish(job: Job, console: Console | None = None, show_progress: bool = False
     event = job.pruner.finalize() if job.pruner is not None else None
     if event is not None:
         job.run.log(event.kind, **{k: v for k, v in vars(event).items() if k != "kind"})
+    recalibrated = recalibrate_batchnorm(job)
     with progress_bars(console or Console(stderr=True), show_progress and job.shard.main) \
             as progress:
         val_acc, _ = _evaluated(job, job.splits.val, "final validation", progress)
@@ -314,6 +316,7 @@ def finish(job: Job, console: Console | None = None, show_progress: bool = False
         "val_top1": val_acc,
         "test_top1": test_acc,
         "test_samples": len(job.splits.test),
+        **({"bn_recalibrated_images": recalibrated} if recalibrated else {}),
         **({"notes": list(job.notes)} if job.notes else {}),
         "processes": job.shard.world,
         **({"skipped_images": job.splits.skipped_images()}
@@ -326,6 +329,26 @@ def finish(job: Job, console: Console | None = None, show_progress: bool = False
     if job.shard.main:
         write_report(job.run)
     return summary
+
+
+def recalibrate_batchnorm(job: Job) -> int:
+    """Re-estimate BatchNorm statistics on ``--bn-recalibrate`` training images, through
+    the forward evaluation uses (`compress.batchnorm`); every process alike. Without it, a
+    model whose statistics lag a short run gets a note. Returns the images used."""
+    samples = min(job.recipe.bn_recalibrate, len(job.splits.train))
+    if samples == 0:
+        if batchnorm.slow_statistics(job.model) and "--bn-recalibrate" not in " ".join(
+                job.notes):
+            job.notes.append("some BatchNorm layers update their statistics with momentum "
+                             "below 0.05, which can lag a short run (validation far below "
+                             "training accuracy): --bn-recalibrate 2048 re-estimates them")
+        return 0
+    with job.pruner.pruned() if job.pruner else nullcontext():
+        used = batchnorm.reestimate(job.model, batchnorm.training_images(job.splits.train,
+                                                                         samples), job.device)
+    if used:
+        job.run.log("bn_recalibrate", images=used)
+    return used
 
 
 def _pruner_figures(job: Job) -> dict:
