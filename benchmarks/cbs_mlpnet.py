@@ -9,10 +9,14 @@ update), CBS, MP + CBS-U (magnitude selection, CBS update). Defaults: 1,000 grad
 samples, damping 1e-3 (MLPNet) / 1e-5 (resnet20), blocks of whole rows up to 1,024
 weights, 50 randomised starts, ε=1e-4, ρ=10, τ=20; the held-out split is the validation
 split (10 % of the training set). Wall time per level and peak memory come from the runs.
+BatchNorm statistics are re-estimated on 2,048 training images after each cut (prune's
+default); ``--stale-too`` also runs every method with ``--bn-recalibrate 0``, the
+statistics the cut left (columns "... stale BN"), to show what the free step is worth.
 
     .venv/bin/python benchmarks/cbs_mlpnet.py                    # MLPNet, 5 seeds
     .venv/bin/python benchmarks/cbs_mlpnet.py --model resnet20 --seeds 0 \\
-        --sparsities 0.5,0.6,0.7,0.8 --methods MP WF CBS --train-samples 12000 --epochs 8
+        --sparsities 0.5,0.6,0.7,0.8 --methods MP WF CBS --train-samples 12000 --epochs 8 \\
+        --stale-too
     .venv/bin/python benchmarks/cbs_mlpnet.py --table           # print the tables again
 """
 
@@ -45,12 +49,16 @@ def one_seed(args, seed: int, work: Path) -> dict:
                           *(["--max-train-samples", args.train_samples]
                             if args.train_samples else []))
     rows = {"dense": {"test_top1": dense["test_top1"]}}
-    for name in args.methods:
-        out = work / name.replace(" ", "").replace("+", "_")
+    variants = [(name, name, []) for name in args.methods]
+    if args.stale_too:
+        variants += [(f"{name} stale BN", name, ["--bn-recalibrate", "0"])
+                     for name in args.methods]
+    for label, name, extra in variants:
+        out = work / label.replace(" ", "").replace("+", "_")
         sweep = compress_json("prune", work / "dense", *METHODS[name], "--sparsity",
                               args.sparsities, "--fisher-samples", args.fisher_samples,
-                              "--out", out, "--evaluate")
-        rows[name] = {f"{float(s['sparsity']):.4g}": {
+                              *extra, "--out", out, "--evaluate")
+        rows[label] = {f"{float(s['sparsity']):.4g}": {
             "test_top1": s["test_top1"], "heldout_loss": s.get("heldout_loss"),
             "seconds": s.get("prune_seconds"), "peak_memory_mb": s.get("peak_memory_mb")}
             for s in sweep["runs"]}
@@ -62,7 +70,7 @@ def tables(results: dict) -> str:
     for model, data in results.items():
         seeds = list(data["seeds"].values())
         levels = list(next(iter(seeds[0][m] for m in seeds[0] if m != "dense")).keys())
-        methods = [m for m in METHODS if m in seeds[0]]
+        methods = [m for m in seeds[0] if m != "dense"]
         dense = [100 * s["dense"]["test_top1"] for s in seeds]
         out.append(f"{model}, dense {statistics.mean(dense):.2f} ± "
                    f"{statistics.stdev(dense) if len(dense) > 1 else 0.0:.2f} "
@@ -104,6 +112,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--fisher-samples", type=int, default=1000)
+    parser.add_argument("--stale-too", action="store_true",
+                        help="also run every method without re-estimating BatchNorm")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

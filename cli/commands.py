@@ -252,6 +252,7 @@ def prune(
                    budget_ms=shared.budget_ms, latency=latency,
                    second_order=settings.second_order(), model=given.get("model"),
                    weights=given.get("weights"), finetune_epochs=settings.finetune_epochs,
+                   bn_recalibrate=settings.bn_recalibrate,
                    lr=given.get("lr"), batch_size=given.get("batch_size"), seed=shared.seed,
                    coverage=Coverage(shared.skip_first, shared.skip_classifier),
                    data_overrides={key: given.get(key) for key in data_keys},

@@ -11,6 +11,7 @@ from compress.errors import CompressError
 from compress.options import check_declared, option
 
 SECOND_ORDER, FINETUNE = "Second order: cbs, cbs-s, woodfisher", "Fine-tuning"
+BN_RECALIBRATE_IMAGES = 2048  # a one-shot cut leaves BatchNorm statistics stale
 
 
 @dataclass
@@ -39,6 +40,10 @@ class PruneOptions:
                              "updates.")
     finetune_epochs: int = option(0, panel=FINETUNE, low=0, help="Epochs of fine-tuning after "
                                   "pruning (pruned weights stay zero).")
+    bn_recalibrate: int = option(BN_RECALIBRATE_IMAGES, panel=FINETUNE, low=0,
+                                 help="Training images that BatchNorm statistics are "
+                                 "re-estimated on after the cut, before any fine-tuning "
+                                 "(0: off).")
 
     def validate(self) -> PruneOptions:
         check_declared(self)

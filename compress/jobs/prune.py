@@ -29,6 +29,7 @@ from compress.jobs.runner import (
     merge_structure,
     optim_config,
     progress_bars,
+    recalibrate_batchnorm,
     run_epochs,
     small_validation_note,
     training_cost,
@@ -39,7 +40,7 @@ from compress.methods import FixedMask, MaskPruner, TrainingPruner, method
 from compress.methods.registry import OneShotPruner, OneShotRequest, OneShotResult
 from compress.model_specs import trust_model_spec
 from compress.models import build_model
-from compress.prune_options import check_one_shot
+from compress.prune_options import BN_RECALIBRATE_IMAGES, check_one_shot
 from compress.recipe import (
     Recipe,
     dump_recipe,
@@ -127,7 +128,8 @@ def _finetune_pruner(model: nn.Module, result: OneShotResult, source_sparse: boo
 
 def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = None, *,
                   method: str = "magnitude", scope: str | None = None,
-                  finetune_epochs: int = 0, lr: float | None = None,
+                  finetune_epochs: int = 0, bn_recalibrate: int = BN_RECALIBRATE_IMAGES,
+                  lr: float | None = None,
                   batch_size: int | None = None, seed: int = 0,
                   coverage: Coverage = Coverage(), layer_floor: float | None = None,
                   round_to: int = 8, min_channels: int | None = None,
@@ -164,8 +166,10 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                              min_channels=min_channels, target_macs=target_macs,
                              budget_ms=budget_ms, latency=latency,
                              second_order=second_order)
+    if bn_recalibrate < 0:
+        raise CompressError(f"--bn-recalibrate must be >= 0, got {bn_recalibrate}")
     recipe = _prune_recipe(base, spec.info.name, request, finetune_epochs, lr, batch_size, seed,
-                           data_overrides or {})
+                           {**(data_overrides or {}), "bn_recalibrate": bn_recalibrate})
     if reuse is not None:  # a sweep: the same pruner (and what it computed) at a new level
         reuse.request.sparsity = sparsity
         request, pruner = reuse.request, reuse
@@ -206,12 +210,15 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         job = _job_for(recipe, run, splits, net, _finetune_pruner(net, result, source_sparse,
                                                                   coverage),
                        generator, device, structure)
+        recalibrated = recalibrate_batchnorm(job)  # the cut left the statistics stale
         before, _ = evaluate(job.model, job.splits.val, device=job.device, pruner=job.pruner)
         run.log("oneshot", source=str(checkpoint or model), method=spec.info.name,
-                seconds=seconds, val_top1=before, **result.details)
+                seconds=seconds, val_top1=before, bn_recalibrated_images=recalibrated,
+                **result.details)
         if finetune_epochs > 0:
             run_epochs(job, console, show_progress, on_epoch)
-        summary = finish(job, console, show_progress)
+        summary = finish(job, console, show_progress, recalibrate=False)
+        summary["bn_recalibrated_images"] = recalibrated
     if spec.info.granularity == "channels":  # a weight-sparsity target is not what was asked
         summary["target_sparsity"] = None
     summary.update(result.details)

@@ -293,13 +293,16 @@ def _evaluated(job: Job, split, name: str, progress: Progress) -> tuple[float, f
                     on_batch=step)
 
 
-def finish(job: Job, console: Console | None = None, show_progress: bool = False) -> dict:
-    """Final figures: validation and test top-1, exact sparsity; report; final checkpoint."""
+def finish(job: Job, console: Console | None = None, show_progress: bool = False,
+           recalibrate: bool = True) -> dict:
+    """Final figures: validation and test top-1, exact sparsity; report; final checkpoint.
+    BatchNorm statistics are re-estimated first (``--bn-recalibrate``) unless
+    ``recalibrate`` is false (a one-shot run re-estimates them after its cut instead)."""
     # dpf-filter cuts its channels if not yet done
     event = job.pruner.finalize() if job.pruner is not None else None
     if event is not None:
         job.run.log(event.kind, **{k: v for k, v in vars(event).items() if k != "kind"})
-    recalibrated = recalibrate_batchnorm(job)
+    recalibrated = recalibrate_batchnorm(job) if recalibrate else 0
     with progress_bars(console or Console(stderr=True), show_progress and job.shard.main) \
             as progress:
         val_acc, _ = _evaluated(job, job.splits.val, "final validation", progress)
