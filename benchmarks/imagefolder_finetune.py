@@ -8,7 +8,8 @@ resize), ``--train-per-class`` training images of each class from the training s
 model, driven by the ``compress`` command line as a user would:
 
 1. ``train-prune --method none`` (dense) on the folder with 3 channels, augmentation
-   (random resized crop, flip) and ``--workers`` decoding processes;
+   (random resized crop, flip), ``--workers`` decoding processes and BatchNorm statistics
+   re-estimated at the end (``--bn-recalibrate``: MobileNetV3's lag a short run);
 2. ``train-prune --method density --weights DENSE``: ADP from the dense run;
 3. ``export`` of the dense run (fp32) and of the thinned run (fp32, and int8: static QDQ
    calibrated on training images); ``evaluate`` of every file on the test folder;
@@ -80,7 +81,8 @@ def model_rows(name: str, tree: Path, work: Path, args) -> dict:
     """Dense and ADP runs of one torchvision model, their files, accuracies and timings."""
     common = ("--model", f"torchvision.models:{name}", "--data", "imagefolder",
               "--data-dir", tree, "--input-shape", f"3,{SIDE},{SIDE}", "--workers",
-              args.workers, "--batch-size", args.batch_size, "--seed", args.seed)
+              args.workers, "--batch-size", args.batch_size, "--seed", args.seed,
+              "--bn-recalibrate", args.bn_recalibrate)
     dense = run_once(work / f"{name}-dense", *common, "--method", "none",
                      "--epochs", args.epochs, "--lr", args.lr)
     thin = run_once(work / f"{name}-density", *common, "--method", "density",
@@ -167,6 +169,8 @@ def main() -> None:
     parser.add_argument("--density-lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--bn-recalibrate", type=int, default=2048,
+                        help="training images BatchNorm statistics are re-estimated on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=int, default=300, help="bench's timed runs per file")
     parser.add_argument("--repeats", type=int, default=3, help="timed loader passes")
