@@ -67,7 +67,7 @@ def optim_config(recipe: Recipe) -> OptimConfig:
     return OptimConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                        momentum=recipe.momentum, nesterov=recipe.nesterov,
                        weight_decay=recipe.weight_decay, lr_schedule=recipe.lr_schedule,
-                       warmup_epochs=recipe.warmup_epochs)
+                       warmup_epochs=recipe.warmup_epochs, precision=recipe.precision)
 
 
 @dataclass
@@ -116,6 +116,7 @@ class Job:
     cost: TrainingCost | None = None  # MACs spent training, against dense training
     train_seconds: float = 0.0  # wall time of the training passes (no evaluation)
     notes: list[str] = field(default_factory=list)  # what the user should know, in words
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (`loss_scaler`)
 
     def current_structure(self) -> dict | None:
         """The cuts the model carries now: those it started with, then the pruner's."""
@@ -254,7 +255,7 @@ def run_epochs(job: Job, console: Console, show_progress: bool,
             loss, acc = train_epoch(job.train_model or job.model, job.splits.train,
                                     job.optimizer, job.scheduler, cfg, job.generator,
                                     job.device, epoch, job.pruner, on_step, on_refresh,
-                                    shard=job.shard)
+                                    shard=job.shard, scaler=job.scaler)
             train_seconds = time.perf_counter() - started
             job.train_seconds += train_seconds
             val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device,

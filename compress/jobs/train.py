@@ -37,6 +37,7 @@ from compress.rundir import RunDir
 from compress.training import (
     Diverged,
     EpochResult,
+    loss_scaler,
     lr_factor,
     make_optimizer,
     resolve_device,
@@ -94,7 +95,7 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                       if pruner.needs_probe else [])
     job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
               shard=shard, structure=structure, cost=training_cost(model, recipe),
-              notes=notes)
+              notes=notes, scaler=loss_scaler(recipe.precision, device))
     if resume_state is not None:
         _restore(job, resume_state)
     job.train_model = model
