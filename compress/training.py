@@ -132,13 +132,14 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
                 pruner: TrainingPruner | None = None,
                 on_step: Callable[[int, float, float], None] | None = None,
                 on_refresh: Callable[[dict], None] | None = None,
-                shard: Shard = SINGLE, scaler: torch.amp.GradScaler | None = None
-                ) -> tuple[float, float]:
+                shard: Shard = SINGLE, scaler: torch.amp.GradScaler | None = None,
+                rewrap: Callable[[], nn.Module] | None = None) -> tuple[float, float]:
     """One pass over ``split``; returns (mean loss, accuracy) of the pruned network.
 
     Under torchrun ``model`` is the DistributedDataParallel wrapper, each process reads its
     shard of every batch, and the divergence check uses the loss of all processes so that
-    they all stop at the same step. With ``cfg.precision`` bf16 or fp16 the forward pass and
+    they all stop at the same step; after a step that cut channels ``rewrap`` gives the
+    wrapper around the thinner model. With ``cfg.precision`` bf16 or fp16 the forward pass and
     the loss run under `torch.autocast` (fp16 needs ``scaler``, see `loss_scaler`); the
     weights, their gradients, masks and cuts stay fp32."""
     model.train()
@@ -166,8 +167,11 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
         scheduler.step()
         if pruner is not None:
             event = pruner.step()
+            cut = event is not None and bool(vars(event).get("widths"))
             if event is not None and on_refresh:
                 on_refresh(vars(event))
+            if cut and rewrap is not None:
+                model = rewrap()
         batch = len(y)
         loss_sum += float(loss.detach()) * batch
         correct += int((out.argmax(1) == y).sum())
