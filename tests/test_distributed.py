@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import sleep_into_second_epoch
 
 from compress.checkpoint import load_checkpoint
 
@@ -98,14 +99,7 @@ def test_a_killed_torchrun_density_run_resumes_to_the_same_weights(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "--no-python", COMPRESS, *args, "--out", str(cut)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, epochs = time.monotonic() + 300, []
-    while not epochs and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-        if (cut / "checkpoint.pt").exists():
-            epochs = [e for e in map(json.loads, (cut / "metrics.jsonl").read_text().split(
-                "\n")[:-1]) if e["event"] == "epoch"]
-    time.sleep(min(0.4 * epochs[0]["seconds"], 1.0))  # into the second epoch
+    sleep_into_second_epoch(cut, process)
     _kill_every_process_naming(str(cut))  # torchrun and both workers, at once
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
