@@ -7,7 +7,10 @@ shard of every batch, and only rank 0 writes the run directory. ``--batch-size``
 process, so one step sees ``N x batch-size`` images, exactly the batch a single process
 with ``--batch-size N x B`` would see (the shards of a step are interleaved slices of the
 same shuffled order). Masks are computed from weights that DDP keeps identical on every
-rank, and the final masks are checked to agree.
+rank, and the final masks are checked to agree. A method that changes the network while it
+trains (``density``, ``dpf-filter``) decides each cut once, in process 0, and every process
+applies that decision (`from_first_process`); the DistributedDataParallel wrapper is then
+rebuilt around the thinner model, and the final weights are checked to agree.
 """
 
 from __future__ import annotations
@@ -102,6 +105,16 @@ def agree(shard: Shard, error: BaseException | None) -> None:
         raise error
     if int(failed.item()):
         raise CompressError("another process of this torchrun job failed; see its message")
+
+
+def from_first_process(value):
+    """``value`` as process 0 holds it, in every process: a decision made once (which
+    channels a cut removes) and applied everywhere. Outside torchrun, ``value`` itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sum_over_ranks(shard: Shard, values: list[float]) -> list[float]:

@@ -139,6 +139,10 @@ class Recipe:
                               choices=("cosine", "step", "constant"))
     warmup_epochs: float = option(0.0, help="Epochs of linear learning-rate warm-up.",
                                   panel=TRAINING, low=0.0)
+    precision: str = option(
+        "fp32", help="fp32; bf16 (CPU and CUDA) or fp16 (CUDA, with a loss scaler): autocast "
+        "for training's forward and backward passes. Weights, masks and cuts stay fp32.",
+        panel=TRAINING, choices=("fp32", "bf16", "fp16"))
     bn_recalibrate: int = option(
         0, help="Training images that BatchNorm statistics are re-estimated on after the "
         "last epoch (0: off).", panel=TRAINING, low=0)
@@ -173,6 +177,9 @@ class Recipe:
             raise CompressError("need --density-start <= --density-stop")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CompressError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            raise CompressError("--precision fp16 trains on CUDA only (the CPU has no fp16 "
+                                "training path); use --precision bf16 on the CPU")
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise CompressError(f"--input-shape must be C,H,W, got {self.input_shape}")
         return self

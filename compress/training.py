@@ -23,6 +23,8 @@ from compress.errors import CompressError
 from compress.methods.base import TrainingPruner
 from compress.modes import eval_mode
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class OptimConfig:
@@ -37,6 +39,7 @@ class OptimConfig:
     weight_decay: float
     lr_schedule: str
     warmup_epochs: float
+    precision: str  # fp32, bf16 or fp16: the forward and backward passes (`autocast`)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -129,12 +132,16 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
                 pruner: TrainingPruner | None = None,
                 on_step: Callable[[int, float, float], None] | None = None,
                 on_refresh: Callable[[dict], None] | None = None,
-                shard: Shard = SINGLE) -> tuple[float, float]:
+                shard: Shard = SINGLE, scaler: torch.amp.GradScaler | None = None,
+                rewrap: Callable[[], nn.Module] | None = None) -> tuple[float, float]:
     """One pass over ``split``; returns (mean loss, accuracy) of the pruned network.
 
     Under torchrun ``model`` is the DistributedDataParallel wrapper, each process reads its
     shard of every batch, and the divergence check uses the loss of all processes so that
-    they all stop at the same step."""
+    they all stop at the same step; after a step that cut channels ``rewrap`` gives the
+    wrapper around the thinner model. With ``cfg.precision`` bf16 or fp16 the forward pass and
+    the loss run under `torch.autocast` (fp16 needs ``scaler``, see `loss_scaler`); the
+    weights, their gradients, masks and cuts stay fp32."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in split.batches(cfg.batch_size, shuffle=True, generator=generator,
@@ -142,21 +149,29 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with pruner.pruned() if pruner else nullcontext():
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            with autocast(cfg.precision, device):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
             if not shard.active and not torch.isfinite(loss):
                 _diverged(float(loss.detach()), epoch, cfg)
-            loss.backward()
+            (scaler.scale(loss) if scaler else loss).backward()
         if shard.active:
             total = sum_over_ranks(shard, [float(loss.detach())])[0]
             if not math.isfinite(total):
                 _diverged(total, epoch, cfg)
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         if pruner is not None:
             event = pruner.step()
+            cut = event is not None and bool(vars(event).get("widths"))
             if event is not None and on_refresh:
                 on_refresh(vars(event))
+            if cut and rewrap is not None:
+                model = rewrap()
         batch = len(y)
         loss_sum += float(loss.detach()) * batch
         correct += int((out.argmax(1) == y).sum())
@@ -165,6 +180,18 @@ def train_epoch(model: nn.Module, split, optimizer: torch.optim.Optimizer,
             on_step(batch, loss_sum / seen, correct / seen)
     loss_sum, correct, seen = sum_over_ranks(shard, [loss_sum, correct, seen])
     return loss_sum / max(1, seen), correct / max(1, seen)
+
+
+def autocast(precision: str, device: torch.device):
+    """`torch.autocast` to ``precision`` on ``device``'s type; nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 gradients underflow without a loss scale; bf16 has fp32's range and needs none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def _diverged(loss: float, epoch: int, cfg: OptimConfig) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +43,17 @@ def write_tree(root: Path, splits=("train", "test"), per_class: int = 8,
             for i, index in enumerate(chosen[:per_class]):
                 Image.fromarray(images[index, 0]).save(folder / f"{i}.png")
     return root
+
+
+def sleep_into_second_epoch(run: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``process`` has finished its first epoch in ``run``, then a little into
+    the second (not so far that a first epoch slowed by other work on the machine lets the
+    epochs that remain finish first)."""
+    deadline, epochs = time.monotonic() + timeout, []
+    while not epochs and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        if (run / "checkpoint.pt").exists():
+            epochs = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().split(
+                "\n")[:-1]) if e["event"] == "epoch"]
+    time.sleep(min(0.4 * epochs[0]["seconds"], 1.0) if epochs else 0.0)

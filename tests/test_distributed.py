@@ -1,12 +1,16 @@
 """Data-parallel training under torchrun: two real processes on CPU (Gloo)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from helpers import sleep_into_second_epoch
 
 from compress.checkpoint import load_checkpoint
 
@@ -59,3 +63,59 @@ def test_one_shot_prune_refuses_torchrun(dpf_run, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     result = cli("prune", dpf_run, "--out", tmp_path / "p")
     assert result.exit_code == 2 and "without torchrun" in result.output
+
+
+CHANNELS = {"density": ["--density-start", "0", "--density-tolerance", "1",
+                        "--probe-samples", "64"],
+            "dpf-filter": ["--sparsity", "0.5", "--refresh-every", "4"]}
+
+
+@pytest.mark.parametrize("method", list(CHANNELS))
+def test_a_method_that_cuts_channels_trains_under_torchrun(tmp_path, cli, method):
+    """Each cut is decided once and applied in both processes (the run checks that their
+    final weights agree), and two processes end where one process with twice the batch
+    ends: the same widths, the same weights within float tolerance."""
+    args = ["train-prune", "--model", "lenet5", "--method", method, "--epochs", "2",
+            "--max-train-samples", "1280", "--max-test-samples", "200", "--quiet",
+            *CHANNELS[method]]
+    two = torchrun(*args, "--batch-size", "32", "--out", str(tmp_path / "two"), "--json")
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = json.loads(two.stdout)
+    assert summary["processes"] == 2 and summary["mac_ratio"] < 1.0
+    one = cli(*args, "--batch-size", "64", "--out", tmp_path / "one", "--json")
+    assert one.exit_code == 0, one.output
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    assert a.structure["widths"] == b.structure["widths"]
+    for name, tensor in a.state_dict.items():
+        assert torch.allclose(tensor, b.state_dict[name], atol=1e-4), name
+
+
+def test_a_killed_torchrun_density_run_resumes_to_the_same_weights(tmp_path):
+    args = ["train-prune", "--model", "lenet5", "--method", "density", "--epochs", "3",
+            "--max-train-samples", "4000", "--max-test-samples", "200", "--quiet",
+            "--batch-size", "32", "--density-start", "0.5", "--probe-samples", "64"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert torchrun(*args, "--out", str(whole)).returncode == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "--no-python", COMPRESS, *args, "--out", str(cut)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sleep_into_second_epoch(cut, process)
+    _kill_every_process_naming(str(cut))  # torchrun and both workers, at once
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    again = torchrun(*args, "--out", str(cut), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = load_checkpoint(whole), load_checkpoint(cut)
+    assert a.structure["widths"] == b.structure["widths"]
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def _kill_every_process_naming(text: str) -> None:
+    """SIGKILL every process whose command line holds ``text`` (torchrun starts its workers
+    in process groups of their own, so killing its group would leave them running)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_text():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:
+            pass  # gone already, or not ours to read

@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import sleep_into_second_epoch
 
 from compress.recipe import Recipe, dump_recipe
 
@@ -51,16 +51,7 @@ def test_killed_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, meth
     # job of a shell without job control), which the child would inherit
     process = subprocess.Popen([*COMPRESS, "train-prune", *flags, "--out", str(cut)], env=env,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline, epochs = time.monotonic() + 300, []
-    while not epochs and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-        if (cut / "checkpoint.pt").exists():
-            epochs = [e for e in map(json.loads, (cut / "metrics.jsonl").read_text().split(
-                "\n")[:-1]) if e["event"] == "epoch"]
-    # into the second epoch, but not so far that a first epoch slowed by other work on the
-    # machine lets the two that remain finish first
-    time.sleep(min(0.4 * epochs[0]["seconds"], 1.0))
+    sleep_into_second_epoch(cut, process)
     process.send_signal(sent)
     process.wait()
     expected = -signal.SIGKILL if sent == signal.SIGKILL else 130  # 130: Ctrl-C, handled

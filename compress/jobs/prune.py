@@ -50,6 +50,7 @@ from compress.rundir import RunDir
 from compress.training import (
     EpochResult,
     evaluate,
+    loss_scaler,
     lr_factor,
     make_optimizer,
     resolve_device,
@@ -298,4 +299,5 @@ def _job_for(recipe: Recipe, run: RunDir, splits: Splits, model: nn.Module,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs, steps_per_epoch))
     return Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
-               structure=structure, cost=training_cost(model, recipe))
+               structure=structure, cost=training_cost(model, recipe),
+               scaler=loss_scaler(recipe.precision, device))

@@ -67,7 +67,7 @@ def optim_config(recipe: Recipe) -> OptimConfig:
     return OptimConfig(epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                        momentum=recipe.momentum, nesterov=recipe.nesterov,
                        weight_decay=recipe.weight_decay, lr_schedule=recipe.lr_schedule,
-                       warmup_epochs=recipe.warmup_epochs)
+                       warmup_epochs=recipe.warmup_epochs, precision=recipe.precision)
 
 
 @dataclass
@@ -116,6 +116,8 @@ class Job:
     cost: TrainingCost | None = None  # MACs spent training, against dense training
     train_seconds: float = 0.0  # wall time of the training passes (no evaluation)
     notes: list[str] = field(default_factory=list)  # what the user should know, in words
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale (`loss_scaler`)
+    rewrap: Callable[[], nn.Module] | None = None  # a new DDP wrapper after a cut (torchrun)
 
     def current_structure(self) -> dict | None:
         """The cuts the model carries now: those it started with, then the pruner's."""
@@ -254,7 +256,7 @@ def run_epochs(job: Job, console: Console, show_progress: bool,
             loss, acc = train_epoch(job.train_model or job.model, job.splits.train,
                                     job.optimizer, job.scheduler, cfg, job.generator,
                                     job.device, epoch, job.pruner, on_step, on_refresh,
-                                    shard=job.shard)
+                                    shard=job.shard, scaler=job.scaler, rewrap=job.rewrap)
             train_seconds = time.perf_counter() - started
             job.train_seconds += train_seconds
             val_acc, val_loss = evaluate(job.model, job.splits.val, device=job.device,
@@ -310,6 +312,8 @@ def finish(job: Job, console: Console | None = None, show_progress: bool = False
     pruner = job.pruner
     if pruner is not None and pruner.masks:
         distributed.check_identical(job.shard, pruner.masks, "pruning masks")
+    distributed.check_identical(job.shard, {k: v for k, v in job.model.state_dict().items()
+                                            if v.is_floating_point()}, "final weights")
     summary = {
         "run": str(job.run.path),
         "model": job.recipe.model,

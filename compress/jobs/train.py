@@ -37,6 +37,7 @@ from compress.rundir import RunDir
 from compress.training import (
     Diverged,
     EpochResult,
+    loss_scaler,
     lr_factor,
     make_optimizer,
     resolve_device,
@@ -87,14 +88,15 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                                 "(the command line does)")
         pruner.set_budget(recipe.budget_ms, latency)
     if pruner is not None:
-        if shard.active and pruner.granularity == "channels":
-            raise CompressError(f"--method {recipe.method} changes the network while it trains "
-                                "and runs in one process; run it without torchrun")
+        if shard.active and recipe.budget_ms is not None:
+            raise CompressError("--budget-ms measures latency on this machine, which each "
+                                "torchrun process would measure differently; run it without "
+                                "torchrun")
         pruner.attach(optimizer, probe_batches(splits, recipe.probe_samples, device)
                       if pruner.needs_probe else [])
     job = Job(recipe, run, splits, model, pruner, optimizer, scheduler, generator, device,
               shard=shard, structure=structure, cost=training_cost(model, recipe),
-              notes=notes)
+              notes=notes, scaler=loss_scaler(recipe.precision, device))
     if resume_state is not None:
         _restore(job, resume_state)
     job.train_model = model
@@ -108,11 +110,17 @@ def probe_batches(splits: Splits, samples: int, device: torch.device) -> list[to
 
 def _wrap_for_ranks(job: Job) -> None:
     """DistributedDataParallel around the model: a collective, so only once every process
-    has built its job (see `distributed.agree`)."""
+    has built its job (see `distributed.agree`), and again after each cut (`Job.rewrap`)."""
     if job.shard.active:
-        device = job.device
-        job.train_model = torch.nn.parallel.DistributedDataParallel(
-            job.model, device_ids=[device.index] if device.type == "cuda" else None)
+        job.rewrap = lambda: _wrapped(job)
+        _wrapped(job)
+
+
+def _wrapped(job: Job) -> nn.Module:
+    device = job.device
+    job.train_model = torch.nn.parallel.DistributedDataParallel(
+        job.model, device_ids=[device.index] if device.type == "cuda" else None)
+    return job.train_model
 
 
 def _restore(job: Job, ckpt: Checkpoint) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.distributed import from_first_process
 from compress.errors import CompressError
 from compress.methods.base import TrainingPruner
 from compress.methods.registry import register
@@ -151,7 +152,7 @@ class ActivationDensity(TrainingPruner):
             raise CompressError("density pruning needs its probe batches: call attach() first")
         if self._layout is None:
             self._layout = read_layout(self.cutter.engine)
-        reading = measure(self.cutter.engine, self.probe, self._layout)
+        reading = from_first_process(measure(self.cutter.engine, self.probe, self._layout))
         change = reading.change_from(self.last_reading)
         self.last_reading = reading
         widths: dict[str, list[int]] = {}

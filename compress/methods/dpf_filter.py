@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.distributed import from_first_process
 from compress.methods.base import Refresh, schedule_options
 from compress.methods.dpf import DPF
 from compress.methods.registry import register
@@ -185,7 +186,8 @@ class DPFFilter(DPF):
         if self.removed:
             return None
         self.apply_masks()
-        drop = {root: (~k).nonzero().flatten().tolist() for root, k in self.keep.items()}
+        drop = from_first_process(
+            {root: (~k).nonzero().flatten().tolist() for root, k in self.keep.items()})
         sparsity = self.sparsity
         widths = self.cutter.cut(drop)
         self._forget_masks()
