@@ -116,8 +116,35 @@ def verify_export(path: Path, ckpt, values: str,
     if vs_decoded > FP32_TOLERANCE * scale:
         raise CompressError(f"onnxruntime output differs from the decoded weights by "
                             f"{vs_decoded:.2e} (tolerance {FP32_TOLERANCE * scale:.2e})")
-    if values == "fp32" and vs_torch > FP32_TOLERANCE * scale:
+    tolerance = FP32_TOLERANCE * scale
+    if values == "fp32" and vs_torch > tolerance:
+        tolerance = _rounding_tolerance(model, x, got, expected, vs_torch, tolerance)
+    return VerifyReport(vs_torch, vs_decoded, tolerance, len(graph.node), constant)
+
+
+def _rounding_tolerance(model, x: np.ndarray, got: np.ndarray, expected: np.ndarray,
+                        vs_torch: float, tolerance: float) -> float:
+    """PyTorch's fp32 output is itself off the exact result, by more than the fixed
+    tolerance in a deep network (a ResNet-152 with live weights: 1.3e-3 of logits near 1.6).
+    Both are measured against the model run in float64: the export passes when onnxruntime
+    is no further from it than the tolerance plus twice PyTorch's own fp32 error. Returns
+    the tolerance it passed under."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            exact = model.double()(torch.from_numpy(x).double()).numpy()
+    except Exception:  # noqa: BLE001 - an op without a float64 kernel: no exact reference
+        exact = None
+    finally:
+        model.float()
+    if exact is not None:
+        own = float(np.abs(expected - exact).max())
+        off = float(np.abs(got - exact).max())
+        if off <= tolerance + 2 * own:
+            return tolerance + 2 * own
         raise CompressError(f"onnxruntime output differs from PyTorch by {vs_torch:.2e} "
-                            f"(tolerance {FP32_TOLERANCE * scale:.2e})")
-    return VerifyReport(vs_torch, vs_decoded, FP32_TOLERANCE * scale, len(graph.node),
-                        constant)
+                            f"(tolerance {tolerance:.2e}); against the float64 result it is "
+                            f"off by {off:.2e}, PyTorch's own fp32 by {own:.2e}")
+    raise CompressError(f"onnxruntime output differs from PyTorch by {vs_torch:.2e} "
+                        f"(tolerance {tolerance:.2e})")

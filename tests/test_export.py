@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.errors import CompressError
@@ -609,3 +610,23 @@ def test_batchnorm_and_torchvision_models_export(spec, data, sparsity, tmp_path,
                "--calibration-samples", "32", "--json")
     assert int8.exit_code == 0, int8.output
     assert json.loads(int8.stdout)["packed"]
+
+
+def test_parity_allows_what_pytorch_s_own_fp32_rounding_explains():
+    """A deep network's fp32 output is off the exact (float64) result by more than the
+    fixed tolerance: onnxruntime passes when it is no further from the exact result than
+    the tolerance plus twice PyTorch's own error, and fails, saying both, when it is."""
+    from export.verify import _rounding_tolerance
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    with torch.no_grad():
+        exact = model.double()(torch.from_numpy(x).double()).numpy()
+    model.float()
+    torch_fp32 = exact + 1e-2  # as if PyTorch's fp32 were that far off
+    passed = _rounding_tolerance(model, x, exact + 5e-3, torch_fp32, 1.5e-2, 1e-4)
+    assert passed == pytest.approx(1e-4 + 2e-2)
+    with pytest.raises(CompressError, match="against the float64 result it is off by 5.00e-02"):
+        _rounding_tolerance(model, x, exact + 5e-2, torch_fp32, 6e-2, 1e-4)
+    assert model.weight.dtype == torch.float32  # put back
