@@ -13,7 +13,8 @@ model, driven by the ``compress`` command line as a user would:
 2. ``train-prune --method density --weights DENSE``: ADP from the dense run;
 3. ``export`` of the dense run (fp32) and of the thinned run (fp32, and int8: static QDQ
    calibrated on training images); ``evaluate`` of every file on the test folder;
-4. ``bench`` of each thinned file against the dense one, interleaved, 1 thread, batch 1.
+4. the three files timed interleaved in one onnxruntime process (1 thread, batch 1), and
+   ``compress bench`` of the int8 file against the dense one.
 
 Then the loader's images per second (``imagefolder_loader.py``'s measurement) on this tree
 with 0, 1 and 2 workers, against the in-memory Fashion-MNIST split of as many images.
@@ -40,6 +41,7 @@ from PIL import Image
 from compress.data import load_splits
 from compress.dataconfig import DataConfig
 from compress.datafiles import read_split
+from export.runtime.latency import measure
 
 MODELS = ("mobilenet_v3_small", "resnet18")
 RESULTS = Path("benchmarks/results/imagefolder_finetune.json")
@@ -99,13 +101,13 @@ def model_rows(name: str, tree: Path, work: Path, args) -> dict:
         scored = compress_json("evaluate", path, "--data-dir", tree, quiet=False)
         rows[label] = {"file_bytes": path.stat().st_size, "test_top1": scored["top1"],
                        "test_samples": scored["samples"]}
-        if label != "dense fp32":
-            timed = compress_json("bench", path, "--against", files["dense fp32"], "--runs",
-                                  args.runs, quiet=False)
-            rows[label].update(p50_ms=timed["latency_ms"]["p50"],
-                               dense_p50_ms=timed["against"]["latency_ms"]["p50"],
-                               p50_ratio=timed["ratio_p50"])
-    return {"dense": _run_facts(dense), "density": _run_facts(thin), "files": rows}
+    timed, _ = measure(list(files.values()), runs=args.runs)  # interleaved, one process
+    for label, measured in zip(files, timed, strict=True):
+        rows[label]["p50_ms"] = measured.latency()["p50"]
+    shipped = compress_json("bench", files["ADP int8"], "--against", files["dense fp32"],
+                            "--runs", args.runs, quiet=False)
+    return {"dense": _run_facts(dense), "density": _run_facts(thin), "files": rows,
+            "bench_int8_vs_dense_p50_ratio": shipped["ratio_p50"]}
 
 
 def _run_facts(summary: dict) -> dict:
@@ -143,13 +145,10 @@ def table(results: dict) -> str:
         for label, row in result["files"].items():
             mac = "1.000" if label.startswith("dense") else \
                 f"{result['density']['mac_ratio']:.3f}"
-            p50 = row.get("p50_ms", row.get("dense_p50_ms"))
-            if label.startswith("dense"):
-                others = [r for r in result["files"].values() if "dense_p50_ms" in r]
-                p50 = sum(r["dense_p50_ms"] for r in others) / len(others)
-            speed = f"{1 / row['p50_ratio']:.2f}x" if "p50_ratio" in row else "1.00x"
+            dense = result["files"]["dense fp32"]
             lines.append(f"| {name} | {label} | {100 * row['test_top1']:.2f} | {mac} | "
-                         f"{row['file_bytes']:,} | {p50:.3f} | {speed} |")
+                         f"{row['file_bytes']:,} | {row['p50_ms']:.3f} | "
+                         f"{dense['p50_ms'] / row['p50_ms']:.2f}x |")
     lines += ["", "| source | workers | training pass (images/s) | evaluation pass (images/s) |",
               "|---|---|---|---|"]
     for row in results["loader"]:
