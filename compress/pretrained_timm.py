@@ -12,7 +12,11 @@ would. Weights are read from ``safetensors`` or with ``weights_only``; nothing i
 from __future__ import annotations
 
 import difflib
+import logging
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from torch import nn
 
@@ -68,6 +72,15 @@ def cached_file(config) -> Path:
         found = try_to_load_from_cache(repo, filename)
         if isinstance(found, str):
             return Path(found)
+    url = f"https://huggingface.co/{repo}/resolve/main/{names[0]}"
+    missing = (f"pretrained weights timm:{config.architecture}.{config.tag} are not in "
+               "Hugging Face's cache and could not be downloaded")
+    where = f"fetch {url} and put it at {hub_cache_path(repo, names[0])}"
+    if not _hub_reachable():  # else the hub's client retries for half a minute, loudly
+        raise CompressError(f"{missing} (no connection to the hub): {where}")
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retries are warnings; the outcome is ours to say
     try:
         return Path(hf_hub_download(repo, names[0]))
     except Exception as exc:  # no network, a proxy, offline mode
@@ -75,11 +88,27 @@ def cached_file(config) -> Path:
 
         reason = "offline, or the network refused" if isinstance(
             exc, LocalEntryNotFoundError) else first_line(exc)[:100]
-        url = f"https://huggingface.co/{repo}/resolve/main/{names[0]}"
-        raise CompressError(f"pretrained weights timm:{config.architecture}.{config.tag} are "
-                            f"not in Hugging Face's cache and could not be downloaded "
-                            f"({reason}): fetch {url} and put it at "
-                            f"{hub_cache_path(repo, names[0])}") from None
+        raise CompressError(f"{missing} ({reason}): {where}") from None
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a connection at all (offline mode: no). Behind a proxy the
+    proxy decides, so the download is tried."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True  # the client then fails at once, with its own offline error
+    if any(os.environ.get(name) for name in ("https_proxy", "HTTPS_PROXY", "all_proxy",
+                                             "ALL_PROXY")):
+        return True
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def weights_file(weights: str, model_spec: str) -> Path:
