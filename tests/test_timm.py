@@ -165,3 +165,21 @@ def test_a_coupling_torch_pruning_does_not_follow_is_one_line(cli, tmp_path):
     assert_clean_failure(result, "torch-pruning's dependency graph fails while scoring the "
                          "channels of features.conv5_3.c1x1_c2 (IndexError")
     assert not (tmp_path / "out").exists()
+
+
+def test_timm_weights_without_a_connection_are_one_line_at_once(hub_cache, monkeypatch):
+    """No proxy and no answer from the hub: refused before the hub's client would retry for
+    half a minute."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    started = time.monotonic()
+    with pytest.raises(CompressError, match=r"\(no connection to the hub\): fetch https://"):
+        load_weights_into(build_model("timm:resnet18", 3, (3, 32, 32)),
+                          "timm:resnet18.tv_in1k", "timm:resnet18", (3, (3, 32, 32)))
+    assert time.monotonic() - started < 10
