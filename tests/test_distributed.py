@@ -92,7 +92,7 @@ def test_a_method_that_cuts_channels_trains_under_torchrun(tmp_path, cli, method
 
 def test_a_killed_torchrun_density_run_resumes_to_the_same_weights(tmp_path):
     args = ["train-prune", "--model", "lenet5", "--method", "density", "--epochs", "3",
-            "--max-train-samples", "4000", "--max-test-samples", "200", "--quiet",
+            "--max-train-samples", "2560", "--max-test-samples", "200", "--quiet",
             "--batch-size", "32", "--density-start", "0.5", "--probe-samples", "64"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert torchrun(*args, "--out", str(whole)).returncode == 0
