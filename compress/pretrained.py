@@ -5,7 +5,8 @@ torchvision's published weights. They are read from torch's own cache
 (``$TORCH_HOME/hub/checkpoints/<file>``, the file name torchvision downloads to), and
 downloaded there when missing and the network allows; else one line says which file to
 fetch and where to put it. They are read like any file handed to compress: bounded, with
-``weights_only``.
+``weights_only``. timm's published weights (``--weights timm:NAME``) are
+`compress.pretrained_timm`'s; this module tells both kinds of name from a file.
 
 Weights trained on another number of classes (ImageNet's 1000) fit a model built for the
 data's: the final classifier, the only layer whose shapes differ, keeps its fresh

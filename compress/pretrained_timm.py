@@ -22,7 +22,7 @@ from torch import nn
 
 from compress.errors import CompressError, first_line
 from compress.hub_cache import cached_url
-from compress.models.timm_models import NAME, PREFIX, create
+from compress.models.timm_models import NAME, PREFIX, create, import_timm
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader looks for
 
@@ -33,9 +33,7 @@ def is_timm_weights(weights: str | None) -> bool:
 
 def pretrained_config(weights: str):
     """timm's pretrained configuration of ``timm:ARCH[.TAG]`` (no tag: timm's default)."""
-    from compress.models.timm_models import _timm
-
-    timm = _timm()
+    timm = import_timm()
     wanted = weights.removeprefix(PREFIX)
     config = None
     if NAME.fullmatch(wanted):
@@ -72,7 +70,9 @@ def cached_file(config) -> Path:
         found = try_to_load_from_cache(repo, filename)
         if isinstance(found, str):
             return Path(found)
-    url = f"https://huggingface.co/{repo}/resolve/main/{names[0]}"
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT}/{repo}/resolve/main/{names[0]}"
     missing = (f"pretrained weights timm:{config.architecture}.{config.tag} are not in "
                "Hugging Face's cache and could not be downloaded")
     where = f"fetch {url} and put it at {hub_cache_path(repo, names[0])}"

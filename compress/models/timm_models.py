@@ -24,7 +24,7 @@ def is_timm(spec: str) -> bool:
     return spec.startswith(PREFIX)
 
 
-def _timm():
+def import_timm():
     try:
         import timm
     except ImportError:
@@ -40,7 +40,7 @@ def timm_factory(spec: str) -> Callable[..., nn.Module]:
     if not NAME.fullmatch(name):
         raise CompressError(f"model {spec!r}: a timm model is named by its architecture "
                             "(such as timm:resnet18), not a hub path")
-    timm = _timm()
+    timm = import_timm()
     architecture = name.partition(".")[0]
     if not timm.is_model(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
@@ -57,7 +57,7 @@ def create(name: str, num_classes: int, in_channels: int, input_size: tuple[int,
            **options) -> nn.Module:
     """``timm.create_model`` for data of ``in_channels`` x ``input_size`` with ``num_classes``
     classes; ``options`` go to timm as they are (pretrained weights, for one)."""
-    timm = _timm()
+    timm = import_timm()
     options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels,
                **options}
     try:
