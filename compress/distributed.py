@@ -16,12 +16,16 @@ rebuilt around the thinner model, and the final weights are checked to agree.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from compress.errors import CompressError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,13 @@ def agree(shard: Shard, error: BaseException | None) -> None:
         raise CompressError("another process of this torchrun job failed; see its message")
 
 
-def from_first_process(value):
-    """``value`` as process 0 holds it, in every process: a decision made once (which
-    channels a cut removes) and applied everywhere. Outside torchrun, ``value`` itself."""
+def from_first_process(compute: Callable[[], T]) -> T:
+    """``compute()`` as process 0 computes it, in every process: a decision made once
+    (which channels a cut removes) and applied everywhere; the other processes do not
+    compute it. Outside torchrun, ``compute()`` itself."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

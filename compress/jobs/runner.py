@@ -344,8 +344,7 @@ def recalibrate_batchnorm(job: Job) -> int:
     model whose statistics lag a short run gets a note. Returns the images used."""
     samples = min(job.recipe.bn_recalibrate, len(job.splits.train))
     if samples == 0:
-        if batchnorm.slow_statistics(job.model) and "--bn-recalibrate" not in " ".join(
-                job.notes):
+        if batchnorm.slow_statistics(job.model):  # called once per job: one note
             job.notes.append("some BatchNorm layers update their statistics with momentum "
                              "below 0.05, which can lag a short run (validation far below "
                              "training accuracy): --bn-recalibrate 2048 re-estimates them")

@@ -152,7 +152,8 @@ class ActivationDensity(TrainingPruner):
             raise CompressError("density pruning needs its probe batches: call attach() first")
         if self._layout is None:
             self._layout = read_layout(self.cutter.engine)
-        reading = from_first_process(measure(self.cutter.engine, self.probe, self._layout))
+        reading = from_first_process(
+            lambda: measure(self.cutter.engine, self.probe, self._layout))
         change = reading.change_from(self.last_reading)
         self.last_reading = reading
         widths: dict[str, list[int]] = {}

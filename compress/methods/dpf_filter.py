@@ -187,7 +187,7 @@ class DPFFilter(DPF):
             return None
         self.apply_masks()
         drop = from_first_process(
-            {root: (~k).nonzero().flatten().tolist() for root, k in self.keep.items()})
+            lambda: {root: (~k).nonzero().flatten().tolist() for root, k in self.keep.items()})
         sparsity = self.sparsity
         widths = self.cutter.cut(drop)
         self._forget_masks()
