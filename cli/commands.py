@@ -235,8 +235,12 @@ def prune(
     out_dir = str(out_dir or new_run_name("pruned", method))
     source = checkpoint or given.get("model")
 
+    from compress.distributed import is_main_process
+
+    main_process = is_main_process()  # under torchrun only rank 0 prints
+
     def banner() -> None:  # once the inputs are checked: a bad one is one line alone
-        if not json_out:
+        if not json_out and main_process:
             err.print(escape(f"compress prune: {method}, {amount}, "
                              f"{settings.finetune_epochs} fine-tune epoch(s), "
                              f"{chosen_threads} thread(s), {source} -> {out_dir}"),
@@ -256,8 +260,8 @@ def prune(
                    lr=given.get("lr"), batch_size=given.get("batch_size"), seed=shared.seed,
                    coverage=Coverage(shared.skip_first, shared.skip_classifier),
                    data_overrides={key: given.get(key) for key in data_keys},
-                   console=err, show_progress=not quiet and not json_out, on_epoch=on_epoch,
-                   on_start=banner)
+                   console=err, show_progress=not quiet and not json_out and main_process,
+                   on_epoch=on_epoch, on_start=banner)
     if len(levels) > 1:
         from compress.pipeline import prune_sweep
 
@@ -270,7 +274,8 @@ def prune(
             out.print(table, highlight=False, markup=False)
         return
     summary = prune_oneshot(checkpoint, out_dir, levels[0] if levels else None, **options)
-    show_summary(summary, json_out)
+    if main_process:
+        show_summary(summary, json_out)
 
 
 def sweep_table(summaries: list[dict], with_test: bool) -> str:

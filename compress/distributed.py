@@ -131,6 +131,16 @@ def sum_over_ranks(shard: Shard, values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def add_across_processes(shard: Shard, tensor: torch.Tensor) -> None:
+    """Replace ``tensor`` in place by its sum over all processes (itself alone)."""
+    if not shard.active:
+        return
+    moved = _to_backend(tensor)
+    dist.all_reduce(moved)
+    if moved is not tensor:
+        tensor.copy_(moved)
+
+
 def check_identical(shard: Shard, tensors: dict[str, torch.Tensor], what: str) -> None:
     """Fail loudly if ``tensors`` differ between processes (compared by checksum)."""
     if not shard.active:

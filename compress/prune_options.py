@@ -28,6 +28,11 @@ class PruneOptions:
                                 low_open=True, shown="1e-3 without convs, 1e-5 with")
     max_block: int = option(1024, panel=SECOND_ORDER, low=1, help="Most weights in one "
                             "Fisher block (whole rows).")
+    max_memory_gb: float | None = option(None, panel=SECOND_ORDER, low=0.0, low_open=True,
+                                         shown="half the free memory",
+                                         help="Most memory (GiB) the Fisher blocks take at "
+                                         "once; beyond it they are computed group by group, "
+                                         "the gradients recomputed for each.")
     rmp_trials: int = option(50, help="cbs: randomised magnitude starts.", panel=SECOND_ORDER,
                              low=1)
     epsilon: float = option(1e-4, help="cbs: least cost reduction of a swap.",
@@ -53,6 +58,7 @@ class PruneOptions:
         """The second-order settings, as `prune_oneshot`'s ``second_order`` takes them."""
         return {"update": self.update, "fisher_samples": self.fisher_samples,
                 "damp": self.damp, "max_block": self.max_block,
+                "max_memory_gb": self.max_memory_gb,
                 "rmp_trials": self.rmp_trials, "wf_scale": self.wf_scale,
                 "epsilon": self.epsilon, "rho": self.rho, "tau": self.tau}
 

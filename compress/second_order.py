@@ -10,9 +10,9 @@ Everything inside a block is computed in float64.
 
 * `per_sample_gradients`: ``vmap(grad(loss))`` with `torch.func`, the model in eval mode
   (BatchNorm on its running statistics), gradients masked by an existing mask.
-* `FisherBlock`: the block's gradients ``G`` (N × d); its Fisher; its damped inverse, by
-  Cholesky when there are at least as many samples as weights, otherwise by the n × n
-  Woodbury form ``F_λ⁻¹ = (I − Gᵀ (NλI + GGᵀ)⁻¹ G) / λ`` that never inverts a d × d matrix.
+* `fisher_of` / `damped_inverse`: a block's Fisher ``GᵀG / N`` and ``(F + λI)⁻¹`` by
+  Cholesky; `compress.fisher_stream` sums ``GᵀG`` batch by batch instead of keeping ``G``,
+  so memory grows with d², not with the number of samples.
 * `multi_weight_update` (CBS-U): remove the weights ``P`` together and move the others so
   that the modelled loss rises least: solve ``[F_λ⁻¹]_PP z = w_P`` and set
   ``δw = −F_λ⁻¹[:, P] z``; the pruned weights land on zero exactly (they are set to it).
@@ -83,29 +83,21 @@ def per_sample_gradients(model: nn.Module, names: list[str], x: torch.Tensor, y:
     return flat
 
 
-class FisherBlock:
-    """One block's per-sample gradients and what is derived from them (float64)."""
+def fisher_of(gradients: torch.Tensor) -> torch.Tensor:
+    """The empirical Fisher ``GᵀG / N`` (float64, d × d) of per-sample gradients ``G``
+    (N × d)."""
+    g = gradients.to(torch.float64)
+    return g.T @ g / len(g)
 
-    def __init__(self, gradients: torch.Tensor) -> None:
-        self.g = gradients.to(torch.float64)  # N × d
-        self.samples, self.size = self.g.shape
 
-    def fisher(self) -> torch.Tensor:
-        """The undamped empirical Fisher ``GᵀG / N`` (d × d)."""
-        return self.g.T @ self.g / self.samples
-
-    def inverse(self, damp: float) -> torch.Tensor:
-        """``(F + damp·I)⁻¹`` (d × d), by Cholesky or, with fewer samples than weights, by
-        the Woodbury identity on an N × N system."""
-        if damp <= 0:
-            raise ValueError(f"damping must be positive, got {damp}")
-        eye = torch.eye(self.size, dtype=torch.float64)
-        if self.samples >= self.size:
-            return torch.cholesky_inverse(torch.linalg.cholesky(self.fisher() + damp * eye))
-        small = self.g @ self.g.T + self.samples * damp * torch.eye(self.samples,
-                                                                   dtype=torch.float64)
-        solved = torch.cholesky_solve(self.g, torch.linalg.cholesky(small))  # (NλI+GGᵀ)⁻¹G
-        return (eye - self.g.T @ solved) / damp
+def damped_inverse(fisher: torch.Tensor, damp: float) -> torch.Tensor:
+    """``(F + damp·I)⁻¹`` by Cholesky (float64). The damping makes ``F + damp·I`` positive
+    definite even with fewer samples than weights (``F`` of rank N)."""
+    if damp <= 0:
+        raise ValueError(f"damping must be positive, got {damp}")
+    damped = fisher.to(torch.float64).clone()
+    damped.diagonal().add_(damp)
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped))
 
 
 def multi_weight_update(w: torch.Tensor, inverse: torch.Tensor,

@@ -95,7 +95,7 @@ def test_a_sweep_gives_the_same_masks_as_separate_runs(cli, mlp_run, tmp_path):
     (("--sparsity", "0.5,x"), "a list such as"),
     (("--sparsity", "0.5", "--fisher-samples", "4"), "too few"),
     (("--sparsity", "0.5", "--fisher-samples", "100000"), "more than the"),
-    (("--sparsity", "0.5", "--max-block", "10000000"), "GiB is free"),
+    (("--sparsity", "0.5", "--max-memory-gb", "0.01"), "below what one Fisher block needs"),
     (("--sparsity", "0.5", "--update", "obs"), "--update must be"),
 ])
 def test_bad_second_order_input_is_one_line(cli, mlp_run, tmp_path, args, fragment):

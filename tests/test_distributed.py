@@ -58,11 +58,37 @@ def test_a_failed_start_stops_every_process(tmp_path):
     assert (taken / "keep.txt").read_text() == "mine"
 
 
-def test_one_shot_prune_refuses_torchrun(dpf_run, tmp_path, cli, monkeypatch):
+def test_one_shot_prune_refuses_torchrun_for_a_method_without_gradients(dpf_run, tmp_path,
+                                                                         cli, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     result = cli("prune", dpf_run, "--out", tmp_path / "p")
     assert result.exit_code == 2 and "without torchrun" in result.output
+    assert "cbs, cbs-s and woodfisher" in result.output
+
+
+@pytest.mark.parametrize("method", ["cbs", "woodfisher"])
+def test_two_processes_prune_with_second_order_what_one_process_prunes(tmp_path, cli,
+                                                                         method):
+    """Each process takes half of the gradient batches and the Fisher blocks are summed: the
+    masks are the one-process masks and the weights agree within float64 rounding."""
+    dense = tmp_path / "dense"
+    trained = cli("train-prune", "--model", "mlpnet", "--method", "none", "--epochs", "1",
+                  "--max-train-samples", "600", "--max-test-samples", "100", "--quiet",
+                  "--out", dense)
+    assert trained.exit_code == 0, trained.output
+    args = ["prune", str(dense), "--method", method, "--sparsity", "0.8", "--fisher-samples",
+            "96", "--rmp-trials", "3", "--max-block", "512", "--quiet"]
+    two = torchrun(*args, "--out", str(tmp_path / "two"), "--json")
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = json.loads(two.stdout)  # printed once, by the first process
+    assert summary["processes"] == 2
+    one = cli(*args, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    for name, tensor in a.state_dict.items():
+        assert torch.allclose(tensor, b.state_dict[name], rtol=1e-5, atol=1e-7), name
 
 
 CHANNELS = {"density": ["--density-start", "0", "--density-tolerance", "1",

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.second_order import (
-    FisherBlock,
     SwapSettings,
+    damped_inverse,
+    fisher_of,
     make_blocks,
     multi_weight_update,
     per_sample_gradients,
@@ -21,15 +22,29 @@ from compress.second_order import (
 )
 
 
+class LeastSquaresBlock:
+    """A block's Fisher and damped inverse from its per-sample gradients."""
+
+    def __init__(self, g: torch.Tensor) -> None:
+        self.size = g.shape[1]
+        self._fisher = fisher_of(g)
+
+    def fisher(self) -> torch.Tensor:
+        return self._fisher
+
+    def inverse(self, damp: float) -> torch.Tensor:
+        return damped_inverse(self._fisher, damp)
+
+
 def least_squares_block(samples: int = 40, size: int = 12, seed: int = 0):
     """Per-sample gradients of a tiny least-squares problem, and trained-looking weights."""
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(samples, size, generator=gen, dtype=torch.float64)
     w = torch.randn(size, generator=gen, dtype=torch.float64)
-    return FisherBlock(g), w
+    return LeastSquaresBlock(g), w
 
 
-@pytest.mark.parametrize("samples", [40, 5])  # Cholesky, and Woodbury (fewer samples)
+@pytest.mark.parametrize("samples", [40, 5])  # more samples than weights, and fewer (rank 5)
 def test_damped_inverse_equals_the_direct_inverse(samples):
     block, _ = least_squares_block(samples)
     direct = torch.linalg.inv(block.fisher() + 1e-2 * torch.eye(block.size,

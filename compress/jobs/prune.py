@@ -147,8 +147,7 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
     line prints its banner there, so that a bad input is one line alone). ``model``, named by
     the caller, is trusted (see `compress.model_specs`)."""
     trust_model_spec(model)
-    if distributed.from_env().active:
-        raise CompressError("compress prune runs in one process; run it without torchrun")
+    shard = distributed.from_env()
     spec = _one_shot_spec(method)  # the parameter shadows the registry's `method`
     check_one_shot(method, [] if sparsity is None else [sparsity], target_macs, budget_ms)
     if budget_ms is not None and not (budget_ms > 0 and budget_ms < float("inf")):
@@ -176,9 +175,11 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         request, pruner = reuse.request, reuse
     else:
         pruner = spec.build(request)  # the request's input shape is set once data is read
-    run = RunDir(out).create(resumable=False, restartable=True)
+    _check_processes(shard, pruner, spec.info.name, finetune_epochs)
+    run = RunDir(out).create(resumable=False, restartable=True) if shard.main else None
     try:
-        device = resolve_device(recipe.device)
+        device = distributed.start(shard, recipe.device) if shard.active else \
+            resolve_device(recipe.device)
         generator = seed_everything(recipe.seed)
         splits = load_splits(data_config(recipe))
         request.input_shape = splits.config.input_shape
@@ -186,9 +187,14 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         warnings += filter(None, [small_validation_note(len(splits.val))])
         _check_runs_on(net, recipe)
         pruner.check(net)
-    except BaseException:
-        run.discard_if_unused()
+    except BaseException as error:
+        if run is not None:
+            run.discard_if_unused()
+        distributed.agree(shard, error)  # every process stops, none waits for the others
         raise
+    distributed.agree(shard, None)
+    if not shard.main:
+        return _share_of_the_gradients(shard, pruner, net, splits, coverage)
     if on_start:
         on_start()
     for note in warnings:
@@ -200,9 +206,12 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
         with progress_bars(console, show_progress) as progress:
             _report_progress(pruner, progress)
             result = pruner.prune(net, splits)
+            _agree_on_the_result(shard, net, coverage)
     except BaseException:
         run.discard_if_unused()  # nothing was written: the same --out works next time
+        distributed.stop(shard)
         raise
+    distributed.stop(shard)  # what follows runs in this process alone
     seconds = time.perf_counter() - started
     with run.discarded_unless_checkpointed():  # --out stays usable if no epoch finished
         run.write_text("recipe.yaml", dump_recipe(recipe))
@@ -238,6 +247,9 @@ def prune_sweep(checkpoint: str | None, out: str, sparsities: list[float],
     Fisher blocks once. Returns the summaries in order."""
     check_one_shot(options.get("method", "magnitude"), sparsities, options.get("target_macs"),
                    options.get("budget_ms"))
+    if distributed.from_env().active:
+        raise CompressError("under torchrun, prune takes one --sparsity level; sweep in one "
+                            "process")
     root = Path(out)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise CompressError(f"--out {out} already exists and is not empty")
@@ -252,6 +264,37 @@ def prune_sweep(checkpoint: str | None, out: str, sparsities: list[float],
                                        on_start=on_start, **options))
         on_start = None
     return summaries
+
+
+def _check_processes(shard: distributed.Shard, pruner: OneShotPruner, name: str,
+                     finetune_epochs: int) -> None:
+    """Under torchrun, prune shares out the gradients of a second-order method, and nothing
+    else."""
+    if not shard.active:
+        return
+    if not hasattr(pruner, "shard"):
+        raise CompressError(f"under torchrun, prune shares out the gradients of cbs, cbs-s and "
+                            f"woodfisher; run {name} without torchrun")
+    if finetune_epochs > 0:
+        raise CompressError("under torchrun, prune does not fine-tune; run it without torchrun "
+                            "to give --finetune-epochs")
+    pruner.shard = shard
+
+
+def _share_of_the_gradients(shard: distributed.Shard, pruner: OneShotPruner, net: nn.Module,
+                            splits: Splits, coverage: Coverage) -> dict:
+    """A torchrun process other than the first: it computes its share of the gradients,
+    checks that it reached the first process's weights, and leaves the writing to it."""
+    try:
+        pruner.prune(net, splits)
+        _agree_on_the_result(shard, net, coverage)
+    finally:
+        distributed.stop(shard)
+    return {"processes": shard.world, "rank": shard.rank}
+
+
+def _agree_on_the_result(shard: distributed.Shard, net: nn.Module, coverage: Coverage) -> None:
+    distributed.check_identical(shard, dict(prunable_weights(net, coverage)), "pruned weights")
 
 
 def _request_for(sparsity: float, options: dict) -> OneShotRequest:

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.data import first_batches
+from compress.distributed import SINGLE, Shard
 from compress.errors import CompressError
+from compress.fisher_stream import GRADIENT_BATCH, FisherStream, least_memory
 from compress.masks import magnitude_scores, prunable_weights
 from compress.methods.registry import (
     OneShotPruner,
@@ -47,18 +49,16 @@ from compress.methods.registry import (
 from compress.modes import eval_mode
 from compress.second_order import (
     Block,
-    FisherBlock,
     SwapSettings,
+    damped_inverse,
     make_blocks,
     multi_weight_update,
-    per_sample_gradients,
     single_weight_updates,
     swap_pass,
     woodfisher_scores,
 )
 from compress.selection import keep_top, pruned_count
 
-GRADIENT_BATCH = 32
 PATIENCE = 5  # passes without a better held-out loss before the search stops
 MIN_SAMPLES = 16
 
@@ -74,6 +74,7 @@ class SecondOrderOptions:
     swaps: SwapSettings = field(default_factory=SwapSettings)
     wf_scale: float = 1.0
     heldout_samples: int = 1000
+    max_memory_gb: float | None = None  # None: half the memory free when the method starts
 
 
 def default_damp(model: nn.Module) -> float:
@@ -82,35 +83,15 @@ def default_damp(model: nn.Module) -> float:
         else 1e-3
 
 
-class Blocks:
-    """Per-block gradients, Fisher and damped inverse, computed once and shared by every
-    sparsity of a sweep."""
-
-    def __init__(self, blocks: list[Block], gradients: dict[Block, torch.Tensor],
-                 damp: float) -> None:
-        self.blocks, self.damp = blocks, damp
-        self.fisher_blocks = {b: FisherBlock(gradients[b]) for b in blocks}
-        self._fisher: dict[Block, torch.Tensor] = {}
-        self._inverse: dict[Block, torch.Tensor] = {}
-
-    def fisher(self, block: Block) -> torch.Tensor:
-        if block not in self._fisher:
-            self._fisher[block] = self.fisher_blocks[block].fisher()
-        return self._fisher[block]
-
-    def inverse(self, block: Block) -> torch.Tensor:
-        if block not in self._inverse:
-            self._inverse[block] = self.fisher_blocks[block].inverse(self.damp)
-        return self._inverse[block]
-
-
 class SecondOrder(OneShotPruner):
     """Selection and update from the empirical Fisher (module docstring)."""
 
     def __init__(self, request: OneShotRequest, options: SecondOrderOptions) -> None:
         super().__init__(request)
         self.options = options
-        self.cache: Blocks | None = None  # reused across the levels of a sweep
+        self.shard: Shard = SINGLE  # under torchrun: each process's share of the gradients
+        self.stream: FisherStream | None = None  # reused across the levels of a sweep
+        self._inverses: dict[Block, torch.Tensor] = {}  # kept only when the Fisher is kept
 
     # -- checks -------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
@@ -121,14 +102,28 @@ class SecondOrder(OneShotPruner):
         if o.fisher_samples < MIN_SAMPLES:
             raise CompressError(f"--fisher-samples {o.fisher_samples} is too few to estimate "
                                 f"the Fisher; use at least {MIN_SAMPLES} (default 1000)")
-        total = sum(w.numel() for w in weights.values())
-        need = o.fisher_samples * total * 4 + 4 * o.max_block ** 2 * 8
+        self._memory_cap(model, weights)
+
+    def _memory_cap(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> int:
+        """Bytes the Fisher blocks may take at once: ``--max-memory-gb``, else half the free
+        memory; one line when even one block does not fit."""
+        o = self.options
+        blocks = make_blocks({n: w.shape for n, w in weights.items()}, o.max_block)
+        need = least_memory(blocks, {n: int(p.numel()) for n, p in model.named_parameters()})
+        if o.max_memory_gb is not None:
+            cap = int(o.max_memory_gb * 2**30)
+            if cap < need:
+                raise CompressError(f"--max-memory-gb {o.max_memory_gb:g} is below what one "
+                                    f"Fisher block needs: at least "
+                                    f"{math.ceil(need / 2**30 * 100) / 100:.2f} (or lower "
+                                    "--max-block)")
+            return cap
         available = _available_memory()
         if available is not None and need > available:
-            raise CompressError(f"the gradients of {o.fisher_samples} samples for {total:,} "
-                                f"weights and blocks of {o.max_block} need about "
-                                f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is "
-                                "free; lower --fisher-samples or --max-block")
+            raise CompressError(f"one Fisher block of {o.max_block} weights needs about "
+                                f"{need / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is "
+                                "free; lower --max-block")
+        return max(need, available // 2) if available is not None else max(need, 8 * 2**30)
 
     # -- the work -----------------------------------------------------------------------------
     def prune(self, model: nn.Module, data=None) -> OneShotResult:
@@ -142,65 +137,81 @@ class SecondOrder(OneShotPruner):
         if sum(int((~m).sum()) for m in existing.values()) / total > sparsity:
             raise CompressError(f"the model is already sparser than --sparsity {sparsity}; "
                                 "one-shot pruning only removes weights")
-        cache = self._blocks(model, weights, existing, data)
+        stream = self._stream(model, weights, existing, data)
+        passes_before = stream.gradient_passes
+        damp = self._damp(model)
         heldout = _heldout(data, self.options.heldout_samples)
         dense = {n: w.detach().clone() for n, w in weights.items()}
-        pruned, search = self._select(model, weights, dense, existing, cache, sparsity, heldout)
-        self._update(weights, dense, pruned, cache)
+        pruned, search = self._select(model, weights, dense, existing, stream, sparsity,
+                                      heldout)
+        self._update(weights, dense, pruned, stream, damp)
         masks = {n: ~p for n, p in pruned.items()}
-        details = {"fisher_samples": self.options.fisher_samples, "damp": cache.damp,
-                   "blocks": len(cache.blocks),
-                   "largest_block": max(b.size for b in cache.blocks),
+        passes = stream.gradient_passes - passes_before
+        details = {"fisher_samples": self.options.fisher_samples, "damp": damp,
+                   "blocks": len(stream.blocks),
+                   "largest_block": max(b.size for b in stream.blocks),
+                   "fisher_groups": len(stream.groups), "gradient_passes": passes,
+                   "processes": self.shard.world,
                    "heldout_loss": _loss(model, heldout),
                    "second_order_seconds": time.perf_counter() - started,
                    "peak_memory_mb": _peak_mb(), **search}
+        grouping = f"in {len(stream.groups)} groups ({passes} gradient passes)" \
+            if stream.streamed else "all at once"
         notes = [f"{self.options.selection} selection, {self.options.update} update, "
-                 f"{len(cache.blocks)} Fisher blocks of at most "
-                 f"{details['largest_block']} weights, damping {cache.damp:g}, "
-                 f"{self.options.fisher_samples} gradient samples; peak memory "
-                 f"{details['peak_memory_mb']:.0f} MB"]
+                 f"{len(stream.blocks)} Fisher blocks of at most "
+                 f"{details['largest_block']} weights {grouping}, damping {damp:g}, "
+                 f"{self.options.fisher_samples} gradient samples over {self.shard.world} "
+                 f"process(es); peak memory {details['peak_memory_mb']:.0f} MB"]
         return OneShotResult(masks=masks, notes=notes, details=details)
 
-    def _blocks(self, model, weights, existing, data) -> Blocks:
-        if self.cache is not None:
-            return self.cache
+    def _stream(self, model, weights, existing, data) -> FisherStream:
+        if self.stream is not None:
+            return self.stream
         o = self.options
         if len(data.train) < o.fisher_samples:
             raise CompressError(f"--fisher-samples {o.fisher_samples} is more than the "
                                 f"{len(data.train)} training images there are")
         blocks = make_blocks({n: w.shape for n, w in weights.items()}, o.max_block)
-        chunks: dict[Block, list[torch.Tensor]] = {b: [] for b in blocks}
-        seen = 0
-        for x, y in first_batches(data.train, o.fisher_samples, GRADIENT_BATCH):
-            grads = per_sample_gradients(model, list(weights), x, y, existing)
-            for b in blocks:
-                chunks[b].append(grads[b.name][:, b.start:b.stop].clone())
-            seen += len(y)
-            if self.progress:
-                self.progress("gradients", seen, o.fisher_samples)
-        damp = o.damp if o.damp is not None else default_damp(model)
-        self.cache = Blocks(blocks, {b: torch.cat(c) for b, c in chunks.items()}, damp)
-        return self.cache
+        batches = first_batches(data.train, o.fisher_samples, GRADIENT_BATCH)
+        self.stream = FisherStream(model, blocks, batches, existing,
+                                   self._memory_cap(model, weights), self.shard,
+                                   self.progress)
+        return self.stream
+
+    def _damp(self, model: nn.Module) -> float:
+        return self.options.damp if self.options.damp is not None else default_damp(model)
+
+    def _inverse(self, block: Block, fisher: torch.Tensor, damp: float) -> torch.Tensor:
+        """The block's damped inverse; kept with the Fisher when the Fisher is kept."""
+        if block in self._inverses:
+            return self._inverses[block]
+        inverse = damped_inverse(fisher, damp)
+        if not self.stream.streamed:
+            self._inverses[block] = inverse
+        return inverse
 
     # -- selection ----------------------------------------------------------------------------
-    def _select(self, model, weights, dense, existing, cache, sparsity, heldout):
+    def _select(self, model, weights, dense, existing, stream, sparsity, heldout):
         o = self.options
         count = pruned_count(sparsity, sum(w.numel() for w in dense.values()))
         if o.selection == "magnitude":  # plain global magnitude is CBS's first start
             return _randomised_magnitude(dense, existing, count, trial=0), {}
         if o.selection == "woodfisher":
             scores = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in dense.items()}
-            for k, b in enumerate(cache.blocks):
-                w = dense[b.name].flatten()[b.start:b.stop]
-                scores[b.name][b.start:b.stop] = woodfisher_scores(
-                    w, cache.inverse(b).diagonal())
-                if self.progress:
-                    self.progress("inverse Fisher (blocks)", k + 1, len(cache.blocks))
+            damp, done = self._damp(model), 0
+            for fishers in stream.fishers():
+                for b, fisher in fishers.items():
+                    w = dense[b.name].flatten()[b.start:b.stop]
+                    scores[b.name][b.start:b.stop] = woodfisher_scores(
+                        w, self._inverse(b, fisher, damp).diagonal())
+                    done += 1
+                    if self.progress:
+                        self.progress("inverse Fisher (blocks)", done, len(stream.blocks))
             return _global_lowest({n: s.view_as(dense[n]) for n, s in scores.items()},
                                   existing, count), {}
-        return self._cbs_selection(model, weights, dense, existing, cache, count, heldout)
+        return self._cbs_selection(model, weights, dense, existing, stream, count, heldout)
 
-    def _cbs_selection(self, model, weights, dense, existing, cache, count, heldout):
+    def _cbs_selection(self, model, weights, dense, existing, stream, count, heldout):
         o = self.options
         best, best_loss, losses = None, math.inf, []
         for trial in range(max(1, o.rmp_trials)):
@@ -211,10 +222,11 @@ class SecondOrder(OneShotPruner):
                 best, best_loss = mask, loss
             if self.progress:
                 self.progress("randomised starts", trial + 1, o.rmp_trials)
-        chosen, chosen_loss, current = best, best_loss, best
+        searches = self._block_searches(best, dense, stream)
+        chosen, chosen_loss = best, best_loss
         history, stale, swaps_total = [best_loss], 0, 0
         for step in range(o.swaps.max_passes):
-            current, swaps = self._swap_all(current, dense, cache)
+            current, swaps = _after_pass(best, searches, step + 1)
             swaps_total += swaps
             if swaps == 0:
                 break
@@ -231,42 +243,76 @@ class SecondOrder(OneShotPruner):
         return chosen, {"rmp_losses": losses, "pass_losses": history, "swaps": swaps_total,
                         "selected_heldout_loss": chosen_loss}
 
-    def _swap_all(self, pruned, dense, cache) -> tuple[dict[str, torch.Tensor], int]:
-        new = {n: p.clone() for n, p in pruned.items()}
-        swaps = 0
-        for b in cache.blocks:
-            flat = new[b.name].view(-1)
-            part = flat[b.start:b.stop]
-            if part.all() or not part.any():
-                continue
-            w = dense[b.name].flatten()[b.start:b.stop]
-            found, made = swap_pass(w, cache.fisher(b), part, self.options.swaps)
-            flat[b.start:b.stop] = found
-            swaps += made
-        return new, swaps
+    def _block_searches(self, start, dense, stream) -> dict[Block, list[tuple]]:
+        """Each block's swap passes from ``start`` until one makes no swap: ``[(mask after
+        the pass, swaps made), ...]``. A pass depends on its own block alone, so running
+        each block's passes group by group gives the masks that interleaved passes over
+        all blocks would."""
+        searches, done = {}, 0
+        for fishers in stream.fishers():
+            for b, fisher in fishers.items():
+                part = start[b.name].flatten()[b.start:b.stop]
+                searches[b] = _search_block(dense[b.name].flatten()[b.start:b.stop], fisher,
+                                            part, self.options.swaps)
+                done += 1
+                if self.progress:
+                    self.progress("swap search (blocks)", done, len(stream.blocks))
+        return searches
 
     # -- update -------------------------------------------------------------------------------
-    def _update(self, weights, dense, pruned, cache) -> None:
+    def _update(self, weights, dense, pruned, stream, damp: float) -> None:
         o = self.options
-        done = 0
+        flat = {n: w.flatten().clone() for n, w in dense.items()}
+        if o.update != "none":
+            done = 0
+            for fishers in stream.fishers():
+                for b, fisher in fishers.items():
+                    part = pruned[b.name].flatten()[b.start:b.stop]
+                    done += 1
+                    if self.progress:
+                        self.progress("weight update (blocks)", done, len(stream.blocks))
+                    if not part.any():
+                        continue
+                    inverse = self._inverse(b, fisher, damp)
+                    block = flat[b.name][b.start:b.stop]
+                    flat[b.name][b.start:b.stop] = multi_weight_update(
+                        block, inverse, part) if o.update == "cbs" else \
+                        single_weight_updates(block, inverse, part, o.wf_scale)
         with torch.no_grad():
             for name, w in weights.items():
-                flat = dense[name].flatten().clone()
-                for b in (b for b in cache.blocks if b.name == name):
-                    part = pruned[name].flatten()[b.start:b.stop]
-                    done += 1
-                    if self.progress and o.update != "none":
-                        self.progress("weight update (blocks)", done, len(cache.blocks))
-                    if o.update == "none" or not part.any():
-                        continue
-                    if o.update == "cbs":
-                        flat[b.start:b.stop] = multi_weight_update(
-                            flat[b.start:b.stop], cache.inverse(b), part)
-                    else:
-                        flat[b.start:b.stop] = single_weight_updates(
-                            flat[b.start:b.stop], cache.inverse(b), part, o.wf_scale)
-                flat[pruned[name].flatten()] = 0.0
-                w.copy_(flat.view_as(w))
+                flat[name][pruned[name].flatten()] = 0.0
+                w.copy_(flat[name].view_as(w))
+
+
+def _search_block(w: torch.Tensor, fisher: torch.Tensor, part: torch.Tensor,
+                  settings: SwapSettings) -> list[tuple[torch.Tensor, int]]:
+    """One block's swap passes until one makes no swap (or ``max_passes``): the mask after
+    each pass that made swaps, and how many it made."""
+    if part.all() or not part.any():
+        return []
+    passes = []
+    for _ in range(settings.max_passes):
+        part, swaps = swap_pass(w, fisher, part, settings)
+        if swaps == 0:
+            break
+        passes.append((part, swaps))
+    return passes
+
+
+def _after_pass(start: dict[str, torch.Tensor], searches: dict[Block, list[tuple]],
+                step: int) -> tuple[dict[str, torch.Tensor], int]:
+    """The pruned masks after ``step`` passes over every block, and the swaps of that pass
+    (a block that stopped earlier keeps its last mask)."""
+    masks = {n: p.clone() for n, p in start.items()}
+    swaps = 0
+    for b, passes in searches.items():
+        if not passes:
+            continue
+        part, _ = passes[min(step, len(passes)) - 1]
+        masks[b.name].view(-1)[b.start:b.stop] = part
+        if step <= len(passes):
+            swaps += passes[step - 1][1]
+    return masks, swaps
 
 
 def _global_lowest(scores: dict[str, torch.Tensor], existing: dict[str, torch.Tensor],
