@@ -4,10 +4,11 @@ may come from several processes.
 No per-sample gradient is kept: each batch's gradients are folded into the blocks' sums
 ``Σ g gᵀ`` (float64, d × d per block) and dropped, so the number of samples costs time, not
 memory. The blocks are processed in **groups** that fit ``max_memory`` bytes (the Fisher
-blocks and their inverses, and the per-sample gradients of one batch in flight); a model
-whose blocks all fit is one group, computed once and kept (every level of a sweep reuses
-it), otherwise each group's gradients are recomputed whenever the group is needed, a
-gradient pass per group and stage. The model's own activations come on top of the cap.
+blocks, one block's inversion, and the per-sample gradients of one batch in flight); a
+model whose blocks all fit is one group, computed once and kept (every level of a sweep
+reuses it, and its inverses too where they fit beside it), otherwise each group's gradients
+are recomputed whenever the group is needed, a gradient pass per group and stage. The
+model's own activations come on top of the cap.
 
 Under ``torchrun`` every process takes an interleaved share of the same gradient batches
 and the blocks' sums are added across processes (``all_reduce``), so two processes give the
@@ -44,13 +45,14 @@ class Group:
 
 
 def block_bytes(block: Block) -> int:
-    """A block's Fisher and its damped inverse (float64), kept while its group is used."""
-    return 2 * block.size ** 2 * FLOAT64
+    """A block's Fisher (float64), kept while its group is used."""
+    return block.size ** 2 * FLOAT64
 
 
 def inversion_bytes(block: Block) -> int:
-    """What inverting a block takes besides: the damped copy and its Cholesky factor."""
-    return 2 * block.size ** 2 * FLOAT64
+    """What inverting one block takes besides its Fisher: the damped copy, its Cholesky
+    factor and the inverse."""
+    return 3 * block.size ** 2 * FLOAT64
 
 
 def gradient_bytes(numel: int) -> int:
@@ -104,6 +106,9 @@ class FisherStream:
         self.shard, self.progress = shard, progress
         self.gradient_passes = 0
         self._kept: dict[Block, torch.Tensor] | None = None
+        # with one group, the inverses are kept beside the Fishers if both fit
+        self.keeps_inverses = not self.streamed and sum(
+            block_bytes(b) for b in blocks) * 2 + least_memory(blocks, sizes) <= max_memory
 
     @property
     def streamed(self) -> bool:

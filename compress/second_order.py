@@ -175,35 +175,53 @@ def swap_gain(w: torch.Tensor, fisher: torch.Tensor, pruned: torch.Tensor, i: in
 def swap_pass(w: torch.Tensor, fisher: torch.Tensor, pruned: torch.Tensor,
               settings: SwapSettings = SwapSettings()) -> tuple[torch.Tensor, int]:
     """One pass of swaps (first improvement in a window, the paper's order); returns the new
-    pruned mask (same count) and how many swaps were made. Every swap lowers the cost."""
+    pruned mask (same count) and how many swaps were made. Every swap lowers the cost.
+
+    The pruned weights are visited by decreasing α, each tried against the kept weights
+    ranked ``i ± rho`` by β, and the pass ends at the ``tau + 1``-th visit that finds no
+    partner. Between two swaps α and β do not change, so the visits up to the next swap
+    (at most ``tau + 1`` of them) are tried at once, as one small matrix of gains."""
     w64, mask = w.to(torch.float64).flatten(), pruned.flatten().clone()
     u = fisher @ torch.where(mask, w64, 0.0)
     alpha, beta = _alpha_beta(w64, fisher, mask, u)
     order_p = mask.nonzero().flatten()[torch.argsort(alpha[mask], descending=True)]
     order_r = (~mask).nonzero().flatten()[torch.argsort(beta[~mask])]
-    used: set[int] = set()
-    swaps = misses = 0
-    for rank, i in enumerate(order_p.tolist()):
-        found = None
-        for j in order_r[max(0, rank - settings.rho):rank + settings.rho + 1].tolist():
-            if j in used:
-                continue
-            gain = beta[j] - alpha[i] - 2 * w64[i] * fisher[i, j] * w64[j]
-            if gain <= -settings.epsilon:
-                found = j
-                break
-        if found is None:
-            misses += 1
-            if misses > settings.tau:
-                break
-            continue
-        j = found
-        mask[i], mask[j] = False, True
-        used.update((i, j))
-        u += fisher[:, j] * w64[j] - fisher[:, i] * w64[i]
+    if len(order_p) == 0 or len(order_r) == 0:
+        return mask.view_as(pruned), 0
+    window = _windows(len(order_p), len(order_r), settings.rho)
+    used = torch.zeros_like(mask)
+    rank = swaps = misses = 0
+    while rank < len(order_p):
+        visits = slice(rank, min(len(order_p), rank + settings.tau - misses + 1))
+        i = order_p[visits]
+        positions, valid = window[0][visits], window[1][visits]
+        j = order_r[positions]
+        gain = beta[j] - alpha[i].unsqueeze(1) - 2 * w64[i].unsqueeze(1) * fisher[
+            i.unsqueeze(1), j] * w64[j]
+        hits = valid & ~used[j] & (gain <= -settings.epsilon)
+        found = hits.any(dim=1)
+        if not found.any():
+            break  # the visits left find no partner: the pass ends within them
+        first = int(found.to(torch.int8).argmax())
+        misses += first
+        pi, pj = int(i[first]), int(j[first, int(hits[first].to(torch.int8).argmax())])
+        mask[pi], mask[pj] = False, True
+        used[pi] = used[pj] = True
+        u += fisher[:, pj] * w64[pj] - fisher[:, pi] * w64[pi]
         alpha, beta = _alpha_beta(w64, fisher, mask, u)
         swaps += 1
+        rank += first + 1
     return mask.view_as(pruned), swaps
+
+
+def _windows(visits: int, partners: int, rho: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the k-th visit, the positions ``max(0, k − rho) .. k + rho`` among the partners
+    (clipped to their number), as a (visits × 2·rho+1) matrix and which entries are real."""
+    starts = (torch.arange(visits) - rho).clamp(min=0)
+    positions = starts.unsqueeze(1) + torch.arange(2 * rho + 1).unsqueeze(0)
+    ends = (torch.arange(visits) + rho + 1).clamp(max=partners).unsqueeze(1)
+    valid = positions < ends
+    return positions.clamp(max=partners - 1), valid
 
 
 def swap_search(w: torch.Tensor, fisher: torch.Tensor, pruned: torch.Tensor,

@@ -142,3 +142,53 @@ def test_per_sample_gradients_equal_a_loop_of_single_backward_passes():
                               atol=1e-6)
         expected = (params["4.weight"].grad * mask["4.weight"]).flatten()
         assert torch.allclose(batch["4.weight"][k], expected, atol=1e-6)
+
+
+def looped_swap_pass(w, fisher, pruned, settings):
+    """The swap pass written as the paper states it, one visit and one partner at a time:
+    the reference the batched `swap_pass` must reproduce exactly."""
+    w64, mask = w.to(torch.float64).flatten(), pruned.flatten().clone()
+
+    def alpha_beta():
+        u = fisher @ torch.where(mask, w64, 0.0)
+        diag = fisher.diagonal()
+        return (torch.where(mask, 2 * w64 * u - w64 * w64 * diag, torch.nan),
+                torch.where(mask, torch.nan, 2 * w64 * u + w64 * w64 * diag))
+
+    alpha, beta = alpha_beta()
+    order_p = mask.nonzero().flatten()[torch.argsort(alpha[mask], descending=True)]
+    order_r = (~mask).nonzero().flatten()[torch.argsort(beta[~mask])]
+    used, swaps, misses = set(), 0, 0
+    for rank, i in enumerate(order_p.tolist()):
+        found = next((j for j in order_r[max(0, rank - settings.rho):
+                                         rank + settings.rho + 1].tolist()
+                      if j not in used and beta[j] - alpha[i] - 2 * w64[i] * fisher[i, j]
+                      * w64[j] <= -settings.epsilon), None)
+        if found is None:
+            misses += 1
+            if misses > settings.tau:
+                break
+            continue
+        mask[i], mask[found] = False, True
+        used.update((i, found))
+        alpha, beta = alpha_beta()
+        swaps += 1
+    return mask.view_as(pruned), swaps
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_batched_swap_pass_makes_the_swaps_of_the_looped_one(seed):
+    gen = torch.Generator().manual_seed(seed)
+    size = [12, 40, 90][seed % 3]
+    block, w = least_squares_block(30 + seed, size, seed)
+    share = [0.2, 0.5, 0.8, 0.95][seed % 4]
+    pruned = torch.zeros(size, dtype=torch.bool)
+    pruned[torch.randperm(size, generator=gen)[:max(1, int(share * size))]] = True
+    settings = SwapSettings(epsilon=[1e-9, 1e-3, 0.05][seed % 3], rho=[1, 3, 10][seed % 3],
+                            tau=[0, 2, 20][(seed // 3) % 3])
+    fisher = block.fisher()
+    for _ in range(4):
+        expected, count = looped_swap_pass(w, fisher, pruned, settings)
+        got, made = swap_pass(w, fisher, pruned, settings)
+        assert made == count and torch.equal(got, expected)
+        pruned = got

@@ -182,11 +182,11 @@ class SecondOrder(OneShotPruner):
         return self.options.damp if self.options.damp is not None else default_damp(model)
 
     def _inverse(self, block: Block, fisher: torch.Tensor, damp: float) -> torch.Tensor:
-        """The block's damped inverse; kept with the Fisher when the Fisher is kept."""
+        """The block's damped inverse; kept with the Fisher when both fit."""
         if block in self._inverses:
             return self._inverses[block]
         inverse = damped_inverse(fisher, damp)
-        if not self.stream.streamed:
+        if self.stream.keeps_inverses:
             self._inverses[block] = inverse
         return inverse
 
