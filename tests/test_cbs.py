@@ -130,22 +130,26 @@ def test_a_cbs_pruned_mlpnet_exports_packed_and_evaluates_the_same(cli, mlp_run,
 
 
 @pytest.mark.parametrize("method", ["cbs", "woodfisher"])
-def test_fisher_blocks_in_groups_give_what_all_blocks_at_once_give(cli, mlp_run, tmp_path,
-                                                                   method):
+def test_fisher_blocks_in_groups_give_what_all_blocks_at_once_give(mlp_run, tmp_path, method):
     """Under a memory cap the blocks come in groups, their gradients recomputed for each:
     the masks and the weights are those of the all-at-once path."""
-    import json
+    from compress.data import load_splits
+    from compress.methods import method as registered
+    from compress.methods.registry import OneShotRequest
 
-    runs = {}
-    for name, cap in (("whole", ()), ("grouped", ("--max-memory-gb", "0.05"))):
-        out = tmp_path / name
-        result = cli("prune", mlp_run, "--method", method, "--sparsity", "0.8", *QUICK, *cap,
-                     "--out", out, "--json")
-        assert result.exit_code == 0, result.output
-        runs[name] = (json.loads(result.stdout), load_checkpoint(out / "checkpoint.pt"))
-    (whole, a), (grouped, b) = runs["whole"], runs["grouped"]
+    ckpt = load_checkpoint(mlp_run / "checkpoint.pt")
+    splits = load_splits(ckpt.data)
+    results = {}
+    for name, cap in (("whole", None), ("grouped", 0.05)):
+        model = ckpt.build_model()
+        request = OneShotRequest(sparsity=0.8, second_order={
+            "fisher_samples": 64, "rmp_trials": 3, "max_block": 512, "max_memory_gb": cap})
+        pruner = registered(method, "one-shot").build(request)
+        pruner.check(model)
+        details = pruner.prune(model, splits).details
+        results[name] = details, dict(model.state_dict())
+    (whole, a), (grouped, b) = results["whole"], results["grouped"]
     assert whole["fisher_groups"] == 1 and grouped["fisher_groups"] > 2
     assert grouped["gradient_passes"] == 2 * grouped["fisher_groups"]  # selection, update
-    for name in a.masks:
-        assert torch.equal(a.masks[name], b.masks[name])
-        assert torch.equal(a.state_dict[name], b.state_dict[name])
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -27,7 +27,7 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
     max_leaves=8)
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=80, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -89,7 +89,7 @@ def test_fuzzed_checkpoint_tensors_never_crash_a_reader(payload, tmp_path, cli, 
         assert_answered(cli(reader[0], path, *reader[1:]))
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutation_lists())
 def test_fuzzed_checkpoint_bytes_never_crash_a_reader(dpf_run, tmp_path, cli, mutations):
@@ -113,7 +113,7 @@ def _rewritten_archive(source: Path, entry_suffix: str, mutations) -> bytes:
     return buffer.getvalue()
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(("data.pkl", "/data/0", "byteorder")), mutation_lists())
 def test_fuzzed_checkpoint_archive_entries_never_crash_a_reader(dpf_run, tmp_path, cli, entry,

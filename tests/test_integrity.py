@@ -289,7 +289,7 @@ def test_foreign_onnx_without_a_record_still_loads(unpacked, tmp_path, cli):
     assert report["integrity"]["status"] == "not-recorded"
 
 
-@settings(max_examples=120, deadline=None, derandomize=True,
+@settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutation_lists())
 def test_fuzzed_protobuf_bytes_never_crash_a_reader(packed, tmp_path, cli, mutations):
@@ -301,7 +301,7 @@ def test_fuzzed_protobuf_bytes_never_crash_a_reader(packed, tmp_path, cli, mutat
             assert_answered(cli(reader[0], bad, *reader[1:], *extra))
 
 
-@settings(max_examples=120, deadline=None, derandomize=True,
+@settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["values", "low", "high", "indices", "level0", "level1", "top",
                         "split", "powers"]),

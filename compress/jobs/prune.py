@@ -272,7 +272,7 @@ def _check_processes(shard: distributed.Shard, pruner: OneShotPruner, name: str,
     else."""
     if not shard.active:
         return
-    if not hasattr(pruner, "shard"):
+    if not pruner.runs_across_processes:
         raise CompressError(f"under torchrun, prune shares out the gradients of cbs, cbs-s and "
                             f"woodfisher; run {name} without torchrun")
     if finetune_epochs > 0:

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.data import first_batches
-from compress.distributed import SINGLE, Shard
 from compress.errors import CompressError
 from compress.fisher_stream import GRADIENT_BATCH, FisherStream, least_memory
 from compress.masks import magnitude_scores, prunable_weights
@@ -84,12 +83,14 @@ def default_damp(model: nn.Module) -> float:
 
 
 class SecondOrder(OneShotPruner):
-    """Selection and update from the empirical Fisher (module docstring)."""
+    """Selection and update from the empirical Fisher (module docstring). Under torchrun each
+    process computes its share of the gradients (`compress.fisher_stream`)."""
+
+    runs_across_processes = True
 
     def __init__(self, request: OneShotRequest, options: SecondOrderOptions) -> None:
         super().__init__(request)
         self.options = options
-        self.shard: Shard = SINGLE  # under torchrun: each process's share of the gradients
         self.stream: FisherStream | None = None  # reused across the levels of a sweep
         self._inverses: dict[Block, torch.Tensor] = {}  # kept only when the Fisher is kept
 

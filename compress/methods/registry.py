@@ -34,6 +34,7 @@ from compress.catalog import (
     method_info,
     names,
 )
+from compress.distributed import SINGLE, Shard
 from compress.masks import Coverage
 
 __all__ = ["GRANULARITIES", "REGISTRY", "WHEN", "MethodSpec", "OneShotPruner",
@@ -102,8 +103,13 @@ class OneShotResult:
 class OneShotPruner(ABC):
     """Given a trained model (and training data where it needs it), prune it once."""
 
+    # True for a method whose work is shared out among torchrun's processes: each is given
+    # its `shard` before `prune`, and every process must reach the same weights
+    runs_across_processes: bool = False
+
     def __init__(self, request: OneShotRequest) -> None:
         self.request = request
+        self.shard: Shard = SINGLE
         # where a long method reports its stages: progress(stage, done, total); the pipeline
         # points it at progress bars, and a method that reports nothing never calls it
         self.progress: Callable[[str, int, int], None] | None = None
