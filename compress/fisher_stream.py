@@ -18,7 +18,7 @@ one-process Fisher up to the order of float64 additions.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,16 +115,19 @@ class FisherStream:
         """True when the blocks do not fit at once and are recomputed group by group."""
         return len(self.groups) > 1
 
-    def fishers(self) -> Iterator[dict[Block, torch.Tensor]]:
-        """Each group's Fisher blocks in turn (one group: computed once and kept)."""
+    def each_block(self, work: Callable[[Block, torch.Tensor], None]) -> None:
+        """``work(block, fisher)`` for every block, group by group; a group's Fishers are
+        let go before the next group is computed (one group: computed once and kept)."""
         if self._kept is not None:
-            yield self._kept
+            for block, fisher in self._kept.items():
+                work(block, fisher)
             return
         for k, group in enumerate(self.groups):
             fishers = self._compute(group, k)
             if not self.streamed:
                 self._kept = fishers
-            yield fishers
+            for block in group.blocks:
+                work(block, fishers[block])
             del fishers
 
     def _compute(self, group: Group, index: int) -> dict[Block, torch.Tensor]:

@@ -191,6 +191,12 @@ class SecondOrder(OneShotPruner):
             self._inverses[block] = inverse
         return inverse
 
+    def _report(self, stage: str, done: list[int], total: int) -> None:
+        """One more block of ``stage`` done (``done`` is the stage's running count)."""
+        done[0] += 1
+        if self.progress:
+            self.progress(stage, done[0], total)
+
     # -- selection ----------------------------------------------------------------------------
     def _select(self, model, weights, dense, existing, stream, sparsity, heldout):
         o = self.options
@@ -199,15 +205,15 @@ class SecondOrder(OneShotPruner):
             return _randomised_magnitude(dense, existing, count, trial=0), {}
         if o.selection == "woodfisher":
             scores = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in dense.items()}
-            damp, done = self._damp(model), 0
-            for fishers in stream.fishers():
-                for b, fisher in fishers.items():
-                    w = dense[b.name].flatten()[b.start:b.stop]
-                    scores[b.name][b.start:b.stop] = woodfisher_scores(
-                        w, self._inverse(b, fisher, damp).diagonal())
-                    done += 1
-                    if self.progress:
-                        self.progress("inverse Fisher (blocks)", done, len(stream.blocks))
+            damp, done = self._damp(model), [0]
+
+            def score(b: Block, fisher: torch.Tensor) -> None:
+                w = dense[b.name].flatten()[b.start:b.stop]
+                scores[b.name][b.start:b.stop] = woodfisher_scores(
+                    w, self._inverse(b, fisher, damp).diagonal())
+                self._report("inverse Fisher (blocks)", done, len(stream.blocks))
+
+            stream.each_block(score)
             return _global_lowest({n: s.view_as(dense[n]) for n, s in scores.items()},
                                   existing, count), {}
         return self._cbs_selection(model, weights, dense, existing, stream, count, heldout)
@@ -249,36 +255,36 @@ class SecondOrder(OneShotPruner):
         the pass, swaps made), ...]``. A pass depends on its own block alone, so running
         each block's passes group by group gives the masks that interleaved passes over
         all blocks would."""
-        searches, done = {}, 0
-        for fishers in stream.fishers():
-            for b, fisher in fishers.items():
-                part = start[b.name].flatten()[b.start:b.stop]
-                searches[b] = _search_block(dense[b.name].flatten()[b.start:b.stop], fisher,
-                                            part, self.options.swaps)
-                done += 1
-                if self.progress:
-                    self.progress("swap search (blocks)", done, len(stream.blocks))
+        searches, done = {}, [0]
+
+        def search(b: Block, fisher: torch.Tensor) -> None:
+            part = start[b.name].flatten()[b.start:b.stop]
+            searches[b] = _search_block(dense[b.name].flatten()[b.start:b.stop], fisher, part,
+                                        self.options.swaps)
+            self._report("swap search (blocks)", done, len(stream.blocks))
+
+        stream.each_block(search)
         return searches
 
     # -- update -------------------------------------------------------------------------------
     def _update(self, weights, dense, pruned, stream, damp: float) -> None:
         o = self.options
         flat = {n: w.flatten().clone() for n, w in dense.items()}
+        done = [0]
+
+        def move(b: Block, fisher: torch.Tensor) -> None:
+            part = pruned[b.name].flatten()[b.start:b.stop]
+            self._report("weight update (blocks)", done, len(stream.blocks))
+            if not part.any():
+                return
+            inverse = self._inverse(b, fisher, damp)
+            block = flat[b.name][b.start:b.stop]
+            flat[b.name][b.start:b.stop] = multi_weight_update(block, inverse, part) \
+                if o.update == "cbs" else \
+                single_weight_updates(block, inverse, part, o.wf_scale)
+
         if o.update != "none":
-            done = 0
-            for fishers in stream.fishers():
-                for b, fisher in fishers.items():
-                    part = pruned[b.name].flatten()[b.start:b.stop]
-                    done += 1
-                    if self.progress:
-                        self.progress("weight update (blocks)", done, len(stream.blocks))
-                    if not part.any():
-                        continue
-                    inverse = self._inverse(b, fisher, damp)
-                    block = flat[b.name][b.start:b.stop]
-                    flat[b.name][b.start:b.stop] = multi_weight_update(
-                        block, inverse, part) if o.update == "cbs" else \
-                        single_weight_updates(block, inverse, part, o.wf_scale)
+            stream.each_block(move)
         with torch.no_grad():
             for name, w in weights.items():
                 flat[name][pruned[name].flatten()] = 0.0
