@@ -662,13 +662,17 @@ def bench(
                                       "layer.")] = False,
     max_input_mb: Annotated[float, Opt(help="Largest random input (MiB) to allocate.")]
     = MAX_INPUT_MB,
+    peak: Annotated[bool, Opt(help="Rate MODEL: its MACs, the GMAC/s it reaches and their "
+                                   "share of this CPU's peak, measured on a large conv and "
+                                   "matmul (about a second).")] = True,
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     verify_key: VerifyKey = None,
     json_out: Annotated[bool, Opt("--json")] = False,
     time_limit: RunTimeLimit = RUN_TIME_LIMIT_S,  # applied by @time_limited
 ) -> None:
-    """Latency of a model in onnxruntime (needs no torch): p50/p90/p99, start time, ratio."""
+    """Latency of a model in onnxruntime (needs no torch): p50/p90/p99, start time, ratio,
+    and how close it runs to what the CPU can do."""
     verified_by = check_signed([model] + ([against] if against else []), verify_key)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -682,7 +686,7 @@ def bench(
         result = run_bench(model, against, threads=threads, batch=batch, runs=runs,
                            warmup=warmup, profile_runs=min(runs, PROFILE_RUNS) if profile else 0,
                            ignore_digest=ignore_digest, max_tensor_mb=max_tensor_mb,
-                           max_input_mb=max_input_mb,
+                           max_input_mb=max_input_mb, rate=peak,
                            on_progress=lambda done, total: progress.update(task,
                                                                            completed=done))
     result = budget_verdict(result, budget_ms, percentile)
@@ -718,6 +722,8 @@ def bench(
         if result["ratio_p50"] is not None:
             out.print(f"p50 ratio (model / against): {result['ratio_p50']:.3f}",
                       highlight=False)
+        if result.get("gmacs_per_s"):
+            out.print(escape(_rating_line(result)), highlight=False, soft_wrap=True)
         if result["profile"]:
             _print_profile(result["profile"], result["model"])
         if budget_ms is not None:
@@ -726,6 +732,17 @@ def bench(
                       f"the budget of {budget_ms} ms", highlight=False)
     if budget_ms is not None and not result["within_budget"]:
         raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _rating_line(result: dict) -> str:
+    """How close the file runs to this CPU's measured peak, in words."""
+    line = (f"{result['macs'] / 1e6:,.1f} M MACs per sample at p50: "
+            f"{result['gmacs_per_s']:.2f} GMAC/s ({result['precision']})")
+    if result["share_of_peak"] is None:
+        return line + "; the peak is unknown (the onnx package is needed to measure it)"
+    return line + (f", {100 * result['share_of_peak']:.1f} % of the "
+                   f"{result['peak_gmacs_per_s'][result['precision']]:.1f} GMAC/s this CPU "
+                   f"reaches on a large conv or matmul at {result['threads']} thread(s)")
 
 
 def check_signed(paths: list[str], verify_key: str | None,

@@ -255,6 +255,17 @@ def _macs(model: onnx.ModelProto, weights: dict[str, Counted]) -> tuple[int, int
     return dense, nonzero
 
 
+def model_work(model: onnx.ModelProto) -> dict:
+    """What `compress bench` rates a file by: its dense MACs per sample and its operator
+    types (whether it runs quantized)."""
+    try:
+        layout = packed_layout(model)
+    except CompressError:
+        layout = None
+    return {"macs": _macs(model, weight_counts(model, layout))[0],
+            "op_types": sorted({node.op_type for node in model.graph.node})}
+
+
 def _model_order(model: onnx.ModelProto, names) -> list[str]:
     """``names`` in the order the graph's layers read them (packed weights are produced by
     the decoder, which comes first; int8 ones are read through a DequantizeLinear, which the

@@ -38,6 +38,27 @@ def test_json_keys_and_against_ratio(cli, models):
     assert payload["warnings"] == []
 
 
+
+def test_bench_rates_the_file_against_the_peak_it_measures(cli, models):
+    """MACs (as inspect counts them), the GMAC/s reached at p50, and its share of the best
+    rate onnxruntime reaches here on a large conv or matmul, fp32 and int8."""
+    packed, _ = models
+    result = cli("bench", packed, "--runs", "40", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    inspected = json.loads(cli("inspect", packed, "--json").stdout)["total"]
+    assert payload["macs"] == inspected["macs"] > 0 and payload["precision"] == "fp32"
+    rate = payload["macs"] / (payload["latency_ms"]["p50"] / 1e3) / 1e9
+    assert payload["gmacs_per_s"] == pytest.approx(rate)
+    peak = payload["peak_gmacs_per_s"]
+    assert peak["threads"] == 1 and peak["fp32"] > 0 and peak["int8"] > 0
+    assert payload["share_of_peak"] == pytest.approx(rate / peak["fp32"])
+    assert 0 < payload["share_of_peak"] < 1.5  # LeNet-5 runs far below a large conv's rate
+    assert "GMAC/s" in cli("bench", packed, "--runs", "20").stdout
+    plain = json.loads(cli("bench", packed, "--runs", "20", "--no-peak", "--json").stdout)
+    assert "share_of_peak" not in plain
+
+
 def test_budget_gate_exit_codes(cli, models):
     packed, _ = models
     over = cli("bench", packed, "--runs", "30", "--budget-ms", "0.000001", "--json")
@@ -97,7 +118,9 @@ def test_without_onnx_bench_profiles_and_inspect_says_what_is_missing(models):
                        "'--profile', '--json']\nmain()\n")
     proc = subprocess.run([sys.executable, "-c", bench], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert all(r["layer"] is None for r in json.loads(proc.stdout)["profile"]["by_node"])
+    payload = json.loads(proc.stdout)
+    assert all(r["layer"] is None for r in payload["profile"]["by_node"])
+    assert payload["macs"] is None and payload["share_of_peak"] is None
     inspect = blocked + ("from cli.app import main\n"
                          f"sys.argv = ['compress', 'inspect', {str(packed)!r}]\nmain()\n")
     proc = subprocess.run([sys.executable, "-c", inspect], capture_output=True, text=True)

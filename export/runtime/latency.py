@@ -22,6 +22,7 @@ from compress.errors import CompressError
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 from export.ort import load_onnxruntime
 from export.runtime.isolated import in_child
+from export.runtime.peak import efficiency, file_precision, measured_peak
 from export.session import open_session, single_input
 
 PERCENTILES = ("p50", "p90", "p99")
@@ -108,8 +109,12 @@ def measure(paths: list[Path], *, threads: int = 1, batch: int = 1, runs: int = 
 def bench(model: str | Path, against: str | Path | None = None, *, threads: int = 1,
           batch: int = 1, runs: int = 200, warmup: int = 20, blocks: int = 5,
           on_progress=None, profile_runs: int = 0, ignore_digest: bool = False,
-          max_tensor_mb: float | None = None, max_input_mb: float = MAX_INPUT_MB) -> dict:
+          max_tensor_mb: float | None = None, max_input_mb: float = MAX_INPUT_MB,
+          rate: bool = True) -> dict:
     """Measure ``model`` (and ``against``, interleaved) and return the ``bench --json`` dict.
+
+    With ``rate``, the file's MACs, the GMAC/s it reaches at p50 and their share of this
+    CPU's measured peak for its precision are added (`export.runtime.peak`).
 
     With ``profile_runs``, ``model`` is then run that often under onnxruntime's profiler (in
     a session of its own, so profiling does not slow the timed runs) and the summary is
@@ -117,9 +122,10 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
     if max_input_mb <= 0:
         raise CompressError(f"--max-input-mb must be positive, got {max_input_mb}")
     paths = [Path(model)] + ([Path(against)] if against else [])
-    integrity = [in_child(checked_integrity, str(path), ignore_digest,
-                          max_tensor_mb or MAX_TENSOR_MB, meanwhile=load_onnxruntime)
-                 for path in paths]
+    checked = [in_child(checked_integrity, str(path), ignore_digest,
+                        max_tensor_mb or MAX_TENSOR_MB, meanwhile=load_onnxruntime)
+               for path in paths]
+    integrity = [c["integrity"] for c in checked]
     ort = load_onnxruntime()  # imported already, while the first check ran
     measurements, sessions = measure(paths, threads=threads, batch=batch, runs=runs,
                                      warmup=warmup, blocks=blocks, on_progress=on_progress,
@@ -151,6 +157,11 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
                              "session_start_ms": other.session_start_ms,
                              "latency_ms": other.latency(), "integrity": integrity[1]}
         result["ratio_p50"] = first.latency()["p50"] / other.latency()["p50"]
+    if rate:
+        work = checked[0]["work"] or {}
+        result.update(efficiency(work.get("macs"), first.latency()["p50"], batch,
+                                 file_precision(set(work.get("op_types", []))),
+                                 measured_peak(threads)))
     result["warnings"] = _warnings(measurements, threads)
     result["profile"] = None
     if profile_runs:
@@ -169,21 +180,24 @@ def peak_rss_mb() -> float:
 
 
 def checked_integrity(path: str, ignore_digest: bool, max_tensor_mb: float) -> dict:
-    """A file's integrity, checked before a session is opened (ORT format has none). Run
-    in `in_child`, so that onnx is imported there."""
+    """A file's integrity, checked before a session is opened (ORT format has none), and
+    its work (`export.onnx_inspect.model_work`; None where onnx cannot read it). Run in
+    `in_child`, so that onnx is imported there."""
     if path.lower().endswith(".ort"):
         if not Path(path).is_file():
             raise CompressError(f"no model file at {path}")
-        return {"status": "skipped", "differs": []}
+        return {"integrity": {"status": "skipped", "differs": []}, "work": None}
     try:
-        from export.onnx_inspect import load_checked
+        from export.onnx_inspect import load_checked, model_work
     except ModuleNotFoundError as exc:  # bench itself needs only onnxruntime and numpy
         if exc.name != "onnx":
             raise
-        return {"status": "unchecked", "differs": [],
-                "reason": "the onnx package is not installed, so the digests were not read"}
-    return load_checked(path, ignore_digest=ignore_digest,
-                        max_tensor_mb=max_tensor_mb)[1].to_dict()
+        return {"integrity": {"status": "unchecked", "differs": [], "reason": "the onnx "
+                              "package is not installed, so the digests were not read"},
+                "work": None}
+    model, report = load_checked(path, ignore_digest=ignore_digest,
+                                 max_tensor_mb=max_tensor_mb)
+    return {"integrity": report.to_dict(), "work": model_work(model)}
 
 
 def _warnings(measurements: list[Measurement], threads: int) -> list[str]:

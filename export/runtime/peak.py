@@ -1,0 +1,132 @@
+"""How close a file runs to what this CPU can do: the MAC rate onnxruntime reaches on a
+large convolution and a large matrix product, measured on the spot, in fp32 and in int8.
+
+Published peak figures (cores × vector width × clock) are rarely what a runtime reaches;
+a large, regular layer run through the same runtime, threads and precision as the model is
+the honest ceiling. The int8 probes are built as our int8 exports are (QuantizeLinear /
+DequantizeLinear around the layer, weights stored as int8), so onnxruntime fuses them into
+the same integer kernels. Building the probes needs the ``onnx`` package; without it the
+peak is reported as unknown.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.session import open_session
+
+CONV = {"channels": 256, "side": 28, "kernel": 3}  # 462 M MACs
+MATMUL = {"rows": 256, "inner": 1024, "cols": 1024}  # 268 M MACs
+MIN_SECONDS = 0.15  # each probe is timed for at least this long after its warm-up
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def conv_macs() -> int:
+    c, s, k = CONV["channels"], CONV["side"], CONV["kernel"]
+    return c * c * k * k * s * s
+
+
+def matmul_macs() -> int:
+    return MATMUL["rows"] * MATMUL["inner"] * MATMUL["cols"]
+
+
+def _probe(kind: str, precision: str):
+    """An ONNX model of one large layer; its input name and shape."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if kind == "conv":
+        c, s, k = CONV["channels"], CONV["side"], CONV["kernel"]
+        x_shape, w = [1, c, s, s], rng.standard_normal((c, c, k, k)).astype(np.float32)
+        layer = dict(op_type="Conv", pads=[k // 2] * 4)
+        y_shape = [1, c, s, s]
+    else:
+        r, i, o = MATMUL["rows"], MATMUL["inner"], MATMUL["cols"]
+        x_shape, w = [r, i], rng.standard_normal((i, o)).astype(np.float32)
+        layer = dict(op_type="MatMul")
+        y_shape = [r, o]
+    nodes, inits = [], []
+    if precision == "int8":
+        scale = float(np.abs(w).max() / 127)
+        inits += [numpy_helper.from_array(np.round(w / scale).astype(np.int8), "wq"),
+                  numpy_helper.from_array(np.array(scale, np.float32), "ws"),
+                  numpy_helper.from_array(np.array(0, np.int8), "wz"),
+                  numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+                  numpy_helper.from_array(np.array(128, np.uint8), "xz")]
+        nodes += [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
+                  helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                  helper.make_node(inputs=["xd", "w"], outputs=["yf"], **layer),
+                  helper.make_node("QuantizeLinear", ["yf", "xs", "xz"], ["yq"]),
+                  helper.make_node("DequantizeLinear", ["yq", "xs", "xz"], ["y"])]
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+        nodes.append(helper.make_node(inputs=["x", "w"], outputs=["y"], **layer))
+    graph = helper.make_graph(nodes, f"{kind}-{precision}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, x_shape
+
+
+def _rate(kind: str, precision: str, threads: int, workdir: Path) -> float:
+    """GMAC/s of one probe: its MACs over the median of timed runs."""
+    import onnx
+
+    model, x_shape = _probe(kind, precision)
+    path = workdir / f"{kind}-{precision}.onnx"
+    onnx.save(model, str(path))
+    session = open_session(path, threads=threads)
+    feed = {"x": np.random.default_rng(1).standard_normal(x_shape, dtype=np.float32)}
+    for _ in range(2):
+        session.run(None, feed)
+    times, started = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - started < MIN_SECONDS:
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t)
+    macs = conv_macs() if kind == "conv" else matmul_macs()
+    return macs / float(np.median(times)) / 1e9
+
+
+def measured_peak(threads: int) -> dict | None:
+    """The best GMAC/s of the conv and matmul probes, per precision, at ``threads``; None
+    without the onnx package."""
+    try:
+        import onnx  # noqa: F401 - only to know whether the probes can be built
+    except ModuleNotFoundError:
+        return None
+    peak: dict = {"threads": threads}
+    with tempfile.TemporaryDirectory(prefix="compress-peak-") as work:
+        for precision in ("fp32", "int8"):
+            rates = {kind: _rate(kind, precision, threads, Path(work))
+                     for kind in ("conv", "matmul")}
+            peak[precision] = max(rates.values())
+            peak[f"{precision}_by_layer"] = rates
+    return peak
+
+
+def file_precision(op_types: set[str]) -> str:
+    """int8 when the graph quantizes anything, else fp32."""
+    return "int8" if op_types & QUANTIZED_OPS else "fp32"
+
+
+def efficiency(macs: int | None, p50_ms: float, batch: int, precision: str,
+               peak: dict | None) -> dict:
+    """The file's MACs, the GMAC/s it reached at p50, and that as a share of the peak."""
+    if not macs:
+        return {"macs": macs, "gmacs_per_s": None, "precision": precision,
+                "peak_gmacs_per_s": peak, "share_of_peak": None}
+    rate = macs * batch / (p50_ms / 1e3) / 1e9
+    top = peak.get(precision) if peak else None
+    return {"macs": macs, "gmacs_per_s": rate, "precision": precision,
+            "peak_gmacs_per_s": peak, "share_of_peak": rate / top if top else None}
