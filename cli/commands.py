@@ -645,6 +645,18 @@ def _print_profile(summary: dict, model: str) -> None:
         nodes.add_row(escape(row["node"]), escape(row["op_type"]), escape(row["layer"] or "-"),
                       f"{row['ms_per_run']:.4f}", f"{row['share']:.1%}")
     out.print(nodes)
+    if summary.get("by_layer"):
+        layers = Table(title=escape(f"{Path(model).name}: slowest layers, their MAC rate and "
+                                    "its share of this CPU's peak"))
+        for col in ("layer", "ms / run", "share", "M MACs", "GMAC/s", "of peak"):
+            layers.add_column(col, justify="left" if col == "layer" else "right")
+        for row in summary["by_layer"][:SLOWEST_NODES]:
+            rate, top = row["gmacs_per_s"], row["share_of_peak"]
+            layers.add_row(escape(row["layer"]), f"{row['ms_per_run']:.4f}",
+                           f"{row['share']:.1%}",
+                           f"{row['macs'] / 1e6:.2f}" if row["macs"] else "-",
+                           f"{rate:.2f}" if rate else "-", f"{top:.1%}" if top else "-")
+        out.print(layers)
 
 
 @time_limited

@@ -10,6 +10,7 @@ the weights onnxruntime decodes with the file's own decoder, as it would run the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -226,17 +227,30 @@ def _shapes_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _macs(model: onnx.ModelProto, weights: dict[str, Counted]) -> tuple[int, int]:
     """(dense MACs, MACs with non-zero weights) for one sample, from inferred shapes."""
+    layers = _layer_macs(model, weights)
+    return sum(d for d, _ in layers.values()), sum(n for _, n in layers.values())
+
+
+def layer_name(weight: str) -> str:
+    """A layer's name from its weight's (``stages.0.conv2.weight_quantized`` ->
+    ``stages.0.conv2``): how inspect, bench and its profile name a layer."""
+    return re.sub(r"(\.weight)?(_quantized)?$", "", weight)
+
+
+def _layer_macs(model: onnx.ModelProto,
+                weights: dict[str, Counted]) -> dict[str, tuple[int, int]]:
+    """Per layer (`layer_name`): (dense MACs, MACs with non-zero weights) for one sample."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_shapes_model(model))
     except Exception:
-        return 0, 0
+        return {}
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in
                 vi.type.tensor_type.shape.dim]
         shapes[vi.name] = dims
     dequantized = dequantized_sources(model)
-    dense = nonzero = 0
+    layers: dict[str, tuple[int, int]] = {}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
@@ -250,19 +264,22 @@ def _macs(model: onnx.ModelProto, weights: dict[str, Counted]) -> tuple[int, int
             positions = int(np.prod(out_shape[2:])) if len(out_shape) > 2 else 1
         else:
             positions = int(np.prod(out_shape[1:-1])) if len(out_shape) > 2 else 1
-        dense += positions * int(np.prod(shape))
-        nonzero += positions * nonzeros
-    return dense, nonzero
+        dense, nonzero = layers.get(layer_name(weight), (0, 0))
+        layers[layer_name(weight)] = (dense + positions * int(np.prod(shape)),
+                                      nonzero + positions * nonzeros)
+    return layers
 
 
 def model_work(model: onnx.ModelProto) -> dict:
-    """What `compress bench` rates a file by: its dense MACs per sample and its operator
-    types (whether it runs quantized)."""
+    """What `compress bench` rates a file by: its dense MACs per sample, in all and per
+    layer, and its operator types (whether it runs quantized)."""
     try:
         layout = packed_layout(model)
     except CompressError:
         layout = None
-    return {"macs": _macs(model, weight_counts(model, layout))[0],
+    layers = _layer_macs(model, weight_counts(model, layout))
+    return {"macs": sum(dense for dense, _ in layers.values()),
+            "layer_macs": {name: dense for name, (dense, _) in layers.items()},
             "op_types": sorted({node.op_type for node in model.graph.node})}
 
 

@@ -128,6 +128,18 @@ def test_without_onnx_bench_profiles_and_inspect_says_what_is_missing(models):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_profile_rates_each_layer(cli, models):
+    """Each layer's kernel time, MACs (summing to the file's) and its own MAC rate."""
+    packed, _ = models
+    payload = json.loads(cli("bench", packed, "--runs", "20", "--profile", "--json").stdout)
+    layers = payload["profile"]["by_layer"]
+    assert layers and sum(r["macs"] for r in layers if r["macs"]) == payload["macs"]
+    for row in layers:
+        assert row["ms_per_run"] > 0 and row["gmacs_per_s"] > 0
+        top = payload["peak_gmacs_per_s"]["fp32"]
+        assert row["share_of_peak"] == pytest.approx(row["gmacs_per_s"] / top)
+
+
 def test_profile_by_operator_type_and_layer(cli, models):
     packed, _ = models
     result = cli("bench", packed, "--runs", "40", "--profile", "--json")

@@ -22,7 +22,7 @@ from compress.errors import CompressError
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 from export.ort import load_onnxruntime
 from export.runtime.isolated import in_child
-from export.runtime.peak import efficiency, file_precision, measured_peak
+from export.runtime.peak import efficiency, file_precision, layer_rates, measured_peak
 from export.session import open_session, single_input
 
 PERCENTILES = ("p50", "p90", "p99")
@@ -157,8 +157,8 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
                              "session_start_ms": other.session_start_ms,
                              "latency_ms": other.latency(), "integrity": integrity[1]}
         result["ratio_p50"] = first.latency()["p50"] / other.latency()["p50"]
+    work = checked[0]["work"] or {}
     if rate:
-        work = checked[0]["work"] or {}
         result.update(efficiency(work.get("macs"), first.latency()["p50"], batch,
                                  file_precision(set(work.get("op_types", []))),
                                  measured_peak(threads)))
@@ -169,6 +169,10 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
 
         result["profile"] = profile(paths[0], sessions[0][1], threads=threads,
                                     runs=profile_runs, warmup=min(warmup, 10))
+        if rate:
+            peak = (result["peak_gmacs_per_s"] or {}).get(result["precision"])
+            result["profile"]["by_layer"] = layer_rates(
+                result["profile"], work.get("layer_macs") or {}, batch, peak)
     return result
 
 

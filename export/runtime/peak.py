@@ -130,3 +130,24 @@ def efficiency(macs: int | None, p50_ms: float, batch: int, precision: str,
     top = peak.get(precision) if peak else None
     return {"macs": macs, "gmacs_per_s": rate, "precision": precision,
             "peak_gmacs_per_s": peak, "share_of_peak": rate / top if top else None}
+
+
+def layer_rates(profile: dict, layer_macs: dict[str, int], batch: int,
+                peak: float | None) -> list[dict]:
+    """Each layer's kernel time per run and share (its nodes' summed, from the profile), its
+    MACs, and the GMAC/s and share of the peak its kernels reached: whether arithmetic or
+    per-operator overhead dominates it."""
+    times: dict[str, list[float]] = {}
+    for row in profile["by_node"]:
+        if row["layer"]:
+            spent = times.setdefault(row["layer"], [0.0, 0.0])
+            spent[0] += row["ms_per_run"]
+            spent[1] += row["share"]
+    rows = []
+    for layer, (ms, share) in times.items():
+        macs = layer_macs.get(layer)
+        rate = macs * batch / (ms / 1e3) / 1e9 if macs and ms > 0 else None
+        rows.append({"layer": layer, "ms_per_run": ms, "share": share, "macs": macs,
+                     "gmacs_per_s": rate,
+                     "share_of_peak": rate / peak if rate is not None and peak else None})
+    return sorted(rows, key=lambda r: -r["ms_per_run"])

@@ -34,6 +34,7 @@ def layer_names(path: Path) -> dict[str, str]:
     try:
         import onnx
 
+        from export.onnx_inspect import layer_name
         from export.quantize import dequantized_sources
 
         model = onnx.load(str(path), load_external_data=False)
@@ -44,7 +45,7 @@ def layer_names(path: Path) -> dict[str, str]:
     for node in model.graph.node:
         if node.op_type in WEIGHT_OPS and len(node.input) > 1:
             weight = dequantized.get(node.input[1], node.input[1])
-            layer = re.sub(r"(\.weight)?(_quantized)?$", "", weight)
+            layer = layer_name(weight)
             names.update({node.name: layer, node.output[0]: layer})
     for _ in range(2):  # Conv -> Add -> Relu is fused into one kernel at most
         for node in model.graph.node:
