@@ -677,6 +677,12 @@ def bench(
     peak: Annotated[bool, Opt(help="Rate MODEL: its MACs, the GMAC/s it reaches and their "
                                    "share of this CPU's peak, measured on a large conv and "
                                    "matmul (about a second).")] = True,
+    layer_table: Annotated[str | None, Opt(help="Then time each prunable layer of MODEL alone "
+                                                "at a grid of its widths, and write the table "
+                                                "to this JSON file.")] = None,
+    table_widths: Annotated[int, Opt(help="--layer-table: widths per axis.")] = 6,
+    table_step: Annotated[int, Opt(help="--layer-table: widths are multiples of this.")] = 8,
+    overwrite: Annotated[bool, Opt(help="Replace an existing --layer-table file.")] = False,
     ignore_digest: IgnoreDigest = False,
     max_tensor_mb: MaxTensorMb = MAX_TENSOR_MB,
     verify_key: VerifyKey = None,
@@ -692,6 +698,11 @@ def bench(
     from export.runtime.latency import budget_verdict
 
     budget_verdict({"latency_ms": {}}, None, percentile)  # check the flag before timing
+    if layer_table is not None and Path(layer_table).exists() and not overwrite:
+        from compress.errors import CompressError
+
+        raise CompressError(f"--layer-table {layer_table} already exists; pass --overwrite to "
+                            "replace it")
     with Progress(TextColumn("timing"), BarColumn(), MofNCompleteColumn(), console=err,
                   transient=True, disable=json_out or not err.is_terminal) as progress:
         task = progress.add_task("bench", total=runs * (2 if against else 1))
@@ -702,6 +713,10 @@ def bench(
                            on_progress=lambda done, total: progress.update(task,
                                                                            completed=done))
     result = budget_verdict(result, budget_ms, percentile)
+    if layer_table is not None:
+        result["layer_table"] = _write_layer_table(model, layer_table, threads, batch,
+                                                   table_widths, table_step, json_out,
+                                                   result["latency_ms"]["p50"])
     result["signature"] = _signature(model, verified_by)
     if result["against"]:
         result["against"]["signature"] = _signature(against, verified_by)
@@ -744,6 +759,36 @@ def bench(
                       f"the budget of {budget_ms} ms", highlight=False)
     if budget_ms is not None and not result["within_budget"]:
         raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+def _write_layer_table(model: str, out_path: str, threads: int, batch: int, points: int,
+                       step: int, quiet: bool, p50_ms: float) -> dict:
+    """Time MODEL's layers alone (`export.runtime.layer_table`), write the table atomically
+    and say what it predicts for the file as it is."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from compress.fileio import atomic_write_text
+    from export.runtime.layer_table import full_width_ms
+    from export.runtime.layer_table import layer_table as make_table
+
+    with Progress(TextColumn("layer table"), BarColumn(), MofNCompleteColumn(), console=err,
+                  transient=True, disable=quiet or not err.is_terminal) as progress:
+        task = progress.add_task("table", total=None)
+        table = make_table(model, threads=threads, batch=batch, points=points, step=step,
+                           on_progress=lambda done, total: progress.update(
+                               task, completed=done, total=total))
+    atomic_write_text(out_path, json.dumps(table, indent=1) + "\n")
+    summary = {"path": out_path, "layers": len(table["layers"]),
+               "timings": sum(len(e["times_ms"]) for e in table["layers"]),
+               "full_width_ms": full_width_ms(table), "measured_p50_ms": p50_ms}
+    if not quiet:
+        err.print(escape(f"layer table: {summary['layers']} layers, {summary['timings']} "
+                         f"timings -> {out_path}; its layers at full width add up to "
+                         f"{summary['full_width_ms']:.3f} ms against the file's measured p50 "
+                         f"{p50_ms:.3f} ms"), highlight=False, soft_wrap=True)
+    return summary
 
 
 def _rating_line(result: dict) -> str:

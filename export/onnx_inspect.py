@@ -231,6 +231,47 @@ def _macs(model: onnx.ModelProto, weights: dict[str, Counted]) -> tuple[int, int
     return sum(d for d, _ in layers.values()), sum(n for _, n in layers.values())
 
 
+def inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int]] | None:
+    """Every value's shape by onnx's shape inference (unknown dimensions as 1); None where
+    inference fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_shapes_model(model))
+    except Exception:
+        return None
+    shapes = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 1
+                           for d in vi.type.tensor_type.shape.dim]
+    return shapes
+
+
+def weight_layers(model: onnx.ModelProto) -> list[dict]:
+    """Each Conv, Gemm and MatMul that reads a stored weight, as one layer alone would be
+    rebuilt: its name (`layer_name`), operator, weight shape, input shape and attributes."""
+    try:
+        layout = packed_layout(model)
+    except CompressError:
+        layout = None
+    weights = weight_counts(model, layout)
+    shapes = inferred_shapes(model) or {}
+    dequantized = dequantized_sources(model)
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight = dequantized.get(node.input[1], node.input[1])
+        if weight not in weights or node.input[0] not in shapes:
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        layers.append({"layer": layer_name(weight), "op_type": node.op_type,
+                       "weight_shape": [int(d) for d in weights[weight][0]],
+                       "input_shape": shapes[node.input[0]],
+                       "attributes": {k: v if isinstance(v, int | float) else list(v)
+                                      for k, v in attributes.items()
+                                      if isinstance(v, int | float | list)}})
+    return layers
+
+
 def layer_name(weight: str) -> str:
     """A layer's name from its weight's (``stages.0.conv2.weight_quantized`` ->
     ``stages.0.conv2``): how inspect, bench and its profile name a layer."""
@@ -240,15 +281,9 @@ def layer_name(weight: str) -> str:
 def _layer_macs(model: onnx.ModelProto,
                 weights: dict[str, Counted]) -> dict[str, tuple[int, int]]:
     """Per layer (`layer_name`): (dense MACs, MACs with non-zero weights) for one sample."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_shapes_model(model))
-    except Exception:
+    shapes = inferred_shapes(model)
+    if shapes is None:
         return {}
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in
-                vi.type.tensor_type.shape.dim]
-        shapes[vi.name] = dims
     dequantized = dequantized_sources(model)
     layers: dict[str, tuple[int, int]] = {}
     for node in model.graph.node:

@@ -168,3 +168,43 @@ def test_bad_files(cli, tmp_path):
         result = cli("bench", path, "--runs", "5")
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output and "error:" in result.output
+
+
+def test_layer_table_times_every_layer_at_a_grid_of_widths(cli, models, tmp_path):
+    """One entry per prunable layer (packed weights included), its full widths in the grid,
+    positive times, and what the table was made on; an existing table is kept."""
+    packed, _ = models
+    out = tmp_path / "table.json"
+    result = cli("bench", packed, "--runs", "20", "--no-peak", "--layer-table", out,
+                 "--table-widths", "3", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["layer_table"]
+    table = json.loads(out.read_text())
+    inspected = json.loads(cli("inspect", packed, "--json").stdout)
+    prunable = [r["name"].removesuffix(".weight") for r in inspected["layers"]
+                if r["prunable"]]
+    assert [e["layer"] for e in table["layers"]] == prunable
+    assert summary["layers"] == len(prunable) and summary["full_width_ms"] > 0
+    for entry in table["layers"]:
+        widths = {(i, o) for i, o, _ in entry["times_ms"]}
+        assert (entry["input_channels"], entry["output_channels"]) in widths
+        assert len(widths) <= 9 and all(ms > 0 for *_, ms in entry["times_ms"])
+    assert table["threads"] == 1 and table["precision"] == "fp32" and table["cpu"]
+    assert table["onnxruntime"] and len(table["model_sha256"]) == 64
+    out.write_text("mine")
+    again = cli("bench", packed, "--runs", "20", "--no-peak", "--layer-table", out)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert out.read_text() == "mine"
+
+
+def test_layer_table_without_torch(models, tmp_path):
+    packed, _ = models
+    out = tmp_path / "table.json"
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from cli.app import main\n"
+            f"sys.argv = ['compress', 'bench', {str(packed)!r}, '--runs', '10', '--no-peak',"
+            f" '--layer-table', {str(out)!r}, '--table-widths', '2']\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["layers"]

@@ -35,25 +35,17 @@ def matmul_macs() -> int:
     return MATMUL["rows"] * MATMUL["inner"] * MATMUL["cols"]
 
 
-def _probe(kind: str, precision: str):
-    """An ONNX model of one large layer; its input name and shape."""
-    import onnx
+def single_layer(op_type: str, weight_shape: list[int], input_shape: list[int],
+                 attributes: dict, precision: str):
+    """An ONNX model of one Conv, Gemm or MatMul with random weights, fed ``input_shape``
+    (float32): fp32, or int8 in the QDQ form our int8 exports take."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    if kind == "conv":
-        c, s, k = CONV["channels"], CONV["side"], CONV["kernel"]
-        x_shape, w = [1, c, s, s], rng.standard_normal((c, c, k, k)).astype(np.float32)
-        layer = dict(op_type="Conv", pads=[k // 2] * 4)
-        y_shape = [1, c, s, s]
-    else:
-        r, i, o = MATMUL["rows"], MATMUL["inner"], MATMUL["cols"]
-        x_shape, w = [r, i], rng.standard_normal((i, o)).astype(np.float32)
-        layer = dict(op_type="MatMul")
-        y_shape = [r, o]
+    w = np.random.default_rng(0).standard_normal(weight_shape).astype(np.float32)
     nodes, inits = [], []
+    layer_input = "x"
     if precision == "int8":
-        scale = float(np.abs(w).max() / 127)
+        scale = float(np.abs(w).max() / 127) or 1.0
         inits += [numpy_helper.from_array(np.round(w / scale).astype(np.int8), "wq"),
                   numpy_helper.from_array(np.array(scale, np.float32), "ws"),
                   numpy_helper.from_array(np.array(0, np.int8), "wz"),
@@ -61,21 +53,48 @@ def _probe(kind: str, precision: str):
                   numpy_helper.from_array(np.array(128, np.uint8), "xz")]
         nodes += [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
                   helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
-                  helper.make_node(inputs=["xd", "w"], outputs=["yf"], **layer),
-                  helper.make_node("QuantizeLinear", ["yf", "xs", "xz"], ["yq"]),
-                  helper.make_node("DequantizeLinear", ["yq", "xs", "xz"], ["y"])]
+                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+        layer_input, layer_output = "xd", "yf"
     else:
         inits.append(numpy_helper.from_array(w, "w"))
-        nodes.append(helper.make_node(inputs=["x", "w"], outputs=["y"], **layer))
-    graph = helper.make_graph(nodes, f"{kind}-{precision}",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        layer_output = "y"
+    nodes.append(helper.make_node(op_type, [layer_input, "w"], [layer_output], **attributes))
+    if precision == "int8":
+        nodes += [helper.make_node("QuantizeLinear", ["yf", "xs", "xz"], ["yq"]),
+                  helper.make_node("DequantizeLinear", ["yq", "xs", "xz"], ["y"])]
+    graph = helper.make_graph(nodes, f"{op_type}-{precision}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             input_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model, x_shape
+    model.ir_version = 8  # onnxruntime checks the graph as it loads it
+    return model
+
+
+def _probe(kind: str, precision: str):
+    """The large layer the peak is measured on, and its input shape."""
+    if kind == "conv":
+        c, s, k = CONV["channels"], CONV["side"], CONV["kernel"]
+        shape = [1, c, s, s]
+        return single_layer("Conv", [c, c, k, k], shape, {"pads": [k // 2] * 4},
+                            precision), shape
+    r, i, o = MATMUL["rows"], MATMUL["inner"], MATMUL["cols"]
+    return single_layer("MatMul", [i, o], [r, i], {}, precision), [r, i]
+
+
+def time_session(session, feed: dict, min_seconds: float = MIN_SECONDS,
+                 least_runs: int = 3, warmup: int = 2) -> float:
+    """The median seconds of a session's runs, after ``warmup`` runs, timed for at least
+    ``min_seconds`` and ``least_runs`` runs."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    times, started = [], time.perf_counter()
+    while len(times) < least_runs or time.perf_counter() - started < min_seconds:
+        t = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def _rate(kind: str, precision: str, threads: int, workdir: Path) -> float:
@@ -87,15 +106,8 @@ def _rate(kind: str, precision: str, threads: int, workdir: Path) -> float:
     onnx.save(model, str(path))
     session = open_session(path, threads=threads)
     feed = {"x": np.random.default_rng(1).standard_normal(x_shape, dtype=np.float32)}
-    for _ in range(2):
-        session.run(None, feed)
-    times, started = [], time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - started < MIN_SECONDS:
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
     macs = conv_macs() if kind == "conv" else matmul_macs()
-    return macs / float(np.median(times)) / 1e9
+    return macs / time_session(session, feed) / 1e9
 
 
 def measured_peak(threads: int) -> dict | None:
