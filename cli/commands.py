@@ -219,11 +219,12 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
-    latency = None
+    latency = table = table_maker = None
     if shared.budget_ms is not None:
         from export.budget import latency_meter
 
         latency = latency_meter(shared.budget_threads)
+        table, table_maker = _latency_table(settings, shared.budget_threads)
     amount = f"latency budget {shared.budget_ms} ms ({shared.budget_threads} thread(s))" \
         if shared.budget_ms is not None \
         else f"MAC budget {shared.target_macs}" if shared.target_macs is not None else \
@@ -255,6 +256,8 @@ def prune(
                    min_channels=shared.min_channels, target_macs=shared.target_macs,
                    budget_ms=shared.budget_ms, latency=latency,
                    second_order=settings.second_order(), model=given.get("model"),
+                   allocation=settings.allocation, latency_table=table,
+                   table_maker=table_maker,
                    weights=given.get("weights"), finetune_epochs=settings.finetune_epochs,
                    bn_recalibrate=settings.bn_recalibrate,
                    lr=given.get("lr"), batch_size=given.get("batch_size"), seed=shared.seed,
@@ -276,6 +279,31 @@ def prune(
     summary = prune_oneshot(checkpoint, out_dir, levels[0] if levels else None, **options)
     if main_process:
         show_summary(summary, json_out)
+
+
+def _latency_table(settings, threads: int) -> tuple[dict | None, object]:
+    """For a latency allocation: the given table (read as untrusted JSON, with a warning
+    where it was made with other threads or on another CPU), or a maker of one here."""
+    if settings.allocation != "latency":
+        if settings.latency_table is not None:
+            from compress.errors import CompressError
+
+            raise CompressError("--latency-table is read by --allocation latency only")
+        return None, None
+    from export.budget import layer_table_maker, table_warnings
+
+    if settings.latency_table is None:
+        return None, layer_table_maker(threads)
+    from compress.jsontext import read_json_file
+
+    table = read_json_file(settings.latency_table, "--latency-table")
+    if not isinstance(table, dict):
+        from compress.errors import CompressError
+
+        raise CompressError(f"--latency-table {settings.latency_table} is not a layer table")
+    for note in table_warnings(table, threads):
+        err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
+    return table, None
 
 
 def sweep_table(summaries: list[dict], with_test: bool) -> str:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
+from pathlib import Path
 
 from compress.errors import CompressError
 
@@ -58,6 +60,22 @@ def read_json(text: str | bytes, what: str) -> object:
     if not _all_text(value):
         raise CompressError(f"{what} holds a string that is not text (a lone surrogate)")
     return value
+
+
+def read_json_file(path: str | Path, what: str) -> object:
+    """A JSON file a user hands us, read as `read_json` reads text: a regular file only (a
+    FIFO or device is never opened), at most `MAX_JSON_BYTES` of it."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise CompressError(f"{what} {path} is not a regular file")
+        with path.open("rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise CompressError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise CompressError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    return read_json(data, f"{what} {path}")
 
 
 def _depth(text: str) -> int:

@@ -11,6 +11,7 @@ from compress.errors import CompressError
 from compress.options import check_declared, option
 
 SECOND_ORDER, FINETUNE = "Second order: cbs, cbs-s, woodfisher", "Fine-tuning"
+BUDGET = "Latency budget: l1-filter, l2-filter"
 BN_RECALIBRATE_IMAGES = 2048  # a one-shot cut leaves BatchNorm statistics stale
 
 
@@ -43,6 +44,13 @@ class PruneOptions:
     wf_scale: float = option(1.0, panel=SECOND_ORDER, low=0.0, low_open=True,
                              help="woodfisher update: scale of the summed single-weight "
                              "updates.")
+    allocation: str = option("latency", panel=BUDGET, choices=("latency", "uniform"),
+                             help="--budget-ms: each group's width from a layer table "
+                             "(latency), or one channel share for every group (uniform).")
+    latency_table: str | None = option(None, panel=BUDGET, shown="made here",
+                                       help="--budget-ms: `compress bench --layer-table`'s "
+                                       "table, made on the device; without it one is made "
+                                       "on this machine.")
     finetune_epochs: int = option(0, panel=FINETUNE, low=0, help="Epochs of fine-tuning after "
                                   "pruning (pruned weights stay zero).")
     bn_recalibrate: int = option(BN_RECALIBRATE_IMAGES, panel=FINETUNE, low=0,

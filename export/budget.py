@@ -32,6 +32,35 @@ def onnx_p50_ms(model: nn.Module, input_shape: tuple[int, ...], *, threads: int 
     return measurements[0].latency()["p50"]
 
 
+def layer_table_maker(threads: int = 1) -> Callable[[nn.Module, tuple[int, ...]], dict]:
+    """A function making a model's layer table here (`export.runtime.layer_table`), as
+    ``compress bench --layer-table`` would on its exported file, for a latency allocation."""
+    from export.runtime.layer_table import layer_table
+
+    def make(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
+        proto = tidy(module_to_onnx(model, tuple(input_shape), type(model).__name__))
+        with tempfile.TemporaryDirectory(prefix="compress-table-") as folder:
+            path = Path(folder) / "model.onnx"
+            onnx.save(proto, str(path))
+            return layer_table(path, threads=threads)
+    return make
+
+
+def table_warnings(table: dict, threads: int) -> list[str]:
+    """What makes a given layer table fit this budget search less: other threads, another
+    CPU (the measured correction runs here)."""
+    from export.runtime.latency import cpu_name
+
+    warnings = []
+    if table.get("threads") != threads:
+        warnings.append(f"the latency table was timed with {table.get('threads')} thread(s) "
+                        f"and the budget is measured with {threads}")
+    if table.get("cpu") and table.get("cpu") != cpu_name():
+        warnings.append(f"the latency table was made on {table['cpu']} and the budget is "
+                        f"measured here, on {cpu_name()}")
+    return warnings
+
+
 def latency_meter(threads: int = 1, runs: int = DEFAULT_RUNS
                   ) -> Callable[[nn.Module, tuple[int, ...]], float]:
     """A function measuring a model's p50 (ms) with these settings, for a pruner's search."""

@@ -205,7 +205,7 @@ def test_dpf_filter_feeds_back_to_masked_channels_and_cuts_them_at_the_end():
     assert pruner.step() is None and not pruner.masks
 
 
-def test_latency_budget_search_meets_the_budget_it_was_given(tmp_path):
+def test_uniform_budget_search_meets_the_budget_it_was_given(tmp_path):
     """The search measures real onnxruntime sessions; the model it keeps is the trial whose
     measured p50 met the budget, and every narrower cut it tried missed it."""
     from compress.methods.filter_norm import FilterNorm
@@ -218,7 +218,8 @@ def test_latency_budget_search_meets_the_budget_it_was_given(tmp_path):
     dense = onnx_p50_ms(model, (1, 28, 28), runs=30)
     budget = 0.6 * dense
     pruner = FilterNorm(OneShotRequest(budget_ms=budget, input_shape=(1, 28, 28),
-                                       latency=latency_meter(runs=30)), norm=1)
+                                       latency=latency_meter(runs=30), allocation="uniform"),
+                        norm=1)
     result = pruner.prune(model)
     curve = result.details["latency_curve"]
     chosen = result.details["channel_sparsity"]

@@ -136,6 +136,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                   round_to: int = 8, min_channels: int | None = None,
                   target_macs: float | None = None, budget_ms: float | None = None,
                   latency: Callable | None = None, second_order: dict | None = None,
+                  allocation: str = "latency", latency_table: dict | None = None,
+                  table_maker: Callable | None = None,
                   reuse: OneShotPruner | None = None, model: str | None = None,
                   weights: str | None = None, data_overrides: dict | None = None,
                   console: Console | None = None, show_progress: bool = True,
@@ -165,7 +167,8 @@ def prune_oneshot(checkpoint: str | None, out: str, sparsity: float | None = Non
                              round_to=round_to,
                              min_channels=min_channels, target_macs=target_macs,
                              budget_ms=budget_ms, latency=latency,
-                             second_order=second_order)
+                             second_order=second_order, allocation=allocation,
+                             latency_table=latency_table, table_maker=table_maker)
     if bn_recalibrate < 0:
         raise CompressError(f"--bn-recalibrate must be >= 0, got {bn_recalibrate}")
     recipe = _prune_recipe(base, spec.info.name, request, finetune_epochs, lr, batch_size, seed,

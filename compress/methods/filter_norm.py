@@ -12,8 +12,11 @@ first; even so it can thin one layer far more than the others, which is why it i
 
 ``target_macs`` replaces ``sparsity`` by a budget: the channel share is found by bisection
 on trial copies so that the pruned model keeps at most that fraction of the dense MACs.
-``budget_ms`` does the same against latency *measured* in onnxruntime (`export.budget`):
-each trial is exported and timed, and the curve of (share, MACs, p50) is reported.
+``budget_ms`` meets a latency *measured* in onnxruntime (`export.budget`). By default
+(``allocation="latency"``) each group's width comes from a layer table and is corrected by
+measurement (`compress.methods.latency_budget`); ``allocation="uniform"`` bisects one
+share for every group instead, each trial exported and timed, and reports the curve of
+(share, MACs, p50).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import copy
 from torch import nn
 
 from compress.errors import CompressError
+from compress.methods.latency_budget import LatencySearch, layer_channels
 from compress.methods.registry import (
     OneShotPruner,
     OneShotRequest,
@@ -41,6 +45,7 @@ from compress.structured.engine import (
     position_multiple,
     unfold_blocks,
 )
+from compress.structured.latency_allocation import check_table
 
 SEARCH_STEPS = 12  # bisection steps for --target-macs: the share is found to 1/4096
 BUDGET_STEPS = 6  # bisection steps for --budget-ms (each exports and times a model): 1/64
@@ -97,9 +102,12 @@ class FilterNorm(OneShotPruner):
 
     def check(self, model: nn.Module) -> None:
         """Plan the cut once (without making it), so that a sparsity that would empty a
-        layer or a model with nothing to cut is refused before any work is announced."""
+        layer or a model with nothing to cut is refused before any work is announced, and
+        a given latency table that is not this model's too."""
         if self.request.sparsity is not None:
             self.plan(ChannelEngine(model, self.request.input_shape), self.request.sparsity)
+        if self.request.latency_table is not None and self.request.allocation == "latency":
+            check_table(self.request.latency_table, layer_channels(model))
 
     def prune(self, model: nn.Module, data=None) -> OneShotResult:
         r = self.request
@@ -107,12 +115,16 @@ class FilterNorm(OneShotPruner):
         share, curve = r.sparsity, []
         if r.target_macs is not None:
             share = self._share_for_macs(model, original["macs"])
-        if r.budget_ms is not None:
+        trials, search = [], None
+        if r.budget_ms is not None and r.allocation == "uniform":
             share, curve = self._share_for_budget(model)
+        elif r.budget_ms is not None:
+            search = LatencySearch(model, r, self.norm)
+            trials = search.run()
         classes = classes_of(model, r.input_shape)
         engine = ChannelEngine(model, r.input_shape)
         widths = {g.root: g.width for g in engine.groups()}
-        drop = self.plan(engine, share)
+        drop = search.chosen if search is not None else self.plan(engine, share)
         engine.remove(drop)
         check_runs(model, r.input_shape, classes)
         structure = Structure(engine.history,
@@ -123,6 +135,10 @@ class FilterNorm(OneShotPruner):
                    "original_params": original["params"], "original_macs": original["macs"],
                    "mac_ratio": macs / original["macs"] if original["macs"] else None}
         notes = []
+        if search is not None:
+            details["latency_trials"] = trials
+            details["channel_sparsity"] = search.channel_share()
+            notes += search.notes()
         if curve:
             details["latency_curve"] = curve
             met = [c for c in curve if c["p50_ms"] <= r.budget_ms]
@@ -189,6 +205,14 @@ def _checked(request: OneShotRequest) -> OneShotRequest:
                             "--budget-ms")
     if request.budget_ms is not None and request.latency is None:
         raise CompressError("--budget-ms needs a latency meter (export.budget.latency_meter)")
+    if request.allocation not in ("latency", "uniform"):
+        raise CompressError(f"--allocation must be latency or uniform, got "
+                            f"{request.allocation!r}")
+    if request.budget_ms is not None and request.allocation == "latency" and \
+            request.latency_table is None and request.table_maker is None:
+        raise CompressError("--budget-ms with --allocation latency needs a layer table "
+                            "(latency_table) or a maker of one (export.budget."
+                            "layer_table_maker)")
     if request.round_to < 1:
         raise CompressError(f"--round-to must be at least 1, got {request.round_to}")
     if request.min_channels is not None and request.min_channels < 1:

@@ -86,6 +86,9 @@ class OneShotRequest:
     target_macs: float | None = None  # fraction of the dense MACs to keep instead
     budget_ms: float | None = None  # or: the p50 latency (ms) the exported model must meet
     latency: Callable | None = None  # (model, input_shape) -> p50 ms, for budget_ms
+    allocation: str = "latency"  # budget_ms: widths by a latency table, or one share alike
+    latency_table: dict | None = None  # `compress bench --layer-table`'s table (None: make one)
+    table_maker: Callable | None = None  # (model, input_shape) -> a layer table made here
     second_order: dict | None = None  # cbs / woodfisher options (`SecondOrderOptions` fields)
     input_shape: tuple[int, ...] = (1, 28, 28)
 

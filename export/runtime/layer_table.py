@@ -7,7 +7,10 @@ would run it inside the model: the same kernel, strides, padding, dilation and g
 real spatial size of its input, the file's precision (int8 in the QDQ form our int8
 exports take) and the given threads, at widths from a grid over its input and output
 channels (depthwise layers: one width, since they keep ``groups == channels``). Each entry
-is the median of timed runs after a warm-up. The table records the CPU, threads, batch,
+is the median of timed runs after a warm-up. A layer run alone pays what a session run and its
+layout conversions cost, which the layers inside the model do not pay each; the reader of
+the table takes that off (`compress.structured.latency_allocation`). The table records the
+CPU, threads, batch,
 onnxruntime version and the model's digest, so that a table made for another model, CPU
 or thread count can be told apart. Needs onnx and onnxruntime, not torch.
 """
@@ -128,6 +131,7 @@ def layer_table(path: str | Path, *, threads: int = 1, batch: int = 1, points: i
                             "attributes": layer["attributes"], "times_ms": rows})
     return {"format": TABLE_FORMAT, "model": path.name, "model_sha256": _digest(path),
             "precision": precision, "threads": threads, "batch": batch,
+
             "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "onnxruntime": load_onnxruntime().__version__,
             "grid": {"points": points, "step": step}, "layers": entries}

@@ -1,0 +1,131 @@
+"""Channel widths chosen by a layer table (`--budget-ms` with `--allocation latency`): the
+prediction, the greedy allocation, and the search that measures real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress.structured.latency_allocation import (
+    GroupLayers,
+    LatencyModel,
+    allocate,
+    fixed_cost,
+)
+
+
+def entry(name: str, cin: int, cout: int, ms_per_mac: float, fixed: float = 0.0) -> dict:
+    widths_in = sorted({max(1, cin * k // 4) for k in range(1, 5)})
+    widths_out = sorted({max(1, cout * k // 4) for k in range(1, 5)})
+    return {"layer": name, "input_channels": cin, "output_channels": cout,
+            "depthwise": False,
+            "times_ms": [[i, o, fixed + ms_per_mac * i * o] for i in widths_in
+                         for o in widths_out]}
+
+
+def test_the_fixed_cost_of_a_layer_alone_is_the_intercept_of_its_grid():
+    rows = [(i, o, 0.02 + 0.001 * i + 0.0005 * o + 1e-5 * i * o)
+            for i in (8, 16, 32, 64) for o in (8, 16, 32)]
+    assert fixed_cost(rows, depthwise=False) == pytest.approx(0.02, abs=1e-9)
+    assert fixed_cost([(8, 8, 0.5)], depthwise=False) == 0.0
+
+
+def chain() -> LatencyModel:
+    """a: 16 -> 32 (group A), b: 32 -> 32 (reads A, group B), c: 32 -> 10 (reads B); b is
+    ten times as slow per MAC as the others."""
+    table = {"layers": [entry("a", 16, 32, 1e-4), entry("b", 32, 32, 1e-3),
+                        entry("c", 32, 10, 1e-4)]}
+    full = {"a": (16, 32), "b": (32, 32), "c": (32, 10)}
+    groups = {"A": (32, GroupLayers(outputs=["a"], inputs=["b"])),
+              "B": (32, GroupLayers(outputs=["b"], inputs=["c"]))}
+    return LatencyModel(table, full, groups)
+
+
+def test_the_prediction_is_the_sum_of_the_layers_at_the_widths_the_groups_give():
+    model = chain()
+    full = model.predict({"A": 32, "B": 32})
+    assert full == pytest.approx(1e-4 * 16 * 32 + 1e-3 * 32 * 32 + 1e-4 * 32 * 10)
+    half_a = model.predict({"A": 16, "B": 32})
+    assert half_a == pytest.approx(1e-4 * 16 * 16 + 1e-3 * 16 * 32 + 1e-4 * 32 * 10)
+    assert model.saving("A", {"A": 32, "B": 32}, 16) == pytest.approx(full - half_a)
+
+
+def test_allocation_meets_the_target_and_cuts_where_a_millisecond_costs_least():
+    """Equal importance per channel: the group whose channels buy the most time goes
+    first; a floor is never crossed; the target is met when the floors allow it."""
+    model = chain()
+    scores = {"A": torch.ones(32), "B": torch.ones(32)}
+    step, floor, blocks = {"A": 8, "B": 8}, {"A": 8, "B": 8}, {"A": 1, "B": 1}
+    full = model.predict({"A": 32, "B": 32})
+    found = allocate(model, scores, 0.7 * full, step, floor, blocks)
+    assert found.predicted_ms <= 0.7 * full
+    assert model.predict(found.kept) == pytest.approx(found.predicted_ms)
+    # A's channels feed the slow layer b's inputs and B's feed only c: cutting A saves more
+    assert found.kept["A"] < 32 and found.kept["B"] == 32
+    least = allocate(model, scores, 0.0, step, floor, blocks)
+    assert least.kept == {"A": 8, "B": 8}  # down to the floors, and no further
+
+
+def test_importance_outweighs_time_when_a_group_is_precious():
+    model = chain()
+    scores = {"A": torch.ones(32), "B": torch.ones(32)}
+    scores["A"][:24] = 1e3  # A: 24 of its channels matter a thousand times more
+    scores["B"][:] = 0.5
+    found = allocate(model, scores, 0.9 * model.predict({"A": 32, "B": 32}),
+                     {"A": 8, "B": 8}, {"A": 8, "B": 8}, {"A": 1, "B": 1})
+    assert found.kept["A"] >= 24  # only A's unimportant channels could go
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    from compress.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("vgg-small", 10, (1, 28, 28))
+
+
+def test_the_search_meets_the_budget_it_measures(vgg):
+    """Each trial is exported and timed in onnxruntime; the cut kept is the first trial whose
+    measured p50 met the budget, with the table's prediction beside every measurement."""
+    import copy
+
+    from compress.methods.filter_norm import FilterNorm
+    from compress.methods.registry import OneShotRequest
+    from export.budget import latency_meter, layer_table_maker, onnx_p50_ms
+
+    model = copy.deepcopy(vgg)
+    budget = 0.6 * onnx_p50_ms(model, (1, 28, 28), runs=30)
+    pruner = FilterNorm(OneShotRequest(budget_ms=budget, input_shape=(1, 28, 28),
+                                       latency=latency_meter(runs=30),
+                                       table_maker=layer_table_maker(1)), norm=1)
+    result = pruner.prune(model)
+    trials = result.details["latency_trials"]
+    assert trials[0]["trial"] == 0 and len(trials) >= 2
+    assert all(t["predicted_ms"] > 0 and t["measured_ms"] > 0 for t in trials)
+    assert trials[-1]["measured_ms"] <= budget
+    assert all(t["measured_ms"] > budget for t in trials[:-1])
+    assert any("latency table (made here)" in note for note in result.notes)
+    assert 0 < result.details["channel_sparsity"] < 1
+
+
+def test_a_table_for_another_model_or_an_unreachable_budget_is_one_line(vgg, tmp_path, cli):
+    from export.budget import layer_table_maker
+
+    run = tmp_path / "dense"
+    assert cli("train-prune", "--model", "lenet5", "--method", "none", "--epochs", "1",
+               "--max-train-samples", "256", "--max-test-samples", "64", "--quiet",
+               "--out", run).exit_code == 0
+    other = tmp_path / "vgg.json"
+    other.write_text(json.dumps(layer_table_maker(1)(vgg, (1, 28, 28))))
+    base = ["prune", run, "--method", "l1-filter", "--out", tmp_path / "p"]
+    wrong = cli(*base, "--budget-ms", "0.01", "--latency-table", other)
+    assert wrong.exit_code == 2 and "made for another model" in wrong.output
+    assert len(wrong.output.strip().splitlines()) == 1
+    unreachable = cli(*base, "--budget-ms", "0.000001")
+    assert unreachable.exit_code == 2 and "cannot be met" in unreachable.output
+    uniform = cli(*base, "--budget-ms", "1", "--allocation", "uniform",
+                  "--latency-table", other)
+    assert uniform.exit_code == 2 and "--allocation latency only" in uniform.output
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
