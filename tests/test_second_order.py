@@ -192,3 +192,30 @@ def test_the_batched_swap_pass_makes_the_swaps_of_the_looped_one(seed):
         got, made = swap_pass(w, fisher, pruned, settings)
         assert made == count and torch.equal(got, expected)
         pruned = got
+
+
+def test_fisher_groups_fit_the_cap_and_a_cap_below_one_block_names_the_least():
+    from compress.errors import CompressError
+    from compress.fisher_stream import (
+        block_bytes,
+        gradient_bytes,
+        inversion_bytes,
+        least_memory,
+        plan_groups,
+    )
+
+    shapes = {"a": torch.Size([64, 3, 3, 3]), "b": torch.Size([128, 64, 3, 3]),
+              "c": torch.Size([10, 128])}
+    sizes = {n: int(s.numel()) for n, s in shapes.items()}
+    blocks = make_blocks(shapes, max_block=600)
+    cap = 4 * least_memory(blocks, sizes)
+    groups = plan_groups(blocks, sizes, cap)
+    assert [b for g in groups for b in g.blocks] == blocks and len(groups) > 1
+    for group in groups:
+        cost = sum(block_bytes(b) for b in group.blocks) + \
+            sum(gradient_bytes(sizes[n]) for n in group.names) + \
+            max(inversion_bytes(b) for b in group.blocks)
+        assert cost <= cap
+    assert len(plan_groups(blocks, sizes, 10**12)) == 1
+    with pytest.raises(CompressError, match="at least"):
+        plan_groups(blocks, sizes, least_memory(blocks, sizes) - 1)
