@@ -108,6 +108,8 @@ class LatencySearch:
             if measured <= r.budget_ms:
                 self.met = True
                 break
+            if found.predicted_ms > target:
+                break  # the floors stop the allocation short of its target: no narrower cut
             target *= r.budget_ms / measured
         return self.trials
 
