@@ -32,7 +32,7 @@ def torchrun_json(*args: object) -> dict:
                "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"torchrun failed: {done.stderr[-800:]}")
+        raise RuntimeError(f"torchrun failed: {done.stderr[:1500]}")
     return json.loads(done.stdout)
 
 

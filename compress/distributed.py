@@ -141,6 +141,19 @@ def add_across_processes(shard: Shard, tensor: torch.Tensor) -> None:
         tensor.copy_(moved)
 
 
+def broadcast_buffers(shard: Shard, model: torch.nn.Module) -> None:
+    """Every buffer (BatchNorm's running statistics) as process 0 has it, in every process:
+    what DistributedDataParallel does before each forward, done once more after the last
+    step, so that the model evaluated, checked and saved is the same everywhere."""
+    if not shard.active:
+        return
+    for buffer in model.buffers():
+        moved = _to_backend(buffer.data)
+        dist.broadcast(moved, src=0)
+        if moved is not buffer.data:
+            buffer.data.copy_(moved)
+
+
 def check_identical(shard: Shard, tensors: dict[str, torch.Tensor], what: str) -> None:
     """Fail loudly if ``tensors`` differ between processes (compared by checksum)."""
     if not shard.active:

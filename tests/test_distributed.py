@@ -44,6 +44,18 @@ def test_two_processes_train_what_one_process_trains_with_twice_the_batch(tmp_pa
     assert (tmp_path / "two" / "report.md").exists()
 
 
+def test_a_batchnorm_model_ends_with_the_same_statistics_in_every_process(tmp_path):
+    """BatchNorm's running statistics are updated by each process on its own shard; the run
+    ends with the first process's, everywhere, as DDP would hand them to the next step (the
+    final check compares every float of the model)."""
+    result = torchrun("train-prune", "--model", "resnet20", "--method", "dpf", "--sparsity",
+                      "0.5", "--epochs", "1", "--max-train-samples", "320",
+                      "--max-test-samples", "64", "--batch-size", "32", "--quiet",
+                      "--out", str(tmp_path / "bn"), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["processes"] == 2
+
+
 def test_a_failed_start_stops_every_process(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()

@@ -304,6 +304,7 @@ def finish(job: Job, console: Console | None = None, show_progress: bool = False
     event = job.pruner.finalize() if job.pruner is not None else None
     if event is not None:
         job.run.log(event.kind, **{k: v for k, v in vars(event).items() if k != "kind"})
+    distributed.broadcast_buffers(job.shard, job.model)  # the last step's own statistics
     recalibrated = recalibrate_batchnorm(job) if recalibrate else 0
     with progress_bars(console or Console(stderr=True), show_progress and job.shard.main) \
             as progress:
