@@ -558,8 +558,14 @@ def export_onnx(
                                                      "(mobile) builds: weights unpacked.")]
     = "onnx",
     overwrite: Annotated[bool, Opt(help="Replace an existing file at --onnx.")] = False,
-    quantize: Annotated[str, Opt(help="none, or int8: static QDQ, per-channel weights, "
-                                      "calibrated on training images.")] = "none",
+    quantize: Annotated[str, Opt(help="none; int8: static QDQ, per-channel weights, "
+                                      "calibrated on training images; auto: int8 only where "
+                                      "it runs faster here and keeps validation top-1.")]
+    = "none",
+    max_accuracy_drop: Annotated[float, Opt(help="--quantize auto: most validation top-1 "
+                                                 "(points) int8 may lose.")] = 0.5,
+    bench_threads: Annotated[int, Opt(help="--quantize auto: onnxruntime threads the two "
+                                           "files are timed with.")] = 1,
     calibration_samples: Annotated[int | None, Opt(help="Training images that calibrate "
                                                         "--quantize int8.",
                                                         show_default="512, or all when fewer")]
@@ -583,13 +589,27 @@ def export_onnx(
     from export.onnx_export import export_checkpoint
 
     busy = _threads(threads)
+    choice = None
     with ExportStages() as stages:
-        result = export_checkpoint(source, onnx_path, pack=pack, values=values, opset=opset,
-                                   verify=verify, file_format=file_format, overwrite=overwrite,
-                                   measure_accuracy=verify, quantize=quantize,
-                                   calibration_samples=calibration_samples, data_dir=data_dir,
-                                   sign=sign, on_stage=None if json_out else stages,
-                                   allow_constant_output=allow_constant_output)
+        common = dict(pack=pack, values=values, opset=opset, verify=verify,
+                      file_format=file_format, calibration_samples=calibration_samples,
+                      data_dir=data_dir, sign=sign, on_stage=None if json_out else stages,
+                      allow_constant_output=allow_constant_output)
+        if quantize not in ("none", "int8", "auto"):
+            from compress.errors import CompressError
+
+            raise CompressError(f"--quantize must be one of none, int8, auto, got "
+                                f"{quantize!r}")
+        if quantize == "auto":
+            from export.precision_choice import export_measured_precision
+
+            result, choice = export_measured_precision(
+                source, onnx_path, threads=bench_threads, max_drop=max_accuracy_drop / 100,
+                overwrite=overwrite, **common)
+            quantize = "int8" if choice["chosen"] == "int8" else "none"
+        else:
+            result = export_checkpoint(source, onnx_path, overwrite=overwrite,
+                                       measure_accuracy=verify, quantize=quantize, **common)
     accuracy = result.accuracy
     _warn_unfinished(result.unfinished)
     if result.verify is not None and result.verify.constant_output:
@@ -600,10 +620,15 @@ def export_onnx(
                "values": result.values, "exponent_width": result.exponent_width,
                "quantize": quantize, "opset": result.opset,
                "verify": vars(result.verify) if result.verify else None, "accuracy": accuracy,
-               "signed_by": result.signed_by}
+               "signed_by": result.signed_by, "precision_choice": choice}
     if json_out:
         print_json(payload)
         return
+    if choice is not None:
+        p50 = choice["p50_ms"]
+        out.print(escape(f"--quantize auto kept {choice['chosen']}: {choice['reason']} (p50 "
+                         f"{p50['fp32']:.3f} ms fp32, {p50['int8']:.3f} ms int8, "
+                         f"{choice['threads']} thread(s))"), highlight=False, soft_wrap=True)
     stored = "int8 (QDQ)" if quantize == "int8" else result.values
     if result.value_bits:
         stored += f" (exact, exponent-coded in {result.value_bits} bits)"

@@ -634,3 +634,35 @@ def test_parity_allows_what_pytorch_s_own_fp32_rounding_explains():
     with pytest.raises(CompressError, match="against the float64 result it is off by 5.00e-02"):
         _rounding_tolerance(model, x, exact + 5e-2, torch_fp32, 6e-2, 1e-4)
     assert model.weight.dtype == torch.float32  # put back
+
+
+@pytest.mark.parametrize(("p50", "top1", "chosen", "why"), [
+    ({"fp32": 1.0, "int8": 0.5}, {"fp32": 0.90, "int8": 0.899}, "int8", "2.00x faster"),
+    ({"fp32": 1.0, "int8": 1.2}, {"fp32": 0.90, "int8": 0.90}, "fp32", "no faster"),
+    ({"fp32": 1.0, "int8": 0.5}, {"fp32": 0.90, "int8": 0.88}, "fp32", "lost 2.00 points"),
+    ({"fp32": 1.0, "int8": 0.5}, {"fp32": 0.90, "int8": None}, "fp32", "not trusted"),
+])
+def test_quantize_auto_keeps_int8_only_when_faster_and_as_accurate(p50, top1, chosen, why):
+    from export.precision_choice import decide
+
+    kept, reason = decide(p50, top1, max_drop=0.005)
+    assert kept == chosen and why in reason
+
+
+def test_quantize_auto_writes_the_file_it_chose(runs, tmp_path, cli):
+    """Both candidates measured; the file at --onnx is the chosen one, nothing else is left
+    beside it, and an existing file stays without --overwrite."""
+    out = tmp_path / "auto.onnx"
+    result = cli("export", runs["dpf"], "--onnx", out, "--quantize", "auto", "--json")
+    assert result.exit_code == 0, result.output
+    choice = json.loads(result.stdout)["precision_choice"]
+    assert choice["chosen"] in ("fp32", "int8") and choice["reason"]
+    assert all(choice["p50_ms"][p] > 0 for p in ("fp32", "int8"))
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ("QuantizeLinear" in ops) == (choice["chosen"] == "int8")
+    assert out.stat().st_size == choice["file_bytes"][choice["chosen"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.onnx"]
+    again = cli("export", runs["dpf"], "--onnx", out, "--quantize", "auto")
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    bad = cli("export", runs["dpf"], "--onnx", tmp_path / "x.onnx", "--quantize", "int4")
+    assert bad.exit_code == 2 and "none, int8, auto" in bad.output

@@ -92,7 +92,7 @@ class SecondOrder(OneShotPruner):
         super().__init__(request)
         self.options = options
         self.stream: FisherStream | None = None  # reused across the levels of a sweep
-        self._inverses: dict[Block, torch.Tensor] = {}  # kept only when the Fisher is kept
+        self._inverses: dict[Block, torch.Tensor] = {}  # kept beside the Fisher where both fit
 
     # -- checks -------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
