@@ -15,7 +15,7 @@ from compress.errors import CompressError
 
 # the names `compress.models.REGISTRY` builds (it checks that both agree)
 REGISTERED_NAMES = ("mlpnet", "lenet300", "lenet5", "vgg-small", "resnet20", "resnet32",
-                    "resnet56", "wrn-28-2")
+                    "resnet56", "wrn-28-2", "mobilenetv2-32")  # `compress.models.REGISTRY`
 
 _TRUSTED_SPECS: set[str] = set()
 # timm's registry, by name only (`compress.models.timm_models` looks nothing else up)

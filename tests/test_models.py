@@ -30,6 +30,20 @@ def test_cifar_resnet_sizes():
     assert 1.4e6 < count("wrn-28-2") < 1.6e6
 
 
+def test_every_registered_model_may_be_named_by_a_file():
+    from compress.model_specs import REGISTERED_NAMES
+
+    assert set(REGISTERED_NAMES) == set(REGISTRY)
+
+
+def test_mobilenetv2_for_32x32_keeps_the_resolution_the_imagenet_strides_would_lose():
+    model = build_model("mobilenetv2-32", 10, (3, 32, 32)).eval()
+    assert 2.2e6 < sum(p.numel() for p in model.parameters()) < 2.3e6
+    assert model.features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (4, 4)
+    gray = build_model("mobilenetv2-32", 10, (1, 28, 28)).eval()
+    assert gray.features[0][0].in_channels == 1
+
+
 def test_torchvision_resnet18_trains_a_step_on_fashion_mnist(fmnist_small):
     model = build_model("torchvision.models:resnet18", 10, (1, 28, 28))
     assert model.conv1.in_channels == 1 and model.fc.out_features == 10

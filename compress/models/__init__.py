@@ -21,7 +21,14 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.model_specs import check_spec_from_file, trust_model_spec
-from compress.models.cifar import resnet20, resnet32, resnet56, vgg_small, wrn_28_2
+from compress.models.cifar import (
+    mobilenetv2_32,
+    resnet20,
+    resnet32,
+    resnet56,
+    vgg_small,
+    wrn_28_2,
+)
 from compress.models.small import lenet5, lenet300, mlpnet
 from compress.models.timm_models import is_timm, timm_factory
 
@@ -34,6 +41,7 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,
     "resnet56": resnet56,
     "wrn-28-2": wrn_28_2,
+    "mobilenetv2-32": mobilenetv2_32,
 }
 
 

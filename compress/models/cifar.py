@@ -141,3 +141,24 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 def wrn_28_2(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return WideResNet(28, 2, num_classes, in_channels)
+
+
+# MobileNetV2 for 32x32 inputs, as the CIFAR literature adapts it: the stem and the second
+# stage keep the resolution (stride 1 where ImageNet's take 2), so a 32x32 image ends at 4x4
+# rather than 1x1. (expansion, channels, blocks, first stride) per stage.
+MOBILENETV2_32_STAGES = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2],
+                         [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+def mobilenetv2_32(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's MobileNetV2 (width 1.0) with the 32x32 strides above."""
+    from torchvision.models import MobileNetV2
+
+    model = MobileNetV2(num_classes=num_classes,
+                        inverted_residual_setting=MOBILENETV2_32_STAGES)
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1, padding=1,
+                                     bias=False)
+    nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
+    return model
+
