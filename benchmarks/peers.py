@@ -1,0 +1,233 @@
+"""compress against the alternatives a user would pick, from the same trained model, with the
+same fine-tuning budget, every file of a model timed interleaved in one process.
+
+For each model and seed: a dense model is trained (``--dense-epochs``) on the first
+``--train-samples`` Fashion-MNIST images; then, each fine-tuned or trained for
+``--finetune-epochs`` from those dense weights:
+
+* ``tp-uniform`` / ``tp-global``: torch-pruning's ``MagnitudePruner`` (L1 magnitude, every
+  layer the same ratio / one global ranking, ``round_to=8``, the classifier left alone) at
+  channel ratio ``--ratio``, then fine-tuned by compress's own loop (the peer is registered
+  here as a one-shot method, so it gets the same BatchNorm re-estimation, fine-tuning and
+  export);
+* ``dpf-filter`` and ``density`` (ADP) while training, from the dense weights;
+* ``l1-latency`` / ``l1-uniform``: ``compress prune --method l1-filter --budget-ms B``
+  with ``--allocation latency`` / ``uniform``, B the measured fp32 p50 of ``tp-uniform``'s
+  file (so that they meet the peer at its own latency), then fine-tuned.
+
+Every run and the dense model are exported in fp32 and int8 (onnxruntime static QDQ); all
+files of a model, every seed, are timed interleaved in one process (``--threads``, batch
+1); test top-1 on the first ``--test-samples`` test images. NNCF is not compared: it does
+not install here (no package index holds it), and its structured pruning was removed in
+3.0 anyway. Results: ``benchmarks/results/peers.jsonl`` (a row per file and seed), the
+table (mean ± std over seeds) and one accuracy-against-p50 plot per model
+(``docs/peers-MODEL.png``).
+
+    .venv/bin/python benchmarks/peers.py                               # hours on 2 cores
+    .venv/bin/python benchmarks/peers.py --models lenet5 --seeds 0 --train-samples 600 \\
+        --dense-epochs 1 --finetune-epochs 1 --runs 50                 # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results/peers.jsonl")
+PLOTS = Path("docs")
+
+
+def register_peers(ratio: float) -> None:
+    """torch-pruning's MagnitudePruner as two one-shot methods of compress."""
+    import torch
+    import torch_pruning as tp
+    from torch import nn
+
+    from compress.catalog import CATALOG, MethodInfo
+    from compress.methods.registry import OneShotPruner, OneShotResult, register
+    from compress.stats import count_macs
+    from compress.structured.engine import Structure, count_params
+
+    class TorchPruningMagnitude(OneShotPruner):
+        def __init__(self, request, global_pruning: bool) -> None:
+            super().__init__(request)
+            self.global_pruning = global_pruning
+
+        def prune(self, model: nn.Module, data=None) -> OneShotResult:
+            shape = self.request.input_shape
+            original = {"params": count_params(model), "macs": count_macs(model, shape)[0]}
+            widths = {n: m.out_channels for n, m in model.named_modules()
+                      if isinstance(m, nn.Conv2d)}
+            classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+            pruner = tp.pruner.MagnitudePruner(
+                model, torch.randn(1, *shape), importance=tp.importance.MagnitudeImportance(p=1),
+                pruning_ratio=ratio, global_pruning=self.global_pruning, round_to=8,
+                ignored_layers=classifier)
+            model.eval()
+            pruner.step()
+            history = [[str(n), bool(o), [int(i) for i in idx]]
+                       for n, o, idx in pruner.DG.pruning_history()]
+            kept = {n: [widths[n], m.out_channels] for n, m in model.named_modules()
+                    if isinstance(m, nn.Conv2d) and m.out_channels != widths.get(n)}
+            macs = count_macs(model, shape)[0]
+            return OneShotResult(structure=Structure(history, kept, original),
+                                 details={"mac_ratio": macs / original["macs"]})
+
+    for name, global_pruning in (("tp-uniform", False), ("tp-global", True)):
+        if name in CATALOG:
+            continue
+        register(MethodInfo(name, "channels", "one-shot",
+                            f"torch-pruning MagnitudePruner, {name[3:]} (a peer)", __name__),
+                 lambda request, g=global_pruning: TorchPruningMagnitude(request, g))
+
+
+def runs_for(model: str, seed: int, args, work: Path) -> dict[str, Path]:
+    """Every run of one model and seed, by row name."""
+    from compress.errors import CompressError
+    from compress.pipeline import prune_oneshot, train_prune
+    from compress.recipe import Recipe
+    from export.budget import latency_meter, layer_table_maker, onnx_p50_ms
+
+    data = {"max_train_samples": args.train_samples, "max_test_samples": args.test_samples,
+            "seed": seed}
+    root = work / model / f"seed-{seed}"
+    runs = {"dense": root / "dense"}
+    train_prune(Recipe(model=model, method="none", epochs=args.dense_epochs, **data).validate(),
+                str(runs["dense"]), show_progress=False)
+    finetune = {"finetune_epochs": args.finetune_epochs, "seed": seed, "show_progress": False}
+    for name in ("tp-uniform", "tp-global"):
+        runs[name] = root / name
+        prune_oneshot(str(runs["dense"]), str(runs[name]), args.ratio, method=name, **finetune)
+    for method, extra in (("dpf-filter", {"sparsity": args.ratio}), ("density", {})):
+        runs[method] = root / method
+        train_prune(Recipe(model=model, method=method, epochs=args.finetune_epochs,
+                           weights=str(runs["dense"] / "checkpoint.pt"), **extra,
+                           **data).validate(), str(runs[method]), show_progress=False)
+    from compress.checkpoint import load_checkpoint
+
+    peer = load_checkpoint(runs["tp-uniform"] / "checkpoint.pt")
+    budget = onnx_p50_ms(peer.build_model(), tuple(peer.data.input_shape),
+                         threads=args.threads, runs=args.runs)
+    for name, allocation in (("l1-latency", "latency"), ("l1-uniform", "uniform")):
+        try:
+            prune_oneshot(str(runs["dense"]), str(root / name), method="l1-filter",
+                          budget_ms=budget, latency=latency_meter(args.threads, args.runs),
+                          allocation=allocation, table_maker=layer_table_maker(args.threads),
+                          **finetune)
+        except CompressError as exc:  # a budget the cut cannot meet: the row is left out
+            print(f"{model} seed {seed} {name}: {exc}", flush=True)
+            continue
+        runs[name] = root / name
+    return runs
+
+
+def export_all(runs: dict[str, Path], folder: Path) -> list[dict]:
+    """fp32 and int8 files of every run."""
+    from export.onnx_export import export_checkpoint
+
+    files = []
+    for name, run in runs.items():
+        for precision, quantize in (("fp32", "none"), ("int8", "int8")):
+            path = folder / f"{name}-{precision}.onnx"
+            export_checkpoint(run, path, quantize=quantize, verify=False)
+            files.append({"row": name, "precision": precision, "path": path})
+    return files
+
+
+def measure_files(files: list[dict], args) -> None:
+    """p50 of every file (interleaved in this process), test top-1 and size, in place."""
+    from export.onnx_inspect import inspect_onnx
+    from export.runtime.evaluation import evaluate_onnx
+    from export.runtime.latency import measure
+
+    measured, _ = measure([f["path"] for f in files], threads=args.threads, runs=args.runs)
+    for f, m in zip(files, measured, strict=True):
+        f["p50_ms"] = m.latency()["p50"]
+        f["bytes"] = m.file_bytes
+        f["test_top1"] = evaluate_onnx(f["path"])["top1"]
+        f["macs"] = inspect_onnx(f["path"])["total"]["macs"]
+
+
+def table(rows: list[dict]) -> str:
+    """Mean ± std over seeds per model, row and precision."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["row"], r["precision"]), []).append(r)
+    lines = ["| model | file | precision | test top-1 | p50 (ms) | speed-up vs dense fp32 | "
+             "bytes | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for (model, row, precision), found in groups.items():
+        dense = groups[(model, "dense", "fp32")]
+        top1 = [100 * r["test_top1"] for r in found]
+        p50 = statistics.mean(r["p50_ms"] for r in found)
+        std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+        lines.append(f"| {model} | {row} | {precision} | {statistics.mean(top1):.2f} ± "
+                     f"{std:.2f} | {p50:.3f} | "
+                     f"{statistics.mean(r['p50_ms'] for r in dense) / p50:.2f}x | "
+                     f"{int(statistics.mean(r['bytes'] for r in found)):,} | {len(found)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], model: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["row"], r["precision"]) for r in rows if r["model"] == model}):
+        found = [r for r in rows if r["model"] == model and (r["row"], r["precision"]) == key]
+        top1 = [100 * r["test_top1"] for r in found]
+        ax.errorbar(statistics.mean(r["p50_ms"] for r in found), statistics.mean(top1),
+                    yerr=statistics.stdev(top1) if len(top1) > 1 else 0.0, fmt="o",
+                    label=f"{key[0]} {key[1]}", capsize=3)
+    ax.set_xlabel("p50 latency (ms, onnxruntime, batch 1)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{model}: accuracy against latency (mean ± std over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    path = PLOTS / f"peers-{model}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+",
+                        default=["vgg-small", "resnet20", "mobilenetv2-32"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--test-samples", type=int, default=10000)
+    parser.add_argument("--dense-epochs", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=6)
+    parser.add_argument("--ratio", type=float, default=0.5, help="channel ratio of the peers")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=300)
+    args = parser.parse_args()
+    register_peers(args.ratio)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="compress-peers-") as name:
+        work = Path(name)
+        for model in args.models:
+            files = []
+            for seed in args.seeds:
+                folder = work / model / f"files-{seed}"
+                folder.mkdir(parents=True)
+                for f in export_all(runs_for(model, seed, args, work), folder):
+                    files.append({**f, "model": model, "seed": seed})
+            measure_files(files, args)
+            for f in files:
+                rows.append({k: str(v) if k == "path" else v for k, v in f.items()
+                             if k != "path"} | {"settings": vars(args)})
+            print(table([r for r in rows if r["model"] == model]), flush=True)
+            print(f"plot: {plot(rows, model)}", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
