@@ -219,12 +219,16 @@ def prune(
                       f"val top-1 {result.val_acc:.4f}  ({result.seconds:.1f} s)",
                       highlight=False)
 
-    latency = table = table_maker = None
+    latency = given_table = table_maker = None
+    if shared.budget_ms is None and settings.latency_table is not None:
+        from compress.errors import CompressError
+
+        raise CompressError("--latency-table is read with --budget-ms")
     if shared.budget_ms is not None:
         from export.budget import latency_meter
 
         latency = latency_meter(shared.budget_threads)
-        table, table_maker = _latency_table(settings, shared.budget_threads)
+        given_table, table_maker = _latency_table(settings, shared.budget_threads)
     amount = f"latency budget {shared.budget_ms} ms ({shared.budget_threads} thread(s))" \
         if shared.budget_ms is not None \
         else f"MAC budget {shared.target_macs}" if shared.target_macs is not None else \
@@ -256,7 +260,7 @@ def prune(
                    min_channels=shared.min_channels, target_macs=shared.target_macs,
                    budget_ms=shared.budget_ms, latency=latency,
                    second_order=settings.second_order(), model=given.get("model"),
-                   allocation=settings.allocation, latency_table=table,
+                   allocation=settings.allocation, latency_table=given_table,
                    table_maker=table_maker,
                    weights=given.get("weights"), finetune_epochs=settings.finetune_epochs,
                    bn_recalibrate=settings.bn_recalibrate,

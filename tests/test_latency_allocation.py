@@ -128,4 +128,6 @@ def test_a_table_for_another_model_or_an_unreachable_budget_is_one_line(vgg, tmp
     uniform = cli(*base, "--budget-ms", "1", "--allocation", "uniform",
                   "--latency-table", other)
     assert uniform.exit_code == 2 and "--allocation latency only" in uniform.output
+    unused = cli(*base, "--sparsity", "0.5", "--latency-table", other)
+    assert unused.exit_code == 2 and "read with --budget-ms" in unused.output
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())

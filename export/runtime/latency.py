@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import resource
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,13 @@ from compress.errors import CompressError
 from export.limits import MAX_INPUT_MB, MAX_TENSOR_MB
 from export.ort import load_onnxruntime
 from export.runtime.isolated import in_child
-from export.runtime.peak import efficiency, file_precision, layer_rates, measured_peak
+from export.runtime.peak import (
+    efficiency,
+    file_precision,
+    layer_rates,
+    measured_peak,
+    write_probes,
+)
 from export.session import open_session, single_input
 
 PERCENTILES = ("p50", "p90", "p99")
@@ -159,9 +166,10 @@ def bench(model: str | Path, against: str | Path | None = None, *, threads: int 
         result["ratio_p50"] = first.latency()["p50"] / other.latency()["p50"]
     work = checked[0]["work"] or {}
     if rate:
+        with tempfile.TemporaryDirectory(prefix="compress-peak-") as folder:
+            peak = measured_peak(threads, in_child(write_probes, folder))
         result.update(efficiency(work.get("macs"), first.latency()["p50"], batch,
-                                 file_precision(set(work.get("op_types", []))),
-                                 measured_peak(threads)))
+                                 file_precision(set(work.get("op_types", []))), peak))
     result["warnings"] = _warnings(measurements, threads)
     result["profile"] = None
     if profile_runs:

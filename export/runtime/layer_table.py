@@ -50,12 +50,9 @@ def _layer_shapes(layer: dict, cin: int, cout: int, batch: int) -> tuple[list, l
     attributes = dict(layer["attributes"])
     if layer["op_type"] == "Conv":
         _, per_group, *kernel = layer["weight_shape"]
-        groups = int(attributes.get("group", 1))
-        depthwise = groups > 1 and per_group == 1
-        if depthwise:
+        depthwise = int(attributes.get("group", 1)) > 1 and per_group == 1
+        if depthwise:  # (other grouped convolutions are left out of the table)
             attributes["group"] = cin
-        elif groups > 1:
-            raise ValueError("grouped convolutions other than depthwise are not swept")
         spatial = layer["input_shape"][2:]
         weight = [cout, 1 if depthwise else cin, *kernel]
         return weight, [batch, cin, *spatial], attributes

@@ -11,7 +11,6 @@ peak is reported as unknown.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -97,33 +96,42 @@ def time_session(session, feed: dict, min_seconds: float = MIN_SECONDS,
     return float(np.median(times))
 
 
-def _rate(kind: str, precision: str, threads: int, workdir: Path) -> float:
-    """GMAC/s of one probe: its MACs over the median of timed runs."""
-    import onnx
-
-    model, x_shape = _probe(kind, precision)
-    path = workdir / f"{kind}-{precision}.onnx"
-    onnx.save(model, str(path))
-    session = open_session(path, threads=threads)
-    feed = {"x": np.random.default_rng(1).standard_normal(x_shape, dtype=np.float32)}
-    macs = conv_macs() if kind == "conv" else matmul_macs()
-    return macs / time_session(session, feed) / 1e9
+PROBES = [(kind, precision) for precision in ("fp32", "int8") for kind in ("conv", "matmul")]
 
 
-def measured_peak(threads: int) -> dict | None:
-    """The best GMAC/s of the conv and matmul probes, per precision, at ``threads``; None
-    without the onnx package."""
+def write_probes(folder: str) -> dict | None:
+    """The probe models saved in ``folder``: ``{"conv-fp32": [path, input shape], ...}``;
+    None without the onnx package. Run in `export.runtime.isolated.in_child`, so that the
+    process that times them never imports onnx."""
     try:
-        import onnx  # noqa: F401 - only to know whether the probes can be built
+        import onnx
     except ModuleNotFoundError:
         return None
+    written = {}
+    for kind, precision in PROBES:
+        model, x_shape = _probe(kind, precision)
+        path = Path(folder) / f"{kind}-{precision}.onnx"
+        onnx.save(model, str(path))
+        written[f"{kind}-{precision}"] = [str(path), x_shape]
+    return written
+
+
+def measured_peak(threads: int, probes: dict | None) -> dict | None:
+    """The best GMAC/s of the conv and matmul probes (`write_probes`), per precision, at
+    ``threads``: each probe's MACs over the median of its timed runs. None without probes."""
+    if probes is None:
+        return None
     peak: dict = {"threads": threads}
-    with tempfile.TemporaryDirectory(prefix="compress-peak-") as work:
-        for precision in ("fp32", "int8"):
-            rates = {kind: _rate(kind, precision, threads, Path(work))
-                     for kind in ("conv", "matmul")}
-            peak[precision] = max(rates.values())
-            peak[f"{precision}_by_layer"] = rates
+    for precision in ("fp32", "int8"):
+        rates = {}
+        for kind in ("conv", "matmul"):
+            path, x_shape = probes[f"{kind}-{precision}"]
+            session = open_session(path, threads=threads)
+            feed = {"x": np.random.default_rng(1).standard_normal(x_shape, dtype=np.float32)}
+            macs = conv_macs() if kind == "conv" else matmul_macs()
+            rates[kind] = macs / time_session(session, feed) / 1e9
+        peak[precision] = max(rates.values())
+        peak[f"{precision}_by_layer"] = rates
     return peak
 
 
