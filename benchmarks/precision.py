@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from compress_cli import compress_json
+from compress_cli import compress_json, pair_table
 
 RESULTS = Path("benchmarks/results/precision.json")
 
@@ -45,14 +45,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     print(f"{args.train_samples} images, {args.epochs} epochs, {args.threads} threads")
-    print("| model | fp32 s/epoch | bf16 s/epoch | bf16 / fp32 | fp32 top-1 | bf16 top-1 |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        fp32, bf16 = r["fp32"], r["bf16"]
-        print(f"| {r['model']} | {fp32['epoch_seconds']:.1f} | {bf16['epoch_seconds']:.1f} | "
-              f"{bf16['epoch_seconds'] / fp32['epoch_seconds']:.2f} | "
-              f"{100 * fp32['test_top1']:.2f} | {100 * bf16['test_top1']:.2f} |")
-
+    print(pair_table(rows, "fp32", "bf16", ("fp32", "bf16")))
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compress_cli import COMPRESS, compress_json
+from compress_cli import COMPRESS, compress_json, pair_table
 
 RESULTS = Path("benchmarks/results/torchrun_scaling.json")
 
@@ -62,14 +62,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     print(f"{args.train_samples} images, {args.epochs} epochs, {args.threads} threads in all")
-    print("| model | 1 process s/epoch | 2 processes s/epoch | 2 / 1 | top-1 (1) | top-1 (2) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        one, two = r["one"], r["two"]
-        print(f"| {r['model']} | {one['epoch_seconds']:.1f} | {two['epoch_seconds']:.1f} | "
-              f"{two['epoch_seconds'] / one['epoch_seconds']:.2f} | "
-              f"{100 * one['test_top1']:.2f} | {100 * two['test_top1']:.2f} |")
-
+    print(pair_table(rows, "one", "two", ("1 process", "2 processes")))
 
 if __name__ == "__main__":
     main()

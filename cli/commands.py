@@ -755,11 +755,14 @@ def bench(
     from export.runtime.latency import budget_verdict
 
     budget_verdict({"latency_ms": {}}, None, percentile)  # check the flag before timing
-    if layer_table is not None and Path(layer_table).exists() and not overwrite:
+    if layer_table is not None:  # checked before minutes of timing, not after
         from compress.errors import CompressError
 
-        raise CompressError(f"--layer-table {layer_table} already exists; pass --overwrite to "
-                            "replace it")
+        if Path(layer_table).exists() and not overwrite:
+            raise CompressError(f"--layer-table {layer_table} already exists; pass --overwrite "
+                                "to replace it")
+        if table_widths < 1 or table_step < 1:
+            raise CompressError("--table-widths and --table-step must be at least 1")
     with Progress(TextColumn("timing"), BarColumn(), MofNCompleteColumn(), console=err,
                   transient=True, disable=json_out or not err.is_terminal) as progress:
         task = progress.add_task("bench", total=runs * (2 if against else 1))

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 import re
-import stat
 from pathlib import Path
 
 from compress.errors import CompressError
+from compress.fileio import regular_file_size
 
 MAX_JSON_BYTES = 2**20  # longest JSON text read from a file (metadata, records, logs)
 MAX_JSON_DEPTH = 64  # deepest nesting of lists and objects in it
@@ -64,18 +64,15 @@ def read_json(text: str | bytes, what: str) -> object:
 
 def read_json_file(path: str | Path, what: str) -> object:
     """A JSON file a user hands us, read as `read_json` reads text: a regular file only (a
-    FIFO or device is never opened), at most `MAX_JSON_BYTES` of it."""
-    path = Path(path)
+    FIFO or device is never opened), of at most `MAX_JSON_BYTES`."""
+    name = f"{what} {path}"
+    regular_file_size(path, MAX_JSON_BYTES / 2**20, "read as JSON", name)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise CompressError(f"{what} {path} is not a regular file")
-        with path.open("rb") as f:
+        with Path(path).open("rb") as f:
             data = f.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise CompressError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise CompressError(f"{what} {path} cannot be read ({exc.strerror})") from None
-    return read_json(data, f"{what} {path}")
+        raise CompressError(f"cannot read {name}: {exc.strerror}") from None
+    return read_json(data, name)
 
 
 def _depth(text: str) -> int:

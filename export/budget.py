@@ -9,7 +9,8 @@ loaded into an onnxruntime session with the asked number of threads, and timed a
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -21,13 +22,20 @@ from export.runtime.latency import measure
 DEFAULT_RUNS = 100
 
 
+@contextmanager
+def exported(model: nn.Module, input_shape: tuple[int, ...]) -> Iterator[Path]:
+    """``model`` exported as ``compress export`` exports it, to a temporary ONNX file."""
+    proto = tidy(module_to_onnx(model, tuple(input_shape), type(model).__name__))
+    with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(proto, str(path))
+        yield path
+
+
 def onnx_p50_ms(model: nn.Module, input_shape: tuple[int, ...], *, threads: int = 1,
                 runs: int = DEFAULT_RUNS) -> float:
     """Median latency in ms of one batch-1 inference of ``model`` in onnxruntime."""
-    proto = tidy(module_to_onnx(model, tuple(input_shape), type(model).__name__))
-    with tempfile.TemporaryDirectory(prefix="compress-budget-") as folder:
-        path = Path(folder) / "trial.onnx"
-        onnx.save(proto, str(path))
+    with exported(model, input_shape) as path:
         measurements, _ = measure([path], threads=threads, runs=runs, warmup=10)
     return measurements[0].latency()["p50"]
 
@@ -38,10 +46,7 @@ def layer_table_maker(threads: int = 1) -> Callable[[nn.Module, tuple[int, ...]]
     from export.runtime.layer_table import layer_table
 
     def make(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
-        proto = tidy(module_to_onnx(model, tuple(input_shape), type(model).__name__))
-        with tempfile.TemporaryDirectory(prefix="compress-table-") as folder:
-            path = Path(folder) / "model.onnx"
-            onnx.save(proto, str(path))
+        with exported(model, input_shape) as path:
             return layer_table(path, threads=threads)
     return make
 

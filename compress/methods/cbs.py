@@ -24,10 +24,11 @@ the test split. Pruned weights are exactly zero afterwards.
 
 from __future__ import annotations
 
+import itertools
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,13 +104,15 @@ class SecondOrder(OneShotPruner):
         if o.fisher_samples < MIN_SAMPLES:
             raise CompressError(f"--fisher-samples {o.fisher_samples} is too few to estimate "
                                 f"the Fisher; use at least {MIN_SAMPLES} (default 1000)")
-        self._memory_cap(model, weights)
+        self._memory_cap(model, self._blocks_of(weights))
 
-    def _memory_cap(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> int:
+    def _blocks_of(self, weights: dict[str, torch.Tensor]) -> list[Block]:
+        return make_blocks({n: w.shape for n, w in weights.items()}, self.options.max_block)
+
+    def _memory_cap(self, model: nn.Module, blocks: list[Block]) -> int:
         """Bytes the Fisher blocks may take at once: ``--max-memory-gb``, else half the free
         memory; one line when even one block does not fit."""
         o = self.options
-        blocks = make_blocks({n: w.shape for n, w in weights.items()}, o.max_block)
         need = least_memory(blocks, {n: int(p.numel()) for n, p in model.named_parameters()})
         if o.max_memory_gb is not None:
             cap = int(o.max_memory_gb * 2**30)
@@ -172,10 +175,10 @@ class SecondOrder(OneShotPruner):
         if len(data.train) < o.fisher_samples:
             raise CompressError(f"--fisher-samples {o.fisher_samples} is more than the "
                                 f"{len(data.train)} training images there are")
-        blocks = make_blocks({n: w.shape for n, w in weights.items()}, o.max_block)
+        blocks = self._blocks_of(weights)
         batches = first_batches(data.train, o.fisher_samples, GRADIENT_BATCH)
         self.stream = FisherStream(model, blocks, batches, existing,
-                                   self._memory_cap(model, weights), self.shard,
+                                   self._memory_cap(model, blocks), self.shard,
                                    self.progress)
         return self.stream
 
@@ -191,11 +194,11 @@ class SecondOrder(OneShotPruner):
             self._inverses[block] = inverse
         return inverse
 
-    def _report(self, stage: str, done: list[int], total: int) -> None:
-        """One more block of ``stage`` done (``done`` is the stage's running count)."""
-        done[0] += 1
+    def _report(self, stage: str, done: Iterator[int], total: int) -> None:
+        """One more block of ``stage`` done (``done`` counts the stage's blocks from 1)."""
+        count = next(done)
         if self.progress:
-            self.progress(stage, done[0], total)
+            self.progress(stage, count, total)
 
     # -- selection ----------------------------------------------------------------------------
     def _select(self, model, weights, dense, existing, stream, sparsity, heldout):
@@ -205,7 +208,7 @@ class SecondOrder(OneShotPruner):
             return _randomised_magnitude(dense, existing, count, trial=0), {}
         if o.selection == "woodfisher":
             scores = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in dense.items()}
-            damp, done = self._damp(model), [0]
+            damp, done = self._damp(model), itertools.count(1)
 
             def score(b: Block, fisher: torch.Tensor) -> None:
                 w = dense[b.name].flatten()[b.start:b.stop]
@@ -255,7 +258,7 @@ class SecondOrder(OneShotPruner):
         the pass, swaps made), ...]``. A pass depends on its own block alone, so running
         each block's passes group by group gives the masks that interleaved passes over
         all blocks would."""
-        searches, done = {}, [0]
+        searches, done = {}, itertools.count(1)
 
         def search(b: Block, fisher: torch.Tensor) -> None:
             part = start[b.name].flatten()[b.start:b.stop]
@@ -270,7 +273,7 @@ class SecondOrder(OneShotPruner):
     def _update(self, weights, dense, pruned, stream, damp: float) -> None:
         o = self.options
         flat = {n: w.flatten().clone() for n, w in dense.items()}
-        done = [0]
+        done = itertools.count(1)
 
         def move(b: Block, fisher: torch.Tensor) -> None:
             part = pruned[b.name].flatten()[b.start:b.stop]
