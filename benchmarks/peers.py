@@ -21,11 +21,13 @@ files of a model, every seed, are timed interleaved in one process (``--threads`
 not install here (no package index holds it), and its structured pruning was removed in
 3.0 anyway. Results: ``benchmarks/results/peers.jsonl`` (a row per file and seed), the
 table (mean ± std over seeds) and one accuracy-against-p50 plot per model
-(``docs/peers-MODEL.png``).
+(``docs/peers-MODEL.png``). Runs and files are kept under ``--work``: a later call skips
+every row already exported and times all files of the model again, interleaved.
 
     .venv/bin/python benchmarks/peers.py                               # hours on 2 cores
     .venv/bin/python benchmarks/peers.py --models lenet5 --seeds 0 --train-samples 600 \\
-        --dense-epochs 1 --finetune-epochs 1 --runs 50                 # a smoke run
+        --dense-epochs 1 --finetune-epochs 1 --runs 50 --work /tmp/peers-smoke \\
+        --results /tmp/peers-smoke.jsonl                               # a smoke run
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 RESULTS = Path("benchmarks/results/peers.jsonl")
@@ -84,56 +85,81 @@ def register_peers(ratio: float) -> None:
                  lambda request, g=global_pruning: TorchPruningMagnitude(request, g))
 
 
-def runs_for(model: str, seed: int, args, work: Path) -> dict[str, Path]:
-    """Every run of one model and seed, by row name."""
+ROWS = ("dense", "tp-uniform", "tp-global", "dpf-filter", "density", "l1-latency", "l1-uniform")
+
+
+def make_row(row: str, root: Path, model: str, seed: int, args) -> bool:
+    """Train, prune or fine-tune one row's run into ``root / row``; False when it is left out."""
     from compress.errors import CompressError
     from compress.pipeline import prune_oneshot, train_prune
     from compress.recipe import Recipe
-    from export.budget import latency_meter, layer_table_maker, onnx_p50_ms
+    from export.budget import latency_meter, layer_table_maker
 
     data = {"max_train_samples": args.train_samples, "max_test_samples": args.test_samples,
             "seed": seed}
-    root = work / model / f"seed-{seed}"
-    runs = {"dense": root / "dense"}
-    train_prune(Recipe(model=model, method="none", epochs=args.dense_epochs, **data).validate(),
-                str(runs["dense"]), show_progress=False)
+    dense = root / "dense"
     finetune = {"finetune_epochs": args.finetune_epochs, "seed": seed, "show_progress": False}
-    for name in ("tp-uniform", "tp-global"):
-        runs[name] = root / name
-        prune_oneshot(str(runs["dense"]), str(runs[name]), args.ratio, method=name, **finetune)
-    for method, extra in (("dpf-filter", {"sparsity": args.ratio}), ("density", {})):
-        runs[method] = root / method
-        train_prune(Recipe(model=model, method=method, epochs=args.finetune_epochs,
-                           weights=str(runs["dense"] / "checkpoint.pt"), **extra,
-                           **data).validate(), str(runs[method]), show_progress=False)
-    from compress.checkpoint import load_checkpoint
-
-    peer = load_checkpoint(runs["tp-uniform"] / "checkpoint.pt")
-    budget = onnx_p50_ms(peer.build_model(), tuple(peer.data.input_shape),
-                         threads=args.threads, runs=args.runs)
-    for name, allocation in (("l1-latency", "latency"), ("l1-uniform", "uniform")):
+    if row == "dense":
+        train_prune(Recipe(model=model, method="none", epochs=args.dense_epochs,
+                           **data).validate(), str(dense), show_progress=False)
+    elif row.startswith("tp-"):
+        prune_oneshot(str(dense), str(root / row), args.ratio, method=row, **finetune)
+    elif row in ("dpf-filter", "density"):
+        extra = {"sparsity": args.ratio} if row == "dpf-filter" else {}
+        train_prune(Recipe(model=model, method=row, epochs=args.finetune_epochs,
+                           weights=str(dense / "checkpoint.pt"), **extra, **data).validate(),
+                    str(root / row), show_progress=False)
+    else:
         try:
-            prune_oneshot(str(runs["dense"]), str(root / name), method="l1-filter",
-                          budget_ms=budget, latency=latency_meter(args.threads, args.runs),
-                          allocation=allocation, table_maker=layer_table_maker(args.threads),
-                          **finetune)
+            prune_oneshot(str(dense), str(root / row), method="l1-filter",
+                          budget_ms=peer_budget_ms(root, args), allocation=row[3:],
+                          latency=latency_meter(args.threads, args.runs),
+                          table_maker=layer_table_maker(args.threads), **finetune)
         except CompressError as exc:  # a budget the cut cannot meet: the row is left out
-            print(f"{model} seed {seed} {name}: {exc}", flush=True)
-            continue
-        runs[name] = root / name
-    return runs
+            print(f"{model} seed {seed} {row}: {exc}", flush=True)
+            return False
+    return True
 
 
-def export_all(runs: dict[str, Path], folder: Path) -> list[dict]:
-    """fp32 and int8 files of every run."""
+def peer_budget_ms(root: Path, args) -> float:
+    """The measured fp32 p50 of tp-uniform's model: the budget compress's cuts must meet."""
+    from compress.checkpoint import load_checkpoint
+    from export.budget import onnx_p50_ms
+
+    peer = load_checkpoint(root / "tp-uniform" / "checkpoint.pt")
+    return onnx_p50_ms(peer.build_model(), tuple(peer.data.input_shape), threads=args.threads,
+                       runs=args.runs)
+
+
+def files_for(model: str, seed: int, args) -> None:
+    """fp32 and int8 files of every row of one model and seed, skipping rows already exported
+    (a later call resumes where an earlier one stopped)."""
     from export.onnx_export import export_checkpoint
 
+    root = args.work / model / f"seed-{seed}"
+    for row in args.rows:
+        paths = {p: root / "files" / f"{row}-{p}.onnx" for p in ("fp32", "int8")}
+        if all(path.is_file() for path in paths.values()) or (root / f"{row}.left-out").exists():
+            continue
+        print(f"{model} seed {seed}: {row}", flush=True)
+        if not make_row(row, root, model, seed, args):
+            (root / f"{row}.left-out").touch()
+            continue
+        paths["fp32"].parent.mkdir(parents=True, exist_ok=True)
+        for precision, path in paths.items():
+            export_checkpoint(root / row, path, quantize="none" if precision == "fp32" else
+                              precision, verify=False)
+
+
+def model_files(model: str, args) -> list[dict]:
+    """Every exported file of a model, all seeds found in the work folder."""
     files = []
-    for name, run in runs.items():
-        for precision, quantize in (("fp32", "none"), ("int8", "int8")):
-            path = folder / f"{name}-{precision}.onnx"
-            export_checkpoint(run, path, quantize=quantize, verify=False)
-            files.append({"row": name, "precision": precision, "path": path})
+    for seed in args.seeds:
+        for path in sorted((args.work / model / f"seed-{seed}" / "files").glob("*.onnx")):
+            row, precision = path.stem.rsplit("-", 1)
+            if row in args.rows:
+                files.append({"model": model, "seed": seed, "row": row,
+                              "precision": precision, "path": path})
     return files
 
 
@@ -199,34 +225,42 @@ def main() -> None:
     parser.add_argument("--models", nargs="+",
                         default=["vgg-small", "resnet20", "mobilenetv2-32"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--train-samples", type=int, default=6000)
     parser.add_argument("--test-samples", type=int, default=10000)
-    parser.add_argument("--dense-epochs", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=6)
+    parser.add_argument("--dense-epochs", type=int, default=6)
+    parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.5, help="channel ratio of the peers")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/compress-peers"),
+                        help="runs and files; kept, so that a later call resumes")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     register_peers(args.ratio)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="compress-peers-") as name:
-        work = Path(name)
-        for model in args.models:
-            files = []
-            for seed in args.seeds:
-                folder = work / model / f"files-{seed}"
-                folder.mkdir(parents=True)
-                for f in export_all(runs_for(model, seed, args, work), folder):
-                    files.append({**f, "model": model, "seed": seed})
-            measure_files(files, args)
-            for f in files:
-                rows.append({k: str(v) if k == "path" else v for k, v in f.items()
-                             if k != "path"} | {"settings": vars(args)})
-            print(table([r for r in rows if r["model"] == model]), flush=True)
-            print(f"plot: {plot(rows, model)}", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(table(rows))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    for model in args.models:
+        for seed in args.seeds:
+            files_for(model, seed, args)
+        files = model_files(model, args)
+        measure_files(files, args)
+        rows = [{k: v for k, v in f.items() if k != "path"} | {"settings": settings}
+                for f in files]
+        save_rows(args.results, model, rows)
+        print(table(rows), flush=True)
+        print(f"plot: {plot(rows, model)}", flush=True)
+
+
+def save_rows(results: Path, model: str, rows: list[dict]) -> None:
+    """Replace the model's rows in the results file (other models' rows are kept)."""
+    kept = []
+    if results.is_file():
+        kept = [line for line in results.read_text().splitlines()
+                if line and json.loads(line)["model"] != model]
+    results.parent.mkdir(parents=True, exist_ok=True)
+    part = results.with_suffix(".part")
+    part.write_text("".join(line + "\n" for line in kept + [json.dumps(r) for r in rows]))
+    part.replace(results)
 
 
 if __name__ == "__main__":
