@@ -13,7 +13,9 @@ For each model and seed: a dense model is trained (``--dense-epochs``) on the fi
 * ``dpf-filter`` and ``density`` (ADP) while training, from the dense weights;
 * ``l1-latency`` / ``l1-uniform``: ``compress prune --method l1-filter --budget-ms B``
   with ``--allocation latency`` / ``uniform``, B the measured fp32 p50 of ``tp-uniform``'s
-  file (so that they meet the peer at its own latency), then fine-tuned.
+  model (so that they meet the peer at its own latency), then fine-tuned;
+* ``dpf-filter-latency`` / ``-uniform``, ``density-latency`` / ``-uniform``: ``train-prune``
+  with ``--budget-ms B`` and that allocation (no ``--sparsity``: the budget alone decides).
 
 Every run and the dense model are exported in fp32 and int8 (onnxruntime static QDQ); all
 files of a model, every seed, are timed interleaved in one process (``--threads``, batch
@@ -85,7 +87,8 @@ def register_peers(ratio: float) -> None:
                  lambda request, g=global_pruning: TorchPruningMagnitude(request, g))
 
 
-ROWS = ("dense", "tp-uniform", "tp-global", "dpf-filter", "density", "l1-latency", "l1-uniform")
+ROWS = ("dense", "tp-uniform", "tp-global", "dpf-filter", "density", "l1-latency", "l1-uniform",
+        "dpf-filter-latency", "dpf-filter-uniform", "density-latency", "density-uniform")
 
 
 def make_row(row: str, root: Path, model: str, seed: int, args) -> bool:
@@ -109,6 +112,19 @@ def make_row(row: str, root: Path, model: str, seed: int, args) -> bool:
         train_prune(Recipe(model=model, method=row, epochs=args.finetune_epochs,
                            weights=str(dense / "checkpoint.pt"), **extra, **data).validate(),
                     str(root / row), show_progress=False)
+    elif row.startswith(("dpf-filter-", "density-")):
+        method, allocation = row.rsplit("-", 1)
+        budget = Recipe(model=model, method=method, epochs=args.finetune_epochs,
+                        weights=str(dense / "checkpoint.pt"), allocation=allocation,
+                        budget_ms=peer_budget_ms(root, args), budget_threads=args.threads,
+                        **data).validate()
+        try:
+            train_prune(budget, str(root / row), show_progress=False,
+                        latency=latency_meter(args.threads, args.runs),
+                        table_maker=layer_table_maker(args.threads))
+        except CompressError as exc:
+            print(f"{model} seed {seed} {row}: {exc}", flush=True)
+            return False
     else:
         try:
             prune_oneshot(str(dense), str(root / row), method="l1-filter",
@@ -122,13 +138,19 @@ def make_row(row: str, root: Path, model: str, seed: int, args) -> bool:
 
 
 def peer_budget_ms(root: Path, args) -> float:
-    """The measured fp32 p50 of tp-uniform's model: the budget compress's cuts must meet."""
+    """The measured fp32 p50 of tp-uniform's model: the budget compress's cuts must meet
+    (measured once per model and seed, kept in ``peer-p50.json``)."""
     from compress.checkpoint import load_checkpoint
     from export.budget import onnx_p50_ms
 
+    kept = root / "peer-p50.json"
+    if kept.is_file():
+        return float(json.loads(kept.read_text())["p50_ms"])
     peer = load_checkpoint(root / "tp-uniform" / "checkpoint.pt")
-    return onnx_p50_ms(peer.build_model(), tuple(peer.data.input_shape), threads=args.threads,
-                       runs=args.runs)
+    p50 = onnx_p50_ms(peer.build_model(), tuple(peer.data.input_shape), threads=args.threads,
+                      runs=args.runs)
+    kept.write_text(json.dumps({"p50_ms": p50}))
+    return p50
 
 
 def files_for(model: str, seed: int, args) -> None:

@@ -125,13 +125,19 @@ def train_prune(
                       f"({result.seconds:.1f} s)", highlight=False)
 
     main_process = is_main_process()  # under torchrun only rank 0 prints
-    latency = None
+    latency = given_table = table_maker = None
+    if resolved.budget_ms is None and resolved.latency_table is not None:
+        from compress.errors import CompressError
+
+        raise CompressError("--latency-table is read with --budget-ms")
     if resolved.budget_ms is not None:
         from export.budget import latency_meter
 
         latency = latency_meter(resolved.budget_threads)
+        given_table, table_maker = _latency_table(resolved)
     summary = run_train_prune(resolved, out_dir, resume=resume, requested=requested,
-                              latency=latency, console=err,
+                              latency=latency, latency_table=given_table,
+                              table_maker=table_maker, console=err,
                               show_progress=not quiet and not json_out and main_process,
                               on_epoch=on_epoch, on_start=on_start)
     if main_process:
@@ -143,7 +149,8 @@ PRUNE_SHARED = ("model", "weights", "data", "data_dir", "input_shape", "num_clas
                 "max_train_samples", "max_test_samples", "workers", "skip_bad_images",
                 "scope", "layer_floor",
                 "skip_first", "skip_classifier", "target_macs", "budget_ms", "budget_threads",
-                "round_to", "min_channels", "lr", "batch_size", "seed")
+                "allocation", "latency_table", "round_to", "min_channels", "lr", "batch_size",
+                "seed")
 ONE_SHOT_CHANNELS = "Channels: " + ", ".join(
     name for name in names("one-shot") if CATALOG[name].granularity == "channels")
 PRUNE_CHANGES = {
@@ -156,6 +163,8 @@ PRUNE_CHANGES = {
     "budget_ms": {"panel": ONE_SHOT_CHANNELS, "help": "Cut until the exported model's p50 at "
                   "batch 1, measured with onnxruntime here, is at most this many ms."},
     "budget_threads": {"panel": ONE_SHOT_CHANNELS},
+    "allocation": {"panel": ONE_SHOT_CHANNELS},
+    "latency_table": {"panel": ONE_SHOT_CHANNELS},
     "round_to": {"panel": ONE_SHOT_CHANNELS},
     "min_channels": {"panel": ONE_SHOT_CHANNELS},
     "lr": {"panel": FINETUNE, "help": "Fine-tune learning rate.", "shown": "the run's lr / 10"},
@@ -220,7 +229,7 @@ def prune(
                       highlight=False)
 
     latency = given_table = table_maker = None
-    if shared.budget_ms is None and settings.latency_table is not None:
+    if shared.budget_ms is None and shared.latency_table is not None:
         from compress.errors import CompressError
 
         raise CompressError("--latency-table is read with --budget-ms")
@@ -228,7 +237,7 @@ def prune(
         from export.budget import latency_meter
 
         latency = latency_meter(shared.budget_threads)
-        given_table, table_maker = _latency_table(settings, shared.budget_threads)
+        given_table, table_maker = _latency_table(shared)
     amount = f"latency budget {shared.budget_ms} ms ({shared.budget_threads} thread(s))" \
         if shared.budget_ms is not None \
         else f"MAC budget {shared.target_macs}" if shared.target_macs is not None else \
@@ -260,7 +269,7 @@ def prune(
                    min_channels=shared.min_channels, target_macs=shared.target_macs,
                    budget_ms=shared.budget_ms, latency=latency,
                    second_order=settings.second_order(), model=given.get("model"),
-                   allocation=settings.allocation, latency_table=given_table,
+                   allocation=shared.allocation, latency_table=given_table,
                    table_maker=table_maker,
                    weights=given.get("weights"), finetune_epochs=settings.finetune_epochs,
                    bn_recalibrate=settings.bn_recalibrate,
@@ -285,7 +294,7 @@ def prune(
         show_summary(summary, json_out)
 
 
-def _latency_table(settings, threads: int) -> tuple[dict | None, object]:
+def _latency_table(settings) -> tuple[dict | None, object]:
     """For a latency allocation: the given table (read as untrusted JSON, with a warning
     where it was made with other threads or on another CPU), or a maker of one here."""
     if settings.allocation != "latency":
@@ -297,7 +306,7 @@ def _latency_table(settings, threads: int) -> tuple[dict | None, object]:
     from export.budget import layer_table_maker, table_warnings
 
     if settings.latency_table is None:
-        return None, layer_table_maker(threads)
+        return None, layer_table_maker(settings.budget_threads)
     from compress.jsontext import read_json_file
 
     table = read_json_file(settings.latency_table, "--latency-table")
@@ -305,7 +314,7 @@ def _latency_table(settings, threads: int) -> tuple[dict | None, object]:
         from compress.errors import CompressError
 
         raise CompressError(f"--latency-table {settings.latency_table} is not a layer table")
-    for note in table_warnings(table, threads):
+    for note in table_warnings(table, settings.budget_threads):
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
     return table, None
 

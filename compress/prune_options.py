@@ -44,13 +44,6 @@ class PruneOptions:
     wf_scale: float = option(1.0, panel=SECOND_ORDER, low=0.0, low_open=True,
                              help="woodfisher update: scale of the summed single-weight "
                              "updates.")
-    allocation: str = option("latency", panel=BUDGET, choices=("latency", "uniform"),
-                             help="--budget-ms: each group's width from a layer table "
-                             "(latency), or one channel share for every group (uniform).")
-    latency_table: str | None = option(None, panel=BUDGET, shown="made here",
-                                       help="--budget-ms: `compress bench --layer-table`'s "
-                                       "table, made on the device; without it one is made "
-                                       "on this machine.")
     finetune_epochs: int = option(0, panel=FINETUNE, low=0, help="Epochs of fine-tuning after "
                                   "pruning (pruned weights stay zero).")
     bn_recalibrate: int = option(BN_RECALIBRATE_IMAGES, panel=FINETUNE, low=0,

@@ -126,6 +126,13 @@ class Recipe:
                                      "1) of this many ms needs, measured here.")
     budget_threads: int = option(1, help="onnxruntime threads --budget-ms is measured with.",
                                  panel=CHANNELS, low=1)
+    allocation: str = option("latency", panel=CHANNELS, choices=("latency", "uniform"),
+                             help="--budget-ms: each group's width from a layer table "
+                             "(latency), or one channel share for every group (uniform).")
+    latency_table: str | None = option(None, panel=CHANNELS, shown="made here",
+                                       help="--budget-ms: `compress bench --layer-table`'s "
+                                       "table, made on the device; without it one is made "
+                                       "on this machine.")
     # optimisation
     epochs: int = option(10, help="Epochs of training.", panel=TRAINING, low=0)
     batch_size: int = option(128, help="Images per step.", panel=TRAINING, low=1)

@@ -231,13 +231,14 @@ def test_uniform_budget_search_meets_the_budget_it_was_given(tmp_path):
 
 
 def test_dpf_filter_budget_raises_the_final_share_until_the_budget_is_met():
+    from compress.methods.latency_budget import LatencyBudget
     from export.budget import latency_meter, onnx_p50_ms
 
     torch.manual_seed(0)
     model = build_model("vgg-small", 10, (1, 28, 28))
     budget = 0.3 * onnx_p50_ms(model, (1, 28, 28), runs=30)  # a 0.1 cut cannot meet it
     pruner = DPFFilter(model, CubicSchedule(0.1, 0, 10), (1, 28, 28), round_to=8)
-    pruner.set_budget(budget, latency_meter(runs=30))
+    pruner.set_budget(LatencyBudget(budget, latency_meter(runs=30), "uniform"))
     final = pruner.schedule.final_sparsity
     curve = {c["share"]: c["p50_ms"] for c in pruner.budget_curve}
     assert curve[0.1] > budget and final > 0.1  # raised, because 0.1 missed the budget

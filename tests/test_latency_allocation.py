@@ -131,3 +131,41 @@ def test_a_table_for_another_model_or_an_unreachable_budget_is_one_line(vgg, tmp
     unused = cli(*base, "--sparsity", "0.5", "--latency-table", other)
     assert unused.exit_code == 2 and "read with --budget-ms" in unused.output
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+@pytest.mark.parametrize(("method", "share"), [("dpf-filter", 0.55), ("density", 0.2)])
+def test_a_training_budget_met_by_the_table_is_met_when_the_file_is_timed_again(method, share,
+                                                                                tmp_path):
+    """train-prune's latency allocation: the search's own measurements say the budget is met;
+    the exported file, timed again interleaved with the dense file (a ratio, so a loaded
+    machine slows both alike), runs at the budget's share of the dense p50 within 25 %."""
+    from compress.pipeline import train_prune
+    from compress.recipe import Recipe
+    from export.budget import latency_meter, layer_table_maker
+    from export.onnx_export import export_checkpoint
+    from export.runtime.latency import measure
+
+    common = {"model": "vgg-small", "epochs": 1, "max_train_samples": 256,
+              "max_test_samples": 64, "batch_size": 64, "seed": 0}
+    dense = tmp_path / "dense"
+    train_prune(Recipe(method="none", **common).validate(), str(dense), show_progress=False)
+    dense_file = tmp_path / "dense.onnx"
+    export_checkpoint(dense, dense_file, quantize="none", verify=False)
+    (dense_ms,), _ = measure([dense_file], runs=60)  # density alone cuts this to ~0.3
+    extra = {"prune_end": 0.5} if method == "dpf-filter" else \
+        {"density_start": 0.2, "density_stop": 0.9, "density_every": 0.2, "probe_samples": 64}
+    summary = train_prune(
+        Recipe(method=method, weights=str(dense / "checkpoint.pt"),
+               budget_ms=share * dense_ms.latency()["p50"], **extra, **common).validate(),
+        str(tmp_path / "cut"), show_progress=False, latency=latency_meter(runs=30),
+        table_maker=layer_table_maker(1))
+    assert "latency_trials" in summary, summary.get("notes")
+    trials = summary["latency_trials"]
+    assert trials[0]["trial"] == 0 and len(trials) >= 2
+    assert all(t["predicted_ms"] > 0 and t["measured_ms"] > 0 for t in trials)
+    assert any("latency table (made here)" in n and " met" in n for n in summary["notes"])
+    cut_file = tmp_path / "cut.onnx"
+    export_checkpoint(tmp_path / "cut", cut_file, quantize="none", verify=False)
+    measured, _ = measure([dense_file, cut_file], runs=100)
+    ratio = measured[1].latency()["p50"] / measured[0].latency()["p50"]
+    assert ratio <= share * 1.25, (ratio, trials)

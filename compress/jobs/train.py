@@ -25,6 +25,7 @@ from compress.data import Splits, first_batches, load_splits
 from compress.errors import CompressError
 from compress.jobs.runner import Job, data_config, finish, optim_config, run_epochs, training_cost
 from compress.methods import TrainingPruner, method
+from compress.methods.latency_budget import LatencyBudget, LatencyTools
 from compress.model_specs import trust_model_spec
 from compress.models import build_model
 from compress.recipe import (
@@ -56,7 +57,7 @@ def make_pruner(recipe: Recipe, model: nn.Module, total_steps: int) -> TrainingP
 
 def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
                shard: distributed.Shard = distributed.SINGLE,
-               latency: Callable | None = None) -> Job:
+               latency: LatencyTools | None = None) -> Job:
     device = distributed.device_for(shard, recipe.device) if shard.active \
         else resolve_device(recipe.device)  # train_prune has joined the process group
     generator = seed_everything(recipe.seed)
@@ -86,7 +87,13 @@ def _build_job(recipe: Recipe, run: RunDir, resume_state: Checkpoint | None,
             raise CompressError("a latency budget needs a way to measure latency: pass "
                                 "latency=export.budget.latency_meter(threads) to train_prune "
                                 "(the command line does)")
-        pruner.set_budget(recipe.budget_ms, latency)
+        if recipe.allocation == "latency" and latency.table is None and \
+                latency.table_maker is None:
+            raise CompressError("--allocation latency needs a layer table: pass latency_table= "
+                                "or table_maker=export.budget.layer_table_maker(threads) to "
+                                "train_prune (the command line does)")
+        pruner.set_budget(LatencyBudget(recipe.budget_ms, latency.latency, recipe.allocation,
+                                        latency.table, latency.table_maker))
     if pruner is not None:
         if shard.active and recipe.budget_ms is not None:
             raise CompressError("--budget-ms measures latency on this machine, which each "
@@ -156,11 +163,15 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
                 console: Console | None = None, show_progress: bool = True,
                 on_epoch: Callable[[EpochResult], None] | None = None,
                 on_start: Callable[[Job], None] | None = None,
-                latency: Callable | None = None) -> dict:
+                latency: Callable | None = None, latency_table: dict | None = None,
+                table_maker: Callable | None = None) -> dict:
     """Train (and prune during training) per ``recipe``; write the run to ``out``.
 
     ``latency`` measures a model's p50 in ms for ``recipe.budget_ms`` (the command line
-    passes `export.budget.latency_meter`; compress itself never imports export).
+    passes `export.budget.latency_meter`; compress itself never imports export); with
+    ``recipe.allocation == "latency"`` the widths come from ``latency_table`` (read from
+    ``recipe.latency_table`` by the caller) or one ``table_maker`` makes
+    (`export.budget.layer_table_maker`).
 
     With ``resume``, ``requested`` holds the fields the command line gave: they must equal
     the saved recipe's. Under torchrun every process runs this; see `compress.distributed`.
@@ -173,7 +184,9 @@ def train_prune(recipe: Recipe, out: str, *, resume: bool = False,
         distributed.start(shard, recipe.device)
     try:
         return _train_prune(recipe, out, resume, shard, console, show_progress, on_epoch,
-                            on_start, requested or {}, latency)
+                            on_start, requested or {},
+                            None if latency is None else
+                            LatencyTools(latency, latency_table, table_maker))
     finally:
         distributed.stop(shard)
 
@@ -182,7 +195,7 @@ def _train_prune(recipe: Recipe, out: str, resume: bool, shard: distributed.Shar
                  console: Console, show_progress: bool,
                  on_epoch: Callable[[EpochResult], None] | None,
                  on_start: Callable[[Job], None] | None, requested: dict,
-                 latency: Callable | None) -> dict:
+                 latency: LatencyTools | None) -> dict:
     run = RunDir(out, writer=shard.main)
     try:
         return _run_job(recipe, run, resume, shard, console, show_progress, on_epoch,
@@ -195,7 +208,7 @@ def _run_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard
              console: Console, show_progress: bool,
              on_epoch: Callable[[EpochResult], None] | None,
              on_start: Callable[[Job], None] | None, requested: dict,
-             latency: Callable | None) -> dict:
+             latency: LatencyTools | None) -> dict:
     job, error = None, None
     try:
         job = _start_job(recipe, run, resume, shard, requested, latency)
@@ -216,7 +229,7 @@ def _run_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard
 
 
 def _start_job(recipe: Recipe, run: RunDir, resume: bool, shard: distributed.Shard,
-               requested: dict | None = None, latency: Callable | None = None) -> Job:
+               requested: dict | None = None, latency: LatencyTools | None = None) -> Job:
     resume_state = None
     if resume and run.stopped_before_first_epoch():  # start it again, same recipe
         recipe = load_recipe(run.recipe).validate()

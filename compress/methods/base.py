@@ -16,7 +16,7 @@ them, `GMP` holds them at zero) and how they are scored.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +37,7 @@ from compress.masks import (
 from compress.schedules import CubicSchedule
 
 if TYPE_CHECKING:
+    from compress.methods.latency_budget import LatencyBudget
     from compress.structured.cutter import TrainingCutter
 
 
@@ -69,8 +70,9 @@ class TrainingPruner(ABC):
         if self.cutter is not None:
             self.cutter.optimizer = optimizer
 
-    def set_budget(self, budget_ms: float, latency: Callable) -> None:
-        """A floor on how far the method cuts: ``budget_ms`` of p50 measured by ``latency``."""
+    def set_budget(self, budget: LatencyBudget) -> None:
+        """A floor on how far the method cuts: ``budget.budget_ms`` of p50, measured by
+        ``budget.latency``, widths allocated as ``budget.allocation`` says."""
         raise CompressError(f"--budget-ms on train-prune sets how far density and dpf-filter "
                             f"cut; method {self.name} has no cut to set")
 

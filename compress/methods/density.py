@@ -36,6 +36,7 @@ from torch import nn
 from compress.distributed import from_first_process
 from compress.errors import CompressError
 from compress.methods.base import TrainingPruner
+from compress.methods.latency_budget import LatencyBudget, LatencySearch, layer_channels
 from compress.methods.registry import register
 from compress.selection import least_passing
 from compress.structured.activation_density import (
@@ -47,6 +48,7 @@ from compress.structured.activation_density import (
 )
 from compress.structured.cutter import TrainingCutter
 from compress.structured.engine import fold_blocks, unfold_blocks
+from compress.structured.latency_allocation import check_table
 
 MEASUREMENTS_PER_INTERVAL = 4  # densities are read this many times per --density-every
 BUDGET_STEPS = 6  # bisection steps on the density scale that meets --budget-ms
@@ -111,9 +113,12 @@ class ActivationDensity(TrainingPruner):
         self.history: list[dict] = []  # per measurement: step, layer densities, widths
         self._layout = None
         self.masks: dict[str, torch.Tensor] = {}  # no masks: the network itself gets thinner
+        self.budget: LatencyBudget | None = None
         self.budget_ms: float | None = None
         self.latency = None
-        self.budget_curve: list[dict] = []
+        self.budget_curve: list[dict] = []  # --allocation uniform: p50 by density scale
+        self.search: LatencySearch | None = None  # --allocation latency
+        self.budget_note = ""
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer, probe: list[torch.Tensor]) -> None:
@@ -121,10 +126,19 @@ class ActivationDensity(TrainingPruner):
         super().attach(optimizer, probe)
         self.probe = probe
 
-    def set_budget(self, budget_ms: float, latency) -> None:
+    def set_budget(self, budget: LatencyBudget) -> None:
         """A floor on how far to cut: the last cut goes deeper than the densities say when
-        the network they give would miss ``budget_ms`` (p50 measured by ``latency``)."""
-        self.budget_ms, self.latency = budget_ms, latency
+        the network they give would miss ``budget.budget_ms``. ``allocation="latency"``: the
+        density widths are narrowed further where the layer table says time is saved for
+        the least density lost (`LatencySearch`, the densities as scores, the density
+        widths as ceilings), measured and corrected; ``"uniform"``: every density scaled
+        down alike by a bisected factor. The table is made (or checked) here, on the
+        starting model, so that a wrong one fails before training."""
+        if budget.allocation == "latency":
+            if budget.table is None:
+                budget.table = budget.table_maker(self.model, self.cutter.input_shape)
+            check_table(budget.table, layer_channels(self.model))
+        self.budget, self.budget_ms, self.latency = budget, budget.budget_ms, budget.latency
 
     # -- the schedule -------------------------------------------------------------------------
     def step(self) -> DensityEvent | None:
@@ -190,6 +204,8 @@ class ActivationDensity(TrainingPruner):
         self.budget_curve = [{"scale": 1.0, "p50_ms": p50}]
         if p50 <= self.budget_ms:
             return plan
+        if self.budget.allocation == "latency":
+            return self._latency_plan(reading, plan)
         trials: dict[float, dict[str, list[int]]] = {}
 
         def meets(depth: float) -> bool:
@@ -206,6 +222,27 @@ class ActivationDensity(TrainingPruner):
 
         scale = 1.0 - least_passing(meets, 0.0, 1.0, BUDGET_STEPS)
         return trials[scale] if scale in trials else self.plan(reading, scale=0.0)
+
+    def _latency_plan(self, reading: DensityReading,
+                      plan: dict[str, list[int]]) -> dict[str, list[int]]:
+        """The density plan narrowed by the layer table until the measured p50 meets the
+        budget; the narrowest widths the floors allow when the table says it cannot be."""
+        groups = {g.root: g for g in self.cutter.engine.groups()}
+        norms = self.cutter.engine.scores(2)
+        scores = {root: density.float() + 1e-6 * norms[root] / norms[root].max().clamp_min(
+            1e-12) for root, density in reading.channels.items()}  # ties by the larger norm
+        start = {root: (groups[root].width - len(plan.get(root, []))) // groups[root].blocks
+                 for root in scores}
+        o = self.options
+        self.search = LatencySearch(self.model, self.cutter.input_shape, self.budget, scores,
+                                    round_to=o.round_to, min_channels=o.min_channels,
+                                    start=start, thinned=self.cuts_done > 0)
+        try:
+            self.search.run()
+        except CompressError as exc:  # unreachable: the floors are as near as it gets
+            self.budget_note = f"{exc}; the narrowest widths were kept"
+            return self.search.plan(self.search.allocate(0.0).kept, scores)
+        return self.search.chosen
 
     # -- the width rule -----------------------------------------------------------------------
     def plan(self, reading: DensityReading, scale: float = 1.0) -> dict[str, list[int]]:
@@ -257,7 +294,11 @@ class ActivationDensity(TrainingPruner):
         found = {"cuts": self.cuts_done, "widths": widths,
                  "channels_removed_share": self.sparsity,
                  "measurements": len(self.history)}
-        if self.budget_ms is not None:
+        if self.search is not None:
+            found["latency_trials"] = self.search.trials
+            found["notes"] = self.search.notes() + ([self.budget_note] if self.budget_note
+                                                    else [])
+        elif self.budget_ms is not None:
             found["budget_curve"] = self.budget_curve
             points = ", ".join(f"x{c['scale']:.3f}: {c['p50_ms']:.3f} ms"
                                for c in self.budget_curve)

@@ -29,6 +29,7 @@ from torch import nn
 from compress.distributed import from_first_process
 from compress.methods.base import Refresh, schedule_options
 from compress.methods.dpf import DPF
+from compress.methods.latency_budget import MAX_TRIALS, LatencyBudget, LatencySearch
 from compress.methods.registry import register
 from compress.schedules import CubicSchedule
 from compress.selection import least_passing, select
@@ -56,7 +57,9 @@ class DPFFilter(DPF):
         self.round_to, self.min_channels = round_to, min_channels
         self.cutter = TrainingCutter(model, input_shape)
         self.removed = False
-        self.budget_curve: list[dict] = []  # p50 by channel share, with --budget-ms
+        self.budget_curve: list[dict] = []  # p50 by channel share, --allocation uniform
+        self.search: LatencySearch | None = None  # --budget-ms, --allocation latency
+        self.share_is_floor = True  # False: only the budget decides (no --sparsity given)
         super().__init__(model, schedule, refresh_every=refresh_every, scope=scope,
                          feedback_decay=feedback_decay, freeze_step=freeze_step)
 
@@ -112,27 +115,44 @@ class DPFFilter(DPF):
     def refresh(self) -> Refresh:
         target = self.schedule(self.step_count)
         scores = self.channel_scores()
-        positions = {r: fold_blocks(s, self.groups[r].blocks) for r, s in scores.items()}
-        multiples = {r: position_multiple(self.round_to, self.groups[r].blocks)
-                     for r in scores}
-        chosen = select(positions, target, scope=self.scope, multiple=multiples,
-                        min_keep=self.min_channels)
+        if self.search is not None:
+            drop = self._latency_drop(scores)
+        else:
+            drop = self._share_drop(scores, target)
         keep = {}
-        for root, mask in chosen.items():
-            group = self.groups[root]
-            dropped = unfold_blocks((~mask).nonzero().flatten().tolist(), group.width,
-                                    group.blocks)
-            keep[root] = torch.ones(group.width, dtype=torch.bool)
+        for root, dropped in drop.items():
+            keep[root] = torch.ones(self.groups[root].width, dtype=torch.bool)
             keep[root][dropped] = False
         flips = sum(int((keep[r] != self.keep[r]).sum()) for r in keep) / \
             max(1, sum(k.numel() for k in keep.values()))
         self.keep = keep
         self.masks = self._parameter_masks()
         self._sync_mask_cache()
-        event = Refresh(self.step_count, target, self.sparsity, flips)
+        event = Refresh(self.step_count, self.sparsity if self.search is not None else target,
+                        self.sparsity, flips)
         self.history.append(event)
         self.after_refresh()
         return event
+
+    def _share_drop(self, scores: dict[str, torch.Tensor], share: float,
+                    scope: str | None = None) -> dict[str, list[int]]:
+        """The lowest-scored ``share`` of the channels (per layer or globally, by scope)."""
+        positions = {r: fold_blocks(s, self.groups[r].blocks) for r, s in scores.items()}
+        multiples = {r: position_multiple(self.round_to, self.groups[r].blocks)
+                     for r in scores}
+        chosen = select(positions, share, scope=scope or self.scope, multiple=multiples,
+                        min_keep=self.min_channels)
+        return {root: unfold_blocks((~mask).nonzero().flatten().tolist(),
+                                    self.groups[root].width, self.groups[root].blocks)
+                for root, mask in chosen.items()}
+
+    def _latency_drop(self, scores: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        """Widths allocated by the layer table at this step's predicted latency: the cubic
+        ramp taken from the uncut model's prediction down to the search's target."""
+        s, search = self.schedule, self.search
+        progress = CubicSchedule(1.0, s.start_step, s.end_step)(self.step_count)
+        target = search.dense_predicted - progress * (search.dense_predicted - search.target)
+        return search.plan(search.allocate(target, scores).kept, scores)
 
     def _parameter_masks(self) -> dict[str, torch.Tensor]:
         masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
@@ -142,10 +162,28 @@ class DPFFilter(DPF):
                 masks[name].index_fill_(dim, index[dropped].to(masks[name].device), False)
         return masks
 
-    def set_budget(self, budget_ms: float, latency) -> None:
-        """A floor on how far to cut: the final channel share is raised to the least share
-        (bisected, every layer cut alike) whose network meets ``budget_ms``; latency depends
-        only on the widths, which in layer scope the share alone decides."""
+    def set_budget(self, budget: LatencyBudget) -> None:
+        """Cut at least as far as ``budget`` needs. ``allocation="latency"``: widths from
+        the layer table (`LatencySearch`), the target found by measuring cuts of the
+        starting model, ramped in predicted ms and corrected again by measurement before the
+        final cut; ``"uniform"``: the final channel share raised to the least (bisected,
+        every layer cut alike) whose network meets the budget."""
+        if budget.allocation == "uniform":
+            self._uniform_budget(budget)
+            return
+        scores = self.channel_scores()
+        search = LatencySearch(self.model, self.cutter.input_shape, budget, scores,
+                               round_to=self.round_to, min_channels=self.min_channels)
+        search.run()
+        if self.share_is_floor:  # a --sparsity given as well may ask for a deeper cut
+            share = self._share_drop({r: torch.arange(len(v), dtype=torch.float32)
+                                      for r, v in scores.items()},
+                                     self.schedule.final_sparsity, scope="layer")
+            search.target = min(search.target, search.latency_model.predict(
+                {r: self.groups[r].width - len(share.get(r, [])) for r in search.groups}))
+        self.search = search
+
+    def _uniform_budget(self, budget: LatencyBudget) -> None:
         def p50(share: float) -> float:
             scores = {r: torch.arange(g.width, dtype=torch.float32)
                       for r, g in self.groups.items() if r in self.slices}
@@ -153,16 +191,16 @@ class DPFFilter(DPF):
                 r: position_multiple(self.round_to, self.groups[r].blocks)
                 for r in scores}, min_keep=self.min_channels)
             drop = {r: (~k).nonzero().flatten().tolist() for r, k in keep.items()}
-            value = self.cutter.latency_after(drop, latency)
+            value = self.cutter.latency_after(drop, budget.latency)
             self.budget_curve.append({"share": round(share, 4), "p50_ms": value})
             return value
 
         self.budget_curve = []
-        if p50(self.schedule.final_sparsity) <= budget_ms:
+        if self.share_is_floor and p50(self.schedule.final_sparsity) <= budget.budget_ms:
             return
-        high = least_passing(lambda share: p50(share) <= budget_ms, 0.0, MAX_BUDGET_SHARE,
-                             BUDGET_STEPS)
-        if high > self.schedule.final_sparsity:
+        high = least_passing(lambda share: p50(share) <= budget.budget_ms, 0.0,
+                             MAX_BUDGET_SHARE, BUDGET_STEPS)
+        if high > self.schedule.final_sparsity or not self.share_is_floor:
             s = self.schedule
             self.schedule = CubicSchedule(high, s.start_step, s.end_step, s.initial_sparsity)
 
@@ -185,6 +223,8 @@ class DPFFilter(DPF):
         """Cut the masked channels (once); an event with the new widths, or None."""
         if self.removed:
             return None
+        if self.search is not None:
+            self._final_correction()
         self.apply_masks()
         drop = from_first_process(
             lambda: {root: (~k).nonzero().flatten().tolist() for root, k in self.keep.items()})
@@ -192,6 +232,18 @@ class DPFFilter(DPF):
         widths = self.cutter.cut(drop)
         self._forget_masks()
         return CutEvent(self.step_count, sparsity, widths)
+
+    def _final_correction(self) -> None:
+        """Measure the widths the trained scores give at the target and, while over the
+        budget, lower the target and allocate again (`LatencySearch.correct`)."""
+        scores = self.channel_scores()
+        self.search.correct(scores, MAX_TRIALS, stage="final")
+        self.keep = {}
+        for root, dropped in self.search.chosen.items():
+            self.keep[root] = torch.ones(self.groups[root].width, dtype=torch.bool)
+            self.keep[root][dropped] = False
+        self.masks = self._parameter_masks()
+        self._sync_mask_cache()
 
     def _forget_masks(self) -> None:
         self.removed = True
@@ -201,12 +253,17 @@ class DPFFilter(DPF):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "removed": self.removed,
                 "final_sparsity": self.schedule.final_sparsity,  # a budget may have raised it
-                "keep": {r: k.clone() for r, k in self.keep.items()}}
+                "keep": {r: k.clone() for r, k in self.keep.items()},
+                **({"latency_target": self.search.target, "latency_trials": self.search.trials}
+                   if self.search is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         s = self.schedule
         self.schedule = CubicSchedule(float(state.get("final_sparsity", s.final_sparsity)),
                                       s.start_step, s.end_step, s.initial_sparsity)
+        if self.search is not None and "latency_target" in state:
+            self.search.target = float(state["latency_target"])
+            self.search.trials = list(state["latency_trials"])
         if state.get("removed"):
             self.step_count = int(state["step_count"])
             self.history = [Refresh(**h) for h in state["history"]]
@@ -217,8 +274,12 @@ class DPFFilter(DPF):
 
     def summary(self) -> dict:
         found = {"channels_removed_share": self.sparsity, "cuts": int(self.removed),
-                 "widths": self.cutter.widths(),
-                 "target_channel_sparsity": self.schedule.final_sparsity}
+                 "widths": self.cutter.widths()}
+        if self.share_is_floor or self.search is None:
+            found["target_channel_sparsity"] = self.schedule.final_sparsity
+        if self.search is not None:
+            found["latency_trials"] = self.search.trials
+            found["notes"] = self.search.notes()
         if self.budget_curve:
             found["budget_curve"] = self.budget_curve
             points = ", ".join(f"{c['share']:.3f}: {c['p50_ms']:.3f} ms"
@@ -231,10 +292,13 @@ class DPFFilter(DPF):
 
 def _build(model: nn.Module, recipe, total_steps: int) -> DPFFilter:
     schedule, options = schedule_options(recipe, total_steps)
-    return DPFFilter(model, schedule, tuple(recipe.input_shape),
-                     refresh_every=options["refresh_every"], scope=recipe.scope or "layer",
-                     feedback_decay=recipe.feedback_decay, freeze_step=options["freeze_step"],
-                     round_to=recipe.round_to, min_channels=recipe.min_channels or 1)
+    pruner = DPFFilter(model, schedule, tuple(recipe.input_shape),
+                       refresh_every=options["refresh_every"], scope=recipe.scope or "layer",
+                       feedback_decay=recipe.feedback_decay,
+                       freeze_step=options["freeze_step"], round_to=recipe.round_to,
+                       min_channels=recipe.min_channels or 1)
+    pruner.share_is_floor = recipe.sparsity is not None or recipe.budget_ms is None
+    return pruner
 
 
 register("dpf-filter", _build)

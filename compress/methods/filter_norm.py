@@ -26,7 +26,7 @@ import copy
 from torch import nn
 
 from compress.errors import CompressError
-from compress.methods.latency_budget import LatencySearch, layer_channels
+from compress.methods.latency_budget import LatencyBudget, LatencySearch, layer_channels
 from compress.methods.registry import (
     OneShotPruner,
     OneShotRequest,
@@ -119,7 +119,11 @@ class FilterNorm(OneShotPruner):
         if r.budget_ms is not None and r.allocation == "uniform":
             share, curve = self._share_for_budget(model)
         elif r.budget_ms is not None:
-            search = LatencySearch(model, r, self.norm)
+            search = LatencySearch(
+                model, r.input_shape, LatencyBudget(r.budget_ms, r.latency, r.allocation,
+                                                    r.latency_table, r.table_maker),
+                ChannelEngine(model, r.input_shape).scores(self.norm),
+                round_to=r.round_to, min_channels=r.min_channels or 1)
             trials = search.run()
         classes = classes_of(model, r.input_shape)
         engine = ChannelEngine(model, r.input_shape)

@@ -23,6 +23,8 @@ import torch
 
 from compress.errors import CompressError
 
+LOOKAHEAD = 8  # rounding steps tried at once per group: past a knee, without trying them all
+
 
 @dataclass
 class LayerTimes:
@@ -133,15 +135,18 @@ class Allocation:
 
 def allocate(model: LatencyModel, scores: dict[str, torch.Tensor], target_ms: float,
              step: dict[str, int], floor: dict[str, int],
-             blocks: dict[str, int]) -> Allocation:
+             blocks: dict[str, int], start: dict[str, int] | None = None) -> Allocation:
     """Widths whose predicted latency meets ``target_ms`` (or the least the floors allow),
     removing ``step[root]`` of the lowest-scored positions at a time from the group that
     loses least importance per ms saved (see the module). ``scores`` are per position; a
-    position is ``blocks[root]`` channels (grouped convs, attention heads). Returns kept
+    position is ``blocks[root]`` channels (grouped convs, attention heads); ``start``: the
+    positions each group keeps before the first step (default: all). Returns kept
     positions."""
     order = {root: torch.sort(s / s.mean().clamp_min(1e-12)).values.tolist()
              for root, s in scores.items()}
     kept = {root: len(s) for root, s in order.items()}
+    if start is not None:
+        kept = {root: min(n, max(floor[root], start.get(root, n))) for root, n in kept.items()}
 
     def channels(positions: dict[str, int]) -> dict[str, int]:
         return {root: n * blocks[root] for root, n in positions.items()}
@@ -151,9 +156,10 @@ def allocate(model: LatencyModel, scores: dict[str, torch.Tensor], target_ms: fl
         best, best_rate = None, None
         for root, values in order.items():
             removed = len(values) - kept[root]
-            # every narrower width a whole number of steps away: a table is not monotone
-            # (a kernel's knee), so the next step alone may save nothing where two would
-            for narrower in range(kept[root] - step[root], floor[root] - 1, -step[root]):
+            # narrower widths up to LOOKAHEAD steps away: a table is not monotone (a
+            # kernel's knee), so the next step alone may save nothing where two would
+            least = max(floor[root] - 1, kept[root] - LOOKAHEAD * step[root] - 1)
+            for narrower in range(kept[root] - step[root], least, -step[root]):
                 saved = model.saving(root, channels(kept), narrower * blocks[root])
                 if saved <= 0:
                     continue
@@ -167,9 +173,11 @@ def allocate(model: LatencyModel, scores: dict[str, torch.Tensor], target_ms: fl
     return Allocation(kept, predicted, steps)
 
 
-def check_table(table: dict, layers: dict[str, tuple[int, int]]) -> None:
+def check_table(table: dict, layers: dict[str, tuple[int, int]],
+                thinned: bool = False) -> None:
     """Refuse (one line) a table whose layers are not this model's (``layers``: every conv
-    and linear layer's input and output channels)."""
+    and linear layer's input and output channels; with ``thinned``, channels at most the
+    table's: the model was cut since the table was made)."""
     if not isinstance(table, dict) or not isinstance(table.get("layers"), list) or \
             not table["layers"] or \
             not all(isinstance(e, dict) and isinstance(e.get("times_ms"), list)
@@ -182,7 +190,9 @@ def check_table(table: dict, layers: dict[str, tuple[int, int]]) -> None:
             raise CompressError(f"the latency table's layer {name} is not in this model: it "
                                 f"was made for another model ({table.get('model', '?')})")
         channels = (entry.get("input_channels"), entry.get("output_channels"))
-        if channels != layers[name]:
+        fits = channels == layers[name] or thinned and all(
+            isinstance(t, int) and m <= t for m, t in zip(layers[name], channels, strict=True))
+        if not fits:
             raise CompressError(f"the latency table's layer {name} has {channels[0]}x"
                                 f"{channels[1]} channels and this model's "
                                 f"{layers[name][0]}x{layers[name][1]}: it was made for "
