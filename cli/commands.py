@@ -133,7 +133,8 @@ def train_prune(
     if resolved.budget_ms is not None:
         from export.budget import latency_meter
 
-        latency = latency_meter(resolved.budget_threads)
+        latency = latency_meter(resolved.budget_threads,
+                                precision=resolved.budget_precision)
         given_table, table_maker = _latency_table(resolved)
     summary = run_train_prune(resolved, out_dir, resume=resume, requested=requested,
                               latency=latency, latency_table=given_table,
@@ -149,8 +150,8 @@ PRUNE_SHARED = ("model", "weights", "data", "data_dir", "input_shape", "num_clas
                 "max_train_samples", "max_test_samples", "workers", "skip_bad_images",
                 "scope", "layer_floor",
                 "skip_first", "skip_classifier", "target_macs", "budget_ms", "budget_threads",
-                "allocation", "latency_table", "round_to", "min_channels", "lr", "batch_size",
-                "seed")
+                "budget_precision", "allocation", "latency_table", "round_to", "min_channels",
+                "lr", "batch_size", "seed")
 ONE_SHOT_CHANNELS = "Channels: " + ", ".join(
     name for name in names("one-shot") if CATALOG[name].granularity == "channels")
 PRUNE_CHANGES = {
@@ -163,6 +164,7 @@ PRUNE_CHANGES = {
     "budget_ms": {"panel": ONE_SHOT_CHANNELS, "help": "Cut until the exported model's p50 at "
                   "batch 1, measured with onnxruntime here, is at most this many ms."},
     "budget_threads": {"panel": ONE_SHOT_CHANNELS},
+    "budget_precision": {"panel": ONE_SHOT_CHANNELS},
     "allocation": {"panel": ONE_SHOT_CHANNELS},
     "latency_table": {"panel": ONE_SHOT_CHANNELS},
     "round_to": {"panel": ONE_SHOT_CHANNELS},
@@ -236,9 +238,10 @@ def prune(
     if shared.budget_ms is not None:
         from export.budget import latency_meter
 
-        latency = latency_meter(shared.budget_threads)
+        latency = latency_meter(shared.budget_threads, precision=shared.budget_precision)
         given_table, table_maker = _latency_table(shared)
-    amount = f"latency budget {shared.budget_ms} ms ({shared.budget_threads} thread(s))" \
+    amount = f"latency budget {shared.budget_ms} ms ({shared.budget_threads} thread(s), " \
+        f"{shared.budget_precision})" \
         if shared.budget_ms is not None \
         else f"MAC budget {shared.target_macs}" if shared.target_macs is not None else \
         f"sparsity {sparsity}" if sparsity is not None else "no sparsity target"
@@ -306,7 +309,7 @@ def _latency_table(settings) -> tuple[dict | None, object]:
     from export.budget import layer_table_maker, table_warnings
 
     if settings.latency_table is None:
-        return None, layer_table_maker(settings.budget_threads)
+        return None, layer_table_maker(settings.budget_threads, settings.budget_precision)
     from compress.jsontext import read_json_file
 
     table = read_json_file(settings.latency_table, "--latency-table")
@@ -314,7 +317,7 @@ def _latency_table(settings) -> tuple[dict | None, object]:
         from compress.errors import CompressError
 
         raise CompressError(f"--latency-table {settings.latency_table} is not a layer table")
-    for note in table_warnings(table, settings.budget_threads):
+    for note in table_warnings(table, settings.budget_threads, settings.budget_precision):
         err.print(escape(f"warning: {note}"), highlight=False, soft_wrap=True)
     return table, None
 

@@ -35,8 +35,8 @@ class MethodInfo:
 SCHEDULE = frozenset({"sparsity", "scope", "refresh_every", "prune_start", "prune_end",
                       "freeze_at"})
 MASKS = SCHEDULE | {"layer_floor", "skip_first", "skip_classifier"}
-CUTS = frozenset({"round_to", "min_channels", "budget_ms", "budget_threads", "allocation",
-                  "latency_table"})
+CUTS = frozenset({"round_to", "min_channels", "budget_ms", "budget_threads", "budget_precision",
+                  "allocation", "latency_table"})
 DENSITY = frozenset({"probe_samples", "density_start", "density_every", "density_stop",
                      "density_cuts", "density_until_settled", "density_tolerance"})
 METHOD_FIELDS = MASKS | CUTS | DENSITY | {"feedback_decay", "target_macs"}

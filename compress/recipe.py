@@ -126,6 +126,9 @@ class Recipe:
                                      "1) of this many ms needs, measured here.")
     budget_threads: int = option(1, help="onnxruntime threads --budget-ms is measured with.",
                                  panel=CHANNELS, low=1)
+    budget_precision: str = option("fp32", panel=CHANNELS, choices=("fp32", "int8"),
+                                   help="--budget-ms: the precision the p50 is measured in "
+                                   "(int8: export with --quantize int8 or auto).")
     allocation: str = option("latency", panel=CHANNELS, choices=("latency", "uniform"),
                              help="--budget-ms: each group's width from a layer table "
                              "(latency), or one channel share for every group (uniform).")

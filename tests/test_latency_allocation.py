@@ -110,6 +110,26 @@ def test_the_search_meets_the_budget_it_measures(vgg):
     assert 0 < result.details["channel_sparsity"] < 1
 
 
+def test_an_int8_budget_is_met_in_int8(vgg):
+    """--budget-precision int8: the table and every trial are int8 files (their quantize and
+    dequantize steps, which no layer's width changes, included in what is measured)."""
+    import copy
+
+    from compress.methods.filter_norm import FilterNorm
+    from compress.methods.registry import OneShotRequest
+    from export.budget import latency_meter, layer_table_maker, onnx_p50_ms
+
+    model = copy.deepcopy(vgg)
+    budget = 0.6 * onnx_p50_ms(model, (1, 28, 28), runs=30, precision="int8")
+    table = layer_table_maker(1, "int8")(model, (1, 28, 28))
+    assert table["precision"] == "int8"
+    pruner = FilterNorm(OneShotRequest(budget_ms=budget, input_shape=(1, 28, 28),
+                                       latency=latency_meter(runs=30, precision="int8"),
+                                       latency_table=table), norm=1)
+    trials = pruner.prune(model).details["latency_trials"]
+    assert trials[-1]["measured_ms"] <= budget < trials[0]["measured_ms"]
+
+
 def test_a_table_for_another_model_or_an_unreachable_budget_is_one_line(vgg, tmp_path, cli):
     from export.budget import layer_table_maker
 
@@ -128,6 +148,9 @@ def test_a_table_for_another_model_or_an_unreachable_budget_is_one_line(vgg, tmp
     uniform = cli(*base, "--budget-ms", "1", "--allocation", "uniform",
                   "--latency-table", other)
     assert uniform.exit_code == 2 and "--allocation latency only" in uniform.output
+    precision = cli(*base, "--budget-ms", "1", "--budget-precision", "int8",
+                    "--latency-table", other)
+    assert precision.exit_code == 2 and "timed in fp32" in precision.output
     unused = cli(*base, "--sparsity", "0.5", "--latency-table", other)
     assert unused.exit_code == 2 and "read with --budget-ms" in unused.output
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())

@@ -4,9 +4,10 @@ layer table, then corrected by measuring the exported model until its p50 meets 
 The table's prediction (`compress.structured.latency_allocation`) is scaled to the measured
 p50 of the uncut model, so that what the table leaves out (pooling, reshapes, the runtime's
 per-call overhead) is carried as a share. Each trial cuts a copy of the model to the
-allocated widths, exports and times it (the request's latency meter); while the measured p50
-is over the budget, the target handed to the allocation is lowered by the ratio of budget
-to measurement, up to `MAX_TRIALS` times. Every trial's predicted and measured p50 is
+allocated widths, exports and times it (the budget's latency meter); while the measured p50
+is over the budget, the target handed to the allocation is lowered (`_next_target`: by the
+ratio of budget to measurement, or further where the last two trials' line says so), up to
+`MAX_TRIALS` times. Every trial's predicted and measured p50 is
 reported.
 """
 
@@ -150,7 +151,22 @@ class LatencySearch:
             self.met = measured <= budget
             if self.met or found.predicted_ms > self.target:
                 break  # met, or the floors stop the allocation short: no narrower cut
-            self.target *= budget / measured
+            self.target = self._next_target()
+
+    def _next_target(self) -> float:
+        """The lower of two corrections: the target scaled by budget / measured, and the
+        predicted time where the line through the last two trials (predicted against
+        measured) reaches the budget. The line carries what the table cannot see and does
+        not shrink with the widths (quantize and dequantize steps of an int8 file, the
+        runtime's per-call cost), which the ratio alone approaches only slowly."""
+        budget = self.budget.budget_ms
+        (p1, m1), (p2, m2) = [(t["predicted_ms"] / self.scale, t["measured_ms"])
+                              for t in self.trials[-2:]]
+        lowered = self.target * budget / m2
+        if p1 <= p2 or m1 <= m2:
+            return lowered  # no usable slope (noise, or the floors)
+        slope = max((m1 - m2) / (p1 - p2), 0.1 * self.scale)
+        return max(0.0, min(lowered, p2 - (m2 - budget) / slope))
 
     def allocate(self, target: float, scores: dict[str, torch.Tensor] | None = None):
         """The widths (positions kept per group) whose predicted latency meets ``target``
