@@ -200,22 +200,31 @@ def measure_files(files: list[dict], args) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """Mean ± std over seeds per model, row and precision."""
+    """Mean ± std over seeds per model, row and precision; speed-up and MAC share against the
+    dense fp32 file of the same model."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["row"], r["precision"]), []).append(r)
     lines = ["| model | file | precision | test top-1 | p50 (ms) | speed-up vs dense fp32 | "
-             "bytes | seeds |", "|---|---|---|---|---|---|---|---|"]
-    for (model, row, precision), found in groups.items():
+             "MACs vs dense | bytes | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for (model, row, precision), found in sorted(groups.items(), key=_order):
         dense = groups[(model, "dense", "fp32")]
         top1 = [100 * r["test_top1"] for r in found]
         p50 = statistics.mean(r["p50_ms"] for r in found)
         std = statistics.stdev(top1) if len(top1) > 1 else 0.0
+        macs = statistics.mean(r["macs"] for r in found) / statistics.mean(
+            r["macs"] for r in dense)
         lines.append(f"| {model} | {row} | {precision} | {statistics.mean(top1):.2f} ± "
                      f"{std:.2f} | {p50:.3f} | "
                      f"{statistics.mean(r['p50_ms'] for r in dense) / p50:.2f}x | "
-                     f"{int(statistics.mean(r['bytes'] for r in found)):,} | {len(found)} |")
+                     f"{macs:.2f} | {int(statistics.mean(r['bytes'] for r in found)):,} | "
+                     f"{len(found)} |")
     return "\n".join(lines)
+
+
+def _order(item: tuple) -> tuple:
+    (model, row, precision), _ = item
+    return model, ROWS.index(row) if row in ROWS else len(ROWS), precision
 
 
 def plot(rows: list[dict], model: str) -> Path:
@@ -258,7 +267,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/compress-peers"),
                         help="runs and files; kept, so that a later call resumes")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table and draw the plots from --results")
     args = parser.parse_args()
+    if args.report:
+        rows = [json.loads(line) for line in args.results.read_text().splitlines() if line]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            print(f"plot: {plot(rows, model)}")
+        print(table(rows))
+        return
     register_peers(args.ratio)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     for model in args.models:
