@@ -75,9 +75,12 @@ def _torch_to_onnx(ckpt: Checkpoint, opset: int) -> onnx.ModelProto:
 
 def module_to_onnx(model, input_shape: tuple[int, ...], name: str,
                    opset: int = 20) -> onnx.ModelProto:
-    """``model`` (in eval mode) as ONNX with a dynamic batch, the exporter's noise hidden."""
+    """``model`` (in eval mode) as ONNX with a dynamic batch, the exporter's noise hidden.
+    The model is left in the mode it came in: a budget search exports the model a training
+    run is still training."""
     import torch
 
+    training = model.training
     model = model.eval()
     example = torch.randn(2, *input_shape)
     batch = torch.export.Dim("batch", min=1)
@@ -92,6 +95,8 @@ def module_to_onnx(model, input_shape: tuple[int, ...], name: str,
         raise_if_interrupted(exc)
         raise CompressError(f"torch could not export {name!r} to ONNX"
                             f"{_failing_line(exc)}: {first_line(causes(exc)[-1], 300)}") from None
+    finally:
+        model.train(training)
     return program.model_proto
 
 

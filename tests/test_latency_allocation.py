@@ -192,3 +192,16 @@ def test_a_training_budget_met_by_the_table_is_met_when_the_file_is_timed_again(
     measured, _ = measure([dense_file, cut_file], runs=100)
     ratio = measured[1].latency()["p50"] / measured[0].latency()["p50"]
     assert ratio <= share * 1.25, (ratio, trials)
+
+
+def test_timing_a_model_in_training_leaves_it_in_training(vgg):
+    """A budget search times the model a run is still training (density's last cut): the
+    export must not leave it in eval mode, or the rest of the epoch trains on frozen
+    BatchNorm statistics."""
+    import copy
+
+    from export.budget import onnx_p50_ms
+
+    model = copy.deepcopy(vgg).train()
+    onnx_p50_ms(model, (1, 28, 28), runs=3)
+    assert model.training and all(m.training for m in model.modules())

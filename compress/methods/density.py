@@ -27,6 +27,7 @@ What the paper states and what is ours (README, "ADP: what is the paper's"):
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -136,7 +137,8 @@ class ActivationDensity(TrainingPruner):
         starting model, so that a wrong one fails before training."""
         if budget.allocation == "latency":
             if budget.table is None:
-                budget.table = budget.table_maker(self.model, self.cutter.input_shape)
+                budget.table = budget.table_maker(copy.deepcopy(self.model),
+                                                  self.cutter.input_shape)
             check_table(budget.table, layer_channels(self.model))
         self.budget, self.budget_ms, self.latency = budget, budget.budget_ms, budget.latency
 

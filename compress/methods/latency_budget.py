@@ -97,7 +97,7 @@ class LatencySearch:
         self.groups = {g.root: g for g in engine.groups() if g.root in scores}
         layers = layer_channels(model)
         table = budget.table if budget.table is not None else \
-            budget.table_maker(model, self.shape)
+            budget.table_maker(copy.deepcopy(model), self.shape)
         check_table(table, layers, thinned=thinned)
         self.latency_model = LatencyModel(table, layers, {
             root: (group.width, _group_layers(engine, root, layers))
@@ -117,10 +117,10 @@ class LatencySearch:
         """Search, leaving the chosen cut in `chosen` and the corrected target (in the
         table's ms) in `target`; returns the trials."""
         budget = self.budget.budget_ms
-        dense_ms = float(self.budget.latency(self.model, self.shape))
+        dense_ms, macs = self._measure({})  # a copy: the model may be in mid-training
         self.scale = dense_ms / self.dense_predicted
         self.trials.append({"trial": 0, "predicted_ms": dense_ms, "measured_ms": dense_ms,
-                            "macs": count_macs(self.model, self.shape)[0]})
+                            "macs": macs})
         if dense_ms <= budget and self.start is None:
             self.met = True
             return self.trials
