@@ -63,9 +63,25 @@ def test_allocation_meets_the_target_and_cuts_where_a_millisecond_costs_least():
     assert found.predicted_ms <= 0.7 * full
     assert model.predict(found.kept) == pytest.approx(found.predicted_ms)
     # A's channels feed the slow layer b's inputs and B's feed only c: cutting A saves more
-    assert found.kept["A"] < 32 and found.kept["B"] == 32
+    assert found.kept["A"] < 32 and found.kept["A"] <= found.kept["B"]
+    first = allocate(model, scores, model.predict({"A": 24, "B": 32}), step, floor, blocks)
+    assert first.kept == {"A": 24, "B": 32}  # one step: A's
     least = allocate(model, scores, 0.0, step, floor, blocks)
     assert least.kept == {"A": 8, "B": 8}  # down to the floors, and no further
+
+
+def test_a_cut_is_spread_rather_than_one_group_taken_to_its_floor():
+    """Two groups whose channels buy the same time and matter alike: the greedy must not
+    empty one while the other stays whole (the thinner a group, the more its next channel
+    costs), the pattern that cut every other vgg-small layer to 8 channels."""
+    model = LatencyModel({"layers": [entry("a", 4, 64, 1e-4), entry("b", 4, 64, 1e-4)]},
+                         {"a": (4, 64), "b": (4, 64)},
+                         {"A": (64, GroupLayers(outputs=["a"])),
+                          "B": (64, GroupLayers(outputs=["b"]))})
+    scores = {"A": torch.ones(64), "B": torch.ones(64)}
+    found = allocate(model, scores, 0.5 * model.predict({"A": 64, "B": 64}),
+                     {"A": 8, "B": 8}, {"A": 8, "B": 8}, {"A": 1, "B": 1})
+    assert found.kept == {"A": 32, "B": 32}
 
 
 def test_importance_outweighs_time_when_a_group_is_precious():

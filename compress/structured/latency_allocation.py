@@ -9,9 +9,10 @@ layers it leads and the inputs of the layers that read it.
 
 `allocate` then removes channels greedily, a rounding step at a time, from the group whose
 next step loses the least importance (the method's own channel scores, each group's divided
-by their mean so that groups compare) per millisecond of predicted time saved, until the
-prediction meets the target. Widths where a kernel is slow show as slow in the table and
-are avoided by it; a step that saves nothing is never taken.
+by their mean so that groups compare, and weighted up as the group thins: `thinning_costs`)
+per millisecond of predicted time saved, until the prediction meets the target. Widths
+where a kernel is slow show as slow in the table and are avoided by it; a step that saves
+nothing is never taken.
 """
 
 from __future__ import annotations
@@ -142,8 +143,7 @@ def allocate(model: LatencyModel, scores: dict[str, torch.Tensor], target_ms: fl
     position is ``blocks[root]`` channels (grouped convs, attention heads); ``start``: the
     positions each group keeps before the first step (default: all). Returns kept
     positions."""
-    order = {root: torch.sort(s / s.mean().clamp_min(1e-12)).values.tolist()
-             for root, s in scores.items()}
+    order = {root: thinning_costs(s) for root, s in scores.items()}
     kept = {root: len(s) for root, s in order.items()}
     if start is not None:
         kept = {root: min(n, max(floor[root], start.get(root, n))) for root, n in kept.items()}
@@ -171,6 +171,20 @@ def allocate(model: LatencyModel, scores: dict[str, torch.Tensor], target_ms: fl
         kept[best[0]] = best[1]
         predicted, steps = model.predict(channels(kept)), steps + 1
     return Allocation(kept, predicted, steps)
+
+
+def thinning_costs(scores: torch.Tensor) -> list[float]:
+    """What removing each position costs, lowest first: its score over the group's mean,
+    times ``n / k`` for a group of ``n`` positions that still has ``k`` when it goes. Plain
+    scores rate the tenth channel taken from a layer of sixteen like the tenth from a layer
+    of 256, and the greedy then cuts every other layer to its floor, where a conv with
+    either side narrow costs nearly nothing (vgg-small: 84.5 % against 88.0 % for one share
+    everywhere, at the same measured p50). Weighted, a group thinned to a share ``f`` of
+    its width costs about ``n·ln(1/f)`` for even scores: deep cuts of one group cost more
+    than even cuts of two (87.7 % there)."""
+    values = torch.sort(scores / scores.mean().clamp_min(1e-12)).values.tolist()
+    n = len(values)
+    return [v * n / (n - j) for j, v in enumerate(values)]
 
 
 def check_table(table: dict, layers: dict[str, tuple[int, int]],
