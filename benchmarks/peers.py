@@ -233,17 +233,27 @@ def plot(rows: list[dict], model: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["row"], r["precision"]) for r in rows if r["model"] == model}):
-        found = [r for r in rows if r["model"] == model and (r["row"], r["precision"]) == key]
-        top1 = [100 * r["test_top1"] for r in found]
-        ax.errorbar(statistics.mean(r["p50_ms"] for r in found), statistics.mean(top1),
-                    yerr=statistics.stdev(top1) if len(top1) > 1 else 0.0, fmt="o",
-                    label=f"{key[0]} {key[1]}", capsize=3)
-    ax.set_xlabel("p50 latency (ms, onnxruntime, batch 1)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    found_rows = [r for r in rows if r["model"] == model]
+    names = [row for row in ROWS if any(r["row"] == row for r in found_rows)]
+    colours = plt.get_cmap("tab20")
+    for k, name in enumerate(names):
+        for precision, marker in (("fp32", "o"), ("int8", "s")):
+            found = [r for r in found_rows if (r["row"], r["precision"]) == (name, precision)]
+            if not found:
+                continue
+            top1 = [100 * r["test_top1"] for r in found]
+            ax.errorbar(statistics.mean(r["p50_ms"] for r in found), statistics.mean(top1),
+                        yerr=statistics.stdev(top1) if len(top1) > 1 else 0.0, fmt=marker,
+                        color=colours(k), capsize=3,
+                        label=name if precision == "fp32" else None)
+    ax.set_xscale("log")
+    ax.plot([], [], "o", color="grey", label="fp32 (circle)")
+    ax.plot([], [], "s", color="grey", label="int8 (square)")
+    ax.set_xlabel("p50 latency (ms, onnxruntime, 1 thread, batch 1; log scale)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"{model}: accuracy against latency (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     path = PLOTS / f"peers-{model}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
