@@ -115,8 +115,6 @@ class ActivationDensity(TrainingPruner):
         self._layout = None
         self.masks: dict[str, torch.Tensor] = {}  # no masks: the network itself gets thinner
         self.budget: LatencyBudget | None = None
-        self.budget_ms: float | None = None
-        self.latency = None
         self.budget_curve: list[dict] = []  # --allocation uniform: p50 by density scale
         self.search: LatencySearch | None = None  # --allocation latency
         self.budget_note = ""
@@ -140,7 +138,7 @@ class ActivationDensity(TrainingPruner):
                 budget.table = budget.table_maker(copy.deepcopy(self.model),
                                                   self.cutter.input_shape)
             check_table(budget.table, layer_channels(self.model))
-        self.budget, self.budget_ms, self.latency = budget, budget.budget_ms, budget.latency
+        self.budget = budget
 
     # -- the schedule -------------------------------------------------------------------------
     def step(self) -> DensityEvent | None:
@@ -200,11 +198,11 @@ class ActivationDensity(TrainingPruner):
         largest factor whose network meets the budget (bisected by `least_passing`, the search
         every budget uses, on the depth ``1 - factor``)."""
         plan = self.plan(reading)
-        if self.budget_ms is None or not self._last_cut():
+        if self.budget is None or not self._last_cut():
             return plan
-        p50 = self.cutter.latency_after(plan, self.latency)
+        p50 = self.cutter.latency_after(plan, self.budget.latency)
         self.budget_curve = [{"scale": 1.0, "p50_ms": p50}]
-        if p50 <= self.budget_ms:
+        if p50 <= self.budget.budget_ms:
             return plan
         if self.budget.allocation == "latency":
             return self._latency_plan(reading, plan)
@@ -218,9 +216,9 @@ class ActivationDensity(TrainingPruner):
                 return True
             scale = 1.0 - depth  # exact: the bisection only visits multiples of 2**-steps
             trials[scale] = trial = self.plan(reading, scale=scale)
-            p50 = self.cutter.latency_after(trial, self.latency)
+            p50 = self.cutter.latency_after(trial, self.budget.latency)
             self.budget_curve.append({"scale": scale, "p50_ms": p50})
-            return p50 <= self.budget_ms
+            return p50 <= self.budget.budget_ms
 
         scale = 1.0 - least_passing(meets, 0.0, 1.0, BUDGET_STEPS)
         return trials[scale] if scale in trials else self.plan(reading, scale=0.0)
@@ -300,15 +298,15 @@ class ActivationDensity(TrainingPruner):
             found["latency_trials"] = self.search.trials
             found["notes"] = self.search.notes() + ([self.budget_note] if self.budget_note
                                                     else [])
-        elif self.budget_ms is not None:
+        elif self.budget is not None:
             found["budget_curve"] = self.budget_curve
             points = ", ".join(f"x{c['scale']:.3f}: {c['p50_ms']:.3f} ms"
                                for c in self.budget_curve)
             if points:
-                found["notes"] = [f"--budget-ms {self.budget_ms}: p50 measured at the last "
+                found["notes"] = [f"--budget-ms {self.budget.budget_ms}: p50 measured at the last "
                                   f"cut by density scale: {points}"]
             if self.cuts_done < self.options.cuts and not self.options.until_settled:
-                found["notes"] = [f"--budget-ms {self.budget_ms}: only {self.cuts_done} of "
+                found["notes"] = [f"--budget-ms {self.budget.budget_ms}: only {self.cuts_done} of "
                                   f"{self.options.cuts} cut(s) happened (the densities did not "
                                   "settle in time), so the budget floor was not applied"]
         return found

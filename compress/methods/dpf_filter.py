@@ -53,13 +53,15 @@ class DPFFilter(DPF):
                  input_shape: tuple[int, ...], *, refresh_every: int = 16,
                  scope: str = "layer", feedback_decay: float = 0.01,
                  freeze_step: int | None = None, round_to: int = 8,
-                 min_channels: int = 1) -> None:
+                 min_channels: int = 1, share_is_floor: bool = True) -> None:
+        """``share_is_floor``: the schedule's final share is a floor under a budget's cut
+        (a --sparsity was given); False: the budget alone decides how far to cut."""
         self.round_to, self.min_channels = round_to, min_channels
         self.cutter = TrainingCutter(model, input_shape)
         self.removed = False
         self.budget_curve: list[dict] = []  # p50 by channel share, --allocation uniform
         self.search: LatencySearch | None = None  # --budget-ms, --allocation latency
-        self.share_is_floor = True  # False: only the budget decides (no --sparsity given)
+        self.share_is_floor = share_is_floor
         super().__init__(model, schedule, refresh_every=refresh_every, scope=scope,
                          feedback_decay=feedback_decay, freeze_step=freeze_step)
 
@@ -292,13 +294,11 @@ class DPFFilter(DPF):
 
 def _build(model: nn.Module, recipe, total_steps: int) -> DPFFilter:
     schedule, options = schedule_options(recipe, total_steps)
-    pruner = DPFFilter(model, schedule, tuple(recipe.input_shape),
-                       refresh_every=options["refresh_every"], scope=recipe.scope or "layer",
-                       feedback_decay=recipe.feedback_decay,
-                       freeze_step=options["freeze_step"], round_to=recipe.round_to,
-                       min_channels=recipe.min_channels or 1)
-    pruner.share_is_floor = recipe.sparsity is not None or recipe.budget_ms is None
-    return pruner
+    return DPFFilter(model, schedule, tuple(recipe.input_shape),
+                     refresh_every=options["refresh_every"], scope=recipe.scope or "layer",
+                     feedback_decay=recipe.feedback_decay, freeze_step=options["freeze_step"],
+                     round_to=recipe.round_to, min_channels=recipe.min_channels or 1,
+                     share_is_floor=recipe.sparsity is not None or recipe.budget_ms is None)
 
 
 register("dpf-filter", _build)
